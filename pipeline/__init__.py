@@ -1,0 +1,1 @@
+"""The tagging job: options, graph assembly, entry point (`python -m pipeline`)."""

@@ -1,0 +1,116 @@
+"""Entry point: parse flags, check models and output, run the graph, write `summary.json`.
+
+`run()` follows Beam's examples (`run(argv=None, save_main_session=True, test_pipeline=None)`) so
+tests run the real graph; `main()` turns the run's outcome into the process exit code.
+"""
+import argparse
+import logging
+import platform
+import sys
+import time
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SetupOptions,
+                                                  StandardOptions)
+
+from pipeline.graph import build
+from pipeline.options import JobOptions
+from transforms import infer, outputs
+
+_LOG = logging.getLogger("pipeline")
+
+
+class JobFailed(RuntimeError):
+    """The job ran but breached `--max_failure_rate` (exit code 3)."""
+
+
+def _help_text() -> str:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Tag and embed images with BiT: reads image shards, writes Parquet rows of "
+                    "ImageNet-21k tags (BiT-M R50x1) and embeddings (BiT-M R101x3).",
+        epilog="Any Apache Beam pipeline flag is accepted too: --runner (default: an in-process "
+               "runner), --direct_num_workers N --direct_running_mode multi_processing to use N "
+               "cores locally, Dataflow's --project/--region/--temp_location, ...")
+    JobOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    return parser.format_help()
+
+
+def _in_process(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    direct = options.view_as(DirectOptions)
+    return runner is None and direct.direct_running_mode != "multi_processing"
+
+
+def _make_pipeline(options: PipelineOptions, test_pipeline) -> beam.Pipeline:
+    if test_pipeline is not None:
+        return test_pipeline
+    if options.view_as(StandardOptions).runner is None:
+        # Beam's default DirectRunner first tries to download Prism; run in-process instead.
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        return beam.Pipeline(runner=FnApiRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def describe_models(opts: JobOptions, keep_loaded: bool) -> infer.ModelInfo:
+    """Loads both models once before any image is read, so model faults fail fast."""
+    config = infer.InferenceConfig(tags_model=opts.tags_model, embed_model=opts.embed_model,
+                                   schema=None, batch_size=opts.batch_size,
+                                   precision=opts.precision, jit_compile=opts.xla,
+                                   cache_dir=opts.model_cache_dir)
+    return infer.check_models(config, keep_loaded=keep_loaded)
+
+
+def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
+    """Runs the job to completion and returns its summary (also written to OUTPUT/summary.json)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(_help_text())
+        return {}
+    options = PipelineOptions(argv)
+    opts = options.view_as(JobOptions)
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    output = opts.output.rstrip("/")
+
+    outputs.prepare_output_dir(output, overwrite=opts.overwrite)
+    started = time.time()
+    model = describe_models(opts, keep_loaded=test_pipeline is not None or _in_process(options))
+    _LOG.info("models ready: %s", model.metadata)
+
+    p = _make_pipeline(options, test_pipeline)
+    build(p, opts, model)
+    result = p.run()
+    result.wait_until_finish()
+    wall = time.time() - started
+
+    summary = outputs.summarize(output, result.metrics(), wall_seconds=wall)
+    summary.update({
+        "options": {k: v for k, v in vars(opts).items() if not k.startswith("_")},
+        "models": model.metadata,
+        "versions": {"python": platform.python_version(), "apache_beam": beam.__version__,
+                     **infer.library_versions()},
+    })
+    outputs.write_summary(output, summary)
+    _LOG.info("done: %d inputs, %d results, %d failures in %.1f s (%.2f images/s)",
+              summary["inputs"], summary["results"], summary["failures"], wall,
+              summary["images_per_second"])
+    if summary["failure_rate"] > opts.max_failure_rate:
+        raise JobFailed(f"{summary['failures']} of {summary['inputs']} images failed "
+                        f"({summary['failure_rate']:.1%}), over --max_failure_rate "
+                        f"{opts.max_failure_rate:.1%}; see {output}/failures-*.parquet")
+    return summary
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Console entry point; returns the exit code (0 ok, 2 usage/setup error, 3 too many failures)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+    except JobFailed as exc:
+        _LOG.error("%s", exc)
+        return 3
+    except (outputs.OutputExistsError, infer.ModelError) as exc:
+        _LOG.error("%s", exc)
+        return 2
+    return 0

@@ -1,0 +1,1 @@
+"""Beam PTransforms and DoFns of the tagging job: read, decode, infer, write."""

@@ -1,0 +1,218 @@
+"""Batched BiT inference: a Beam `ModelHandler` for `TagAndEmbedModel`, Arrow record batches out.
+
+Beam's `RunInference` loads the model once per worker process (through `Shared`, or across processes
+with `--model_copies`), batches with `BatchElements` at a fixed size and reports the inference batch
+latency distribution. Our handler turns one batch of `Decoded` images into ONE `pyarrow.RecordBatch`
+of result rows (top-k tags, embeddings) built from flat NumPy arrays: no per-image Python dicts on the
+hot path. A batch the model cannot run becomes one `Failure` per image, never a crashed job.
+"""
+import logging
+import threading
+import time
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from model import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL  # noqa: F401 (re-exported)
+from transforms.records import FAILURES, STAGE_INFERENCE, Decoded, Failure, error_text
+from transforms.write import results_batch, top_k
+
+NAMESPACE = "bit_tagger"
+_LOG = logging.getLogger(__name__)
+
+
+class InferenceConfig(NamedTuple):
+    """Everything a worker needs to load the model and shape its output rows (picklable)."""
+    tags_model: str
+    embed_model: str
+    schema: pa.Schema
+    batch_size: int = 16
+    precision: str = "float32"
+    jit_compile: bool = False
+    cache_dir: Optional[str] = None
+    top_k: int = 10
+    min_score: float = 0.0
+    embedding_dtype: str = "float32"
+    normalize_embeddings: bool = False
+    write_all_scores: bool = False
+    log_every_secs: float = 30.0
+
+
+class ModelError(RuntimeError):
+    """A model source cannot serve the job (unreachable, corrupt, wrong architecture or head)."""
+
+
+class ModelInfo(NamedTuple):
+    num_classes: int
+    embedding_dim: int
+    metadata: dict
+
+
+# Models loaded in this process, by (sources, precision, ...): the launcher's fail-fast check and an
+# in-process runner's workers then share one copy instead of loading twice.
+_LOADED = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def _model_key(c: InferenceConfig):
+    return (c.tags_model, c.embed_model, c.precision, c.jit_compile, c.batch_size, c.cache_dir)
+
+
+def load_model(config: InferenceConfig):
+    """`TagAndEmbedModel` for `config`, loaded once per process."""
+    from model.bit import TagAndEmbedModel  # TensorFlow is imported where models run only
+    key = _model_key(config)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = TagAndEmbedModel.load(
+                config.tags_model, config.embed_model, precision=config.precision,
+                jit_compile=config.jit_compile, batch_size=config.batch_size,
+                cache_dir=config.cache_dir)
+        return _LOADED[key]
+
+
+def check_models(config: InferenceConfig, keep_loaded: bool = True) -> ModelInfo:
+    """Loads both models and checks they fit the job, before any image is read (fail fast).
+
+    Raises `ModelError` with the loader's message. With `keep_loaded`, the model stays cached for
+    workers of this process (in-process runner)."""
+    from model.labels import imagenet21k
+    try:
+        model = load_model(config)
+    except Exception as exc:  # pylint: disable=broad-except
+        raise ModelError(f"cannot load the models (--tags_model {config.tags_model}, "
+                         f"--embed_model {config.embed_model}): {error_text(exc)}") from exc
+    labels = imagenet21k()
+    if model.num_classes != len(labels):
+        raise ModelError(f"the tags model {config.tags_model} has {model.num_classes} classes; "
+                         f"the job tags with the {len(labels)} ImageNet-21k classes (a BiT-M model)")
+    info = ModelInfo(model.num_classes, model.embedding_dim,
+                     {**model.metadata(), "label_set": labels.version})
+    if not keep_loaded:
+        with _LOADED_LOCK:
+            _LOADED.pop(_model_key(config), None)
+    return info
+
+
+def library_versions() -> dict:
+    """Versions of the numerical libraries, for summary.json."""
+    import PIL
+    import tensorflow as tf
+    return {"tensorflow": tf.__version__, "numpy": np.__version__, "pyarrow": pa.__version__,
+            "pillow": PIL.__version__}
+
+
+class _Progress:
+    """Per-process progress: logs images done and images/s at a steady interval."""
+
+    def __init__(self, every_secs: float):
+        self._every = every_secs
+        self._lock = threading.Lock()
+        self._start = self._last = time.monotonic()
+        self._done = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+            now = time.monotonic()
+            if self._every > 0 and now - self._last >= self._every:
+                self._last = now
+                elapsed = now - self._start
+                _LOG.info("inference progress: %d images done, %.1f images/s (this worker)",
+                          self._done, self._done / elapsed if elapsed else 0.0)
+
+
+def postprocess(batch: Sequence[Decoded], scores: np.ndarray, embeddings: np.ndarray,
+                config: InferenceConfig, labels) -> pa.RecordBatch:
+    """Model outputs of one batch -> one Arrow record batch of result rows (DESIGN section 5)."""
+    indices, top_scores = top_k(scores, config.top_k)
+    if config.normalize_embeddings:
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings = embeddings / np.maximum(norms, 1e-12)
+    return results_batch(
+        keys=[d.key for d in batch],
+        sources=[d.source for d in batch],
+        widths=np.fromiter((d.width for d in batch), np.int32, len(batch)),
+        heights=np.fromiter((d.height for d in batch), np.int32, len(batch)),
+        top_indices=indices,
+        top_scores=top_scores,
+        labels=labels,
+        embeddings=embeddings,
+        schema=config.schema,
+        min_score=config.min_score,
+        all_scores=scores if config.write_all_scores else None,
+    )
+
+
+class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]):
+    """Loads `TagAndEmbedModel` once per worker and runs it on fixed-size batches of `Decoded`."""
+
+    def __init__(self, config: InferenceConfig, model_copies: Optional[int] = None):
+        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size,
+                         model_copies=model_copies)
+        self._config = config
+        self._labels = None
+        self._progress = None
+
+    def load_model(self):
+        from model.labels import imagenet21k
+        self._labels = imagenet21k()
+        return load_model(self._config)
+
+    def run_inference(self, batch: Sequence[Decoded], model, inference_args=None
+                      ) -> Iterable[Union[pa.RecordBatch, Failure]]:
+        if self._labels is None:  # model shared across processes: this process has no labels yet
+            from model.labels import imagenet21k
+            self._labels = imagenet21k()
+        if self._progress is None:
+            self._progress = _Progress(self._config.log_every_secs)
+        try:
+            images = np.stack([d.pixels for d in batch])
+            outputs = model(images)
+            rows = postprocess(batch, outputs.scores, outputs.embeddings, self._config,
+                               self._labels)
+        except Exception as exc:  # pylint: disable=broad-except
+            # One failure row per image: the job goes on and the user learns why.
+            _LOG.warning("inference failed for a batch of %d images: %s", len(batch), exc)
+            return [Failure(d.key, d.source, STAGE_INFERENCE, error_text(exc)) for d in batch]
+        self._progress.add(len(batch))
+        return [rows]
+
+    def get_num_bytes(self, batch: Sequence[Decoded]) -> int:
+        return sum(d.pixels.nbytes for d in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+
+class _SplitOutputs(beam.DoFn):
+    """Routes record batches to the main output and failures to the FAILURES tag, with counters."""
+
+    def __init__(self):
+        self._inferred = beam.metrics.Metrics.counter(NAMESPACE, "inferred_images")
+        self._failed = beam.metrics.Metrics.counter(NAMESPACE, "inference_failures")
+
+    def process(self, element):
+        if isinstance(element, Failure):
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(FAILURES, element)
+        else:
+            self._inferred.inc(element.num_rows)
+            yield element
+
+
+class InferTagsAndEmbeddings(beam.PTransform):
+    """PCollection[Decoded] -> (PCollection[pa.RecordBatch] of results, PCollection[Failure])."""
+
+    def __init__(self, config: InferenceConfig, model_copies: Optional[int] = None):
+        super().__init__()
+        self._handler = BitModelHandler(config, model_copies=model_copies)
+
+    def expand(self, decoded):
+        outputs = (decoded
+                   | "RunInference" >> RunInference(self._handler)
+                   | "Split" >> beam.ParDo(_SplitOutputs()).with_outputs(FAILURES, main="results"))
+        return outputs.results, outputs[FAILURES]

@@ -1,0 +1,115 @@
+"""The output directory around a run: the overwrite rule before, the accounting and summary after.
+
+All through Beam `FileSystems`, so local directories and gs:// prefixes are one code path.
+"""
+import collections
+import json
+from typing import Optional
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+
+NAMESPACE = "bit_tagger"
+OUTPUT_PATTERNS = ("results-*.parquet", "failures-*.parquet", "summary.json")
+
+
+class OutputExistsError(RuntimeError):
+    """The output directory already holds results and `--overwrite` was not given."""
+
+
+def _match(pattern: str) -> list:
+    try:
+        return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception:  # pylint: disable=broad-except  (Beam raises when nothing matches on some FS)
+        return []
+
+
+def existing_outputs(output: str) -> list:
+    """Paths of an earlier run's files in `output`."""
+    return [path for name in OUTPUT_PATTERNS for path in _match(f"{output}/{name}")]
+
+
+def prepare_output_dir(output: str, overwrite: bool) -> None:
+    """Refuses to mix with an earlier run's files unless `overwrite`, in which case they are removed
+    first (so no stale shard of a run with more shards survives)."""
+    existing = existing_outputs(output)
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"{output} already has results of an earlier run ({len(existing)} files, e.g. "
+            f"{existing[0]}); pass --overwrite to replace them, or choose another --output")
+    if existing:
+        FileSystems.delete(existing)
+
+
+def _counter(metrics, name: str) -> int:
+    found = metrics.query(MetricsFilter().with_namespace(NAMESPACE).with_name(name))["counters"]
+    total = 0
+    for c in found:
+        value = c.committed if c.committed is not None else c.attempted
+        total += value or 0
+    return total
+
+
+def _count_rows(paths) -> int:
+    total = 0
+    for path in paths:
+        with FileSystems.open(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _failure_counts(paths):
+    by_stage = collections.Counter()
+    by_type = collections.Counter()
+    for path in paths:
+        with FileSystems.open(path) as f:
+            table = pq.read_table(f, columns=["stage", "error"])
+        for stage, error in zip(table.column("stage").to_pylist(),
+                                table.column("error").to_pylist()):
+            by_stage[stage] += 1
+            by_type[f"{stage}/{(error or '').split(':', 1)[0]}"] += 1
+    return dict(by_stage), dict(by_type)
+
+
+def summarize(output: str, metrics, wall_seconds: float) -> dict:
+    """Counts of a finished run, from its output files (exact) and the job's counters.
+
+    `inputs` counts every image record and every unreadable input unit the readers met, less the
+    ones skipped as already known; the identity inputs == results + failures must hold."""
+    results = _count_rows(_match(f"{output}/results-*.parquet"))
+    failure_paths = _match(f"{output}/failures-*.parquet")
+    failures = _count_rows(failure_paths)
+    by_stage, by_type = _failure_counts(failure_paths)
+    skipped = _counter(metrics, "skipped_images")
+    inputs = _counter(metrics, "inputs") - skipped
+    return {
+        "inputs": inputs,
+        "results": results,
+        "failures": failures,
+        "skipped": skipped,
+        "accounted": inputs == results + failures,
+        "failure_rate": failures / inputs if inputs else 0.0,
+        "failures_by_stage": by_stage,
+        "failures_by_type": by_type,
+        "counters": {name: _counter(metrics, name) for name in (
+            "inputs", "read_images", "read_failures", "decoded_images", "decode_failures",
+            "inferred_images", "inference_failures", "skipped_images")},
+        "wall_seconds": round(wall_seconds, 3),
+        "images_per_second": round(results / wall_seconds, 3) if wall_seconds else 0.0,
+    }
+
+
+def write_summary(output: str, summary: dict) -> str:
+    path = f"{output}/summary.json"
+    with FileSystems.create(path, mime_type="application/json") as f:
+        f.write(json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
+    return path
+
+
+def read_summary(output: str) -> Optional[dict]:
+    path = f"{output}/summary.json"
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())

@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 
 from pipeline.graph import build
 from pipeline.options import JobOptions
-from transforms import infer, outputs
+from transforms import gcs, infer, outputs
 
 _LOG = logging.getLogger("pipeline")
 
@@ -68,6 +68,7 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
     if "--help" in argv or "-h" in argv:
         print(_help_text())
         return {}
+    gcs.configure_beam_gcs()
     options = PipelineOptions(argv)
     opts = options.view_as(JobOptions)
     options.view_as(SetupOptions).save_main_session = save_main_session

@@ -1,0 +1,267 @@
+"""A local GCS emulator for tests, with fault injection.
+
+Use it from a test module by importing the fixture (or list it once for all modules with
+`pytest_plugins = ("tests.gcs_emulator",)` in tests/conftest.py)::
+
+    from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
+
+    def test_x(gcs_emulator):
+        bucket = gcs_emulator.new_bucket()
+        gcs_emulator.upload(f"gs://{bucket}/a.bin", b"...")
+
+The session-scoped fixture runs `gcp-storage-emulator` (in memory) in a subprocess on
+127.0.0.1 on a free port, sets `STORAGE_EMULATOR_HOST` for this process and its children
+(google-cloud-storage, Beam's GcsIO and gcsfs all honour it), and stops it at the end.
+`fail_next(n, status)` makes the next `n` requests fail with `status` (503, 429, ...), for
+retry tests (the emulator is shared: consume the faults you inject). Helpers talk to the JSON API with urllib, independent of the clients under test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+_CONTROL_PATH = "/_faults"
+
+
+class GcsEmulator:
+    """Handle on a running emulator: endpoint, bucket and object helpers, fault injection."""
+
+    def __init__(self, endpoint: str, process: subprocess.Popen | None = None):
+        self.endpoint = endpoint.rstrip("/")
+        self.process = process
+
+    # -- raw HTTP ----------------------------------------------------------------------
+    def _request(self, method, path, data=None, headers=None, timeout=10):
+        req = urllib.request.Request(
+            self.endpoint + path, data=data, method=method, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read()
+
+    def _json(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        out = self._request(method, path, data, {"Content-Type": "application/json"})
+        return json.loads(out) if out else None
+
+    # -- buckets and objects -----------------------------------------------------------
+    def create_bucket(self, name: str) -> str:
+        self._json("POST", "/storage/v1/b?project=test-project", {"name": name})
+        return name
+
+    def new_bucket(self, prefix: str = "test") -> str:
+        """Create a bucket with a unique name (so tests sharing the session don't collide)."""
+        return self.create_bucket(f"{prefix}-{uuid.uuid4().hex[:12]}")
+
+    def upload(self, gs_path: str, data: bytes) -> None:
+        bucket, name = _split(gs_path)
+        query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+        self._request("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", data,
+                      {"Content-Type": "application/octet-stream"})
+
+    def upload_file(self, gs_path: str, local_path: str | os.PathLike) -> None:
+        self.upload(gs_path, Path(local_path).read_bytes())
+
+    def read(self, gs_path: str) -> bytes:
+        bucket, name = _split(gs_path)
+        return self._request("GET", f"/download/storage/v1/b/{bucket}/o/"
+                             f"{urllib.parse.quote(name, safe='')}?alt=media")
+
+    def list(self, gs_prefix: str) -> list[str]:
+        """`gs://` URIs of all objects whose name starts with the prefix, sorted."""
+        bucket, prefix = _split(gs_prefix, object_optional=True)
+        names, token = [], None
+        while True:
+            q = {"prefix": prefix}
+            if token:
+                q["pageToken"] = token
+            out = self._json("GET", f"/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(q)}")
+            names += [f"gs://{bucket}/{item['name']}" for item in out.get("items", [])]
+            token = out.get("nextPageToken")
+            if not token:
+                return sorted(names)
+
+    def wipe(self) -> None:
+        """Delete all buckets and objects."""
+        self._request("GET", "/wipe")
+
+    # -- fault injection ---------------------------------------------------------------
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Make the next `count` API requests fail with HTTP `status`."""
+        self._json("POST", _CONTROL_PATH, {"count": count, "status": status})
+
+    @property
+    def faults(self) -> dict:
+        """{"remaining": faults not yet served, "injected": total served so far}."""
+        return self._json("GET", _CONTROL_PATH)
+
+
+def _split(gs_path: str, object_optional: bool = False) -> tuple[str, str]:
+    if not gs_path.startswith("gs://"):
+        raise ValueError(f"not a gs:// path: {gs_path}")
+    bucket, _, name = gs_path[5:].partition("/")
+    if not name and not object_optional:
+        raise ValueError(f"no object name in {gs_path}")
+    return bucket, name
+
+
+def start_emulator(timeout: float = 30.0) -> GcsEmulator:
+    """Start the emulator subprocess on a free 127.0.0.1 port and wait until it answers."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.gcs_emulator"], cwd=root, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # The child binds port 0 and prints "PORT <n>" once listening.
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"GCS emulator did not start (said {line!r})")
+    emulator = GcsEmulator(f"http://127.0.0.1:{int(line.split()[1])}", proc)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            emulator._request("GET", "/", timeout=2)
+            return emulator
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                stop_emulator(emulator)
+                raise RuntimeError("GCS emulator did not become ready")
+            time.sleep(0.1)
+
+
+def stop_emulator(emulator: GcsEmulator) -> None:
+    if emulator.process and emulator.process.poll() is None:
+        emulator.process.terminate()
+        try:
+            emulator.process.wait(5)
+        except subprocess.TimeoutExpired:
+            emulator.process.kill()
+            emulator.process.wait()
+
+
+_shared: dict = {"emulator": None, "users": 0, "previous_host": None}
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A running in-memory GCS emulator; `STORAGE_EMULATOR_HOST` points at it meanwhile.
+
+    One emulator per test process, even when several modules import this fixture (pytest then
+    sees several session fixtures); tests should use `new_bucket()` to stay independent.
+    """
+    if _shared["emulator"] is None:
+        try:
+            import gcp_storage_emulator  # noqa: F401
+            _shared["emulator"] = start_emulator()
+        except Exception as e:  # pragma: no cover - depends on the machine
+            pytest.skip(f"GCS emulator could not start: {type(e).__name__}: {e}")
+        _shared["previous_host"] = os.environ.get("STORAGE_EMULATOR_HOST")
+    emulator = _shared["emulator"]
+    _shared["users"] += 1
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.endpoint
+    try:
+        yield emulator
+    finally:
+        _shared["users"] -= 1
+        if _shared["users"] == 0:
+            previous = _shared["previous_host"]
+            if previous is None:
+                os.environ.pop("STORAGE_EMULATOR_HOST", None)
+            else:
+                os.environ["STORAGE_EMULATOR_HOST"] = previous
+            stop_emulator(emulator)
+            _shared["emulator"] = None
+
+
+# -- the emulator process --------------------------------------------------------------
+def _serve() -> None:
+    """Run gcp-storage-emulator in memory with a fault-injecting request handler."""
+    import logging
+    import threading
+    from functools import partial
+    from http import server as http_server
+
+    from gcp_storage_emulator import server as emu
+    from gcp_storage_emulator.storage import Storage
+
+    logging.disable(logging.CRITICAL)
+    lock = threading.Lock()
+    state = {"remaining": 0, "status": 503, "injected": 0}
+
+    class Handler(emu.RequestHandler):
+        def _control(self, method):
+            if method == "POST":
+                body = json.loads(emu._read_raw_data(self) or b"{}")
+                with lock:
+                    state["remaining"] = int(body.get("count", 0))
+                    state["status"] = int(body.get("status", 503))
+            with lock:
+                out = json.dumps({k: state[k] for k in ("remaining", "injected")}).encode()
+            self._reply(200, out)
+
+        def _reply(self, status, body, extra_headers=()):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            for k, v in extra_headers:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _maybe_fault(self, method) -> bool:
+            if self.path.split("?")[0] == _CONTROL_PATH:
+                self._control(method)
+                return True
+            with lock:
+                if state["remaining"] <= 0:
+                    return False
+                state["remaining"] -= 1
+                state["injected"] += 1
+                status = state["status"]
+            emu._read_raw_data(self)  # drain the body so the client sees the response
+            body = json.dumps({"error": {"code": status, "message": "injected fault"}})
+            headers = [("Retry-After", "0")] if status == 429 else []
+            self._reply(status, body.encode(), headers)
+            return True
+
+        def do_GET(self):
+            self._maybe_fault("GET") or super().do_GET()
+
+        def do_POST(self):
+            self._maybe_fault("POST") or super().do_POST()
+
+        def do_PUT(self):
+            self._maybe_fault("PUT") or super().do_PUT()
+
+        def do_DELETE(self):
+            self._maybe_fault("DELETE") or super().do_DELETE()
+
+        def do_PATCH(self):
+            self._maybe_fault("PATCH") or super().do_PATCH()
+
+    storage = Storage(use_memory_fs=True)
+    # One request at a time: the emulator's storage is not thread-safe. HTTP/1.0 closes
+    # every connection after its response, so concurrent clients just queue.
+    class Server(http_server.HTTPServer):
+        request_queue_size = 128
+
+    httpd = Server(("127.0.0.1", 0), partial(Handler, storage))
+    print(f"PORT {httpd.server_address[1]}", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    _serve()

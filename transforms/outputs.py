@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
-NAMESPACE = "bit_tagger"
 OUTPUT_PATTERNS = ("results-*.parquet", "failures-*.parquet", "summary.json")
 
 
@@ -43,7 +42,8 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
 
 
 def _counter(metrics, name: str) -> int:
-    found = metrics.query(MetricsFilter().with_namespace(NAMESPACE).with_name(name))["counters"]
+    """Sum of the job's counter `name` over all steps (each transform counts in its namespace)."""
+    found = metrics.query(MetricsFilter().with_name(name))["counters"]
     total = 0
     for c in found:
         value = c.committed if c.committed is not None else c.attempted
@@ -75,14 +75,15 @@ def _failure_counts(paths):
 def summarize(output: str, metrics, wall_seconds: float) -> dict:
     """Counts of a finished run, from its output files (exact) and the job's counters.
 
-    `inputs` counts every image record and every unreadable input unit the readers met, less the
-    ones skipped as already known; the identity inputs == results + failures must hold."""
+    `inputs` counts every image record and every unreadable input unit (a corrupt shard's rest, a
+    record without an image, a duplicate key) the readers met, less the ones skipped as already
+    known; the identity inputs == results + failures must hold."""
     results = _count_rows(_match(f"{output}/results-*.parquet"))
     failure_paths = _match(f"{output}/failures-*.parquet")
     failures = _count_rows(failure_paths)
     by_stage, by_type = _failure_counts(failure_paths)
     skipped = _counter(metrics, "skipped_images")
-    inputs = _counter(metrics, "inputs") - skipped
+    inputs = _counter(metrics, "read_images") + _counter(metrics, "read_failures") - skipped
     return {
         "inputs": inputs,
         "results": results,
@@ -93,7 +94,7 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
         "failures_by_stage": by_stage,
         "failures_by_type": by_type,
         "counters": {name: _counter(metrics, name) for name in (
-            "inputs", "read_images", "read_failures", "decoded_images", "decode_failures",
+            "read_files", "read_images", "read_failures", "decoded_images", "decode_failures",
             "inferred_images", "inference_failures", "skipped_images")},
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(results / wall_seconds, 3) if wall_seconds else 0.0,

@@ -59,7 +59,7 @@ def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo):
                 | "AllFailures" >> beam.Flatten()
                 | "FailureBatches" >> BatchFailures())
     written_results = results | "WriteResults" >> WriteParquet(
-        f"{output}/results", schema, num_shards=opts.num_shards)
+        output, "results", schema, num_shards=opts.num_shards)
     written_failures = failures | "WriteFailures" >> WriteParquet(
-        f"{output}/failures", failures_schema(), num_shards=opts.num_shards)
+        output, "failures", failures_schema(), num_shards=opts.num_shards)
     return written_results, written_failures

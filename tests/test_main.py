@@ -1,0 +1,239 @@
+"""The whole job, end to end, on generated images and small random BiT checkpoints.
+
+These run the real graph (read -> decode -> infer -> write -> summary) on the in-process runner.
+"""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from model.labels import imagenet21k
+from pipeline.main import JobFailed, main, run
+from tests import corpus
+from tests.bit_checkpoints import write_checkpoint
+from transforms.outputs import OutputExistsError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_IMAGES = 10
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tags checkpoint with the 21,843-class head and a smaller, headless embedding checkpoint."""
+    root = tmp_path_factory.mktemp("models")
+    tags, embed = root / "tags.npz", root / "embed.npz"
+    write_checkpoint(tags, units=(1, 1, 1, 1), width=1, num_classes=21843, seed=1)
+    write_checkpoint(embed, units=(1, 1, 1, 1), width=1, num_classes=None, seed=2)
+    return str(tags), str(embed)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """The same NUM_IMAGES photos-like images as files, as a TFRecord shard and as WebDataset shards."""
+    root = tmp_path_factory.mktemp("inputs")
+    encoded = {}
+    for i in range(NUM_IMAGES):
+        name = f"img{i:03d}"
+        if i % 3 == 2:
+            encoded[name] = ("png", corpus.make_png(48 + 8 * i, 40 + 4 * i, seed=i))
+        else:
+            encoded[name] = ("jpg", corpus.make_jpeg(64 + 8 * i, 48 + 4 * i, seed=i))
+    files = root / "files"
+    files.mkdir()
+    for name, (ext, data) in encoded.items():
+        (files / f"{name}.{ext}").write_bytes(data)
+    items = list(encoded.items())
+    half = len(items) // 2
+    corpus.write_tfrecord(root / "shard-00000-of-00001.tfrecord",
+                          [(name, data) for name, (ext, data) in items])
+    corpus.write_webdataset(root / "wds-000.tar", [(name, {ext: data}) for name, (ext, data) in items[:half]])
+    corpus.write_webdataset(root / "wds-001.tar", [(name, {ext: data}) for name, (ext, data) in items[half:]])
+    return root
+
+
+def job_args(inputs, output, models, *extra):
+    tags, embed = models
+    return ["--input", str(inputs), "--output", str(output), "--tags_model", tags,
+            "--embed_model", embed, "--batch_size", "4", "--image_size", "64",
+            "--log_every_secs", "0", *extra]
+
+
+def read_rows(output, kind="results"):
+    files = sorted(pathlib.Path(output).glob(f"{kind}-*.parquet"))
+    assert files, f"no {kind} files in {output}"
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def by_key(table, name_of=lambda k: k):
+    rows = table.to_pylist()
+    return {name_of(r["key"]): r for r in rows}
+
+
+def stem(key):
+    return pathlib.PurePosixPath(key).stem
+
+
+def test_files_tfrecord_and_webdataset_give_the_same_rows(images, models, tmp_path):
+    outputs = {}
+    for name, pattern in [("files", images / "files" / "*"), ("tfrecord", images / "*.tfrecord"),
+                          ("webdataset", images / "wds-*.tar")]:
+        summary = run(job_args(pattern, tmp_path / name, models), save_main_session=False)
+        assert summary["inputs"] == NUM_IMAGES and summary["results"] == NUM_IMAGES
+        assert summary["failures"] == 0 and summary["accounted"]
+        outputs[name] = by_key(read_rows(tmp_path / name), stem)
+    assert set(outputs["files"]) == {f"img{i:03d}" for i in range(NUM_IMAGES)}
+    for name in ("tfrecord", "webdataset"):
+        assert set(outputs[name]) == set(outputs["files"])
+        for key, row in outputs["files"].items():
+            other = outputs[name][key]
+            assert (other["width"], other["height"]) == (row["width"], row["height"])
+            np.testing.assert_allclose(other["embedding"], row["embedding"], rtol=1e-5, atol=1e-6)
+            assert [t["index"] for t in other["tags"]] == [t["index"] for t in row["tags"]]
+
+
+def test_schema_tags_and_footer_follow_the_design(images, models, tmp_path):
+    run(job_args(images / "files" / "*", tmp_path, models, "--top_k", "7"), save_main_session=False)
+    table = read_rows(tmp_path)
+    schema = table.schema
+    assert schema.names == ["key", "source", "width", "height", "tags", "embedding"]
+    assert not schema.field("key").nullable
+    assert schema.field("width").type == pa.int32() and schema.field("height").type == pa.int32()
+    assert schema.field("tags").type == pa.list_(pa.struct([
+        ("index", pa.int32()), ("wnid", pa.string()), ("label", pa.string()),
+        ("score", pa.float32())]))
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 2048)
+    labels = imagenet21k()
+    for row in table.to_pylist():
+        scores = [t["score"] for t in row["tags"]]
+        assert len(scores) == 7 and scores == sorted(scores, reverse=True)
+        assert all(0.0 <= s <= 1.0 for s in scores)  # random weights saturate some sigmoids
+        for t in row["tags"]:
+            assert (t["wnid"], t["label"]) == labels.lookup(t["index"])
+    footer = pq.read_metadata(next(tmp_path.glob("results-*.parquet"))).metadata
+    assert footer[b"image_size"] == b"64"
+    assert footer[b"label_set"].decode() == labels.version
+    assert b"tags_model" in b" ".join(footer)  # model sources and sha256 recorded
+    failures = read_rows(tmp_path, "failures")
+    assert failures.schema.names == ["key", "source", "stage", "error"] and failures.num_rows == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["options"]["top_k"] == 7 and summary["versions"]["tensorflow"]
+
+
+def test_broken_files_become_failures_with_reasons(images, models, tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(images / "files", inputs)
+    (inputs / "empty.jpg").write_bytes(b"")
+    (inputs / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>")
+    good = (inputs / "img000.jpg").read_bytes()
+    (inputs / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    summary = run(job_args(inputs / "*", out, models), save_main_session=False)
+    failures = by_key(read_rows(out, "failures"), lambda k: pathlib.PurePosixPath(k).name)
+    assert set(failures) == {"empty.jpg", "page.jpg"} | ({"truncated.jpg"} & set(failures))
+    assert all(f["stage"] == "decode" and f["error"] for f in failures.values())
+    assert summary["inputs"] == NUM_IMAGES + 3
+    assert summary["inputs"] == summary["results"] + summary["failures"]
+    assert summary["failures_by_stage"]["decode"] == len(failures)
+
+
+def test_same_model_for_tags_and_embedding(images, models, tmp_path):
+    tags, _ = models
+    run(job_args(images / "*.tfrecord", tmp_path, (tags, tags)), save_main_session=False)
+    table = read_rows(tmp_path)
+    assert table.num_rows == NUM_IMAGES and table.schema.field("embedding").type.list_size == 2048
+
+
+def test_output_options(images, models, tmp_path):
+    run(job_args(images / "*.tfrecord", tmp_path, models, "--embedding_dtype", "float16",
+                 "--normalize_embeddings", "--write_all_scores", "--min_score", "0.5",
+                 "--num_shards", "2"), save_main_session=False)
+    assert len(list(tmp_path.glob("results-*-of-00002.parquet"))) == 2
+    table = read_rows(tmp_path)
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 2048)
+    assert table.schema.field("scores").type == pa.list_(pa.float16(), 21843)
+    for row in table.to_pylist():
+        assert np.linalg.norm(np.asarray(row["embedding"], np.float32)) == pytest.approx(1, abs=1e-2)
+        assert all(t["score"] >= 0.5 for t in row["tags"])
+        top = np.sort(np.asarray(row["scores"], np.float32))[::-1][: len(row["tags"])]
+        np.testing.assert_allclose([t["score"] for t in row["tags"]], top, rtol=2e-3)
+
+
+def test_existing_output_needs_overwrite(images, models, tmp_path):
+    args = job_args(images / "*.tfrecord", tmp_path, models)
+    run(args, save_main_session=False)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run(args, save_main_session=False)
+    first = by_key(read_rows(tmp_path))
+    run(args + ["--overwrite"], save_main_session=False)
+    second = by_key(read_rows(tmp_path))
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key]["embedding"], second[key]["embedding"])
+
+
+def test_failure_rate_over_the_limit_exits_non_zero(images, models, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(images / "files" / "img000.jpg", inputs)
+    (inputs / "bad.jpg").write_bytes(b"not an image")
+    args = job_args(inputs / "*", tmp_path / "out", models, "--max_failure_rate", "0.25")
+    with pytest.raises(JobFailed, match="over --max_failure_rate"):
+        run(args, save_main_session=False)
+    assert main(args + ["--overwrite"]) == 3
+    assert main(job_args(inputs / "*", tmp_path / "out2", models)) == 0
+
+
+def test_model_fault_fails_before_any_image(images, tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    code = main(job_args(images / "*.tfrecord", tmp_path / "out", (str(bad), str(bad))))
+    assert code == 2
+    assert not list((tmp_path / "out").glob("results-*")) if (tmp_path / "out").exists() else True
+
+
+def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):
+    single = tmp_path / "single"
+    multi = tmp_path / "multi"
+    run(job_args(images / "*.tfrecord", single, models), save_main_session=False)
+    summary = run(job_args(images / "*.tfrecord", multi, models, "--direct_num_workers", "2",
+                           "--direct_running_mode", "multi_processing"), save_main_session=False)
+    assert summary["accounted"] and summary["results"] == NUM_IMAGES
+    a, b = by_key(read_rows(single)), by_key(read_rows(multi))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key]["embedding"], b[key]["embedding"], rtol=1e-5, atol=1e-6)
+
+
+def test_help_documents_every_option(capsys):
+    run(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--input", "--input_format", "--output", "--image_size", "--tags_model",
+                 "--embed_model", "--batch_size", "--top_k", "--min_score", "--embedding_dtype",
+                 "--normalize_embeddings", "--write_all_scores", "--num_shards",
+                 "--max_failure_rate", "--overwrite", "--skip_keys_from", "--precision", "--xla",
+                 "--model_copies"):
+        assert flag in text
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git for a fresh clone")
+def test_run_sh_help_from_a_fresh_clone(tmp_path):
+    """The bootstrap path: a fresh clone creates its own .venv and answers --help."""
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    env = {k: v for k, v in os.environ.items() if k != "BIT_TAGGER_VENV"}
+    proc = subprocess.run(["./run.sh", "--help"], cwd=clone, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--tags_model" in proc.stdout and (clone / ".venv" / "bin" / "python").exists()

@@ -21,6 +21,10 @@ from transforms import gcs, infer, outputs
 _LOG = logging.getLogger("pipeline")
 
 
+class UsageError(ValueError):
+    """A missing or inconsistent flag (exit code 2)."""
+
+
 class JobFailed(RuntimeError):
     """The job ran but breached `--max_failure_rate` (exit code 3)."""
 
@@ -71,6 +75,10 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
     gcs.configure_beam_gcs()
     options = PipelineOptions(argv)
     opts = options.view_as(JobOptions)
+    missing = [flag for flag in ("input", "output") if not getattr(opts, flag)]
+    if missing:
+        raise UsageError("missing required flag(s): " + ", ".join(f"--{m}" for m in missing)
+                         + " (see --help)")
     options.view_as(SetupOptions).save_main_session = save_main_session
     output = opts.output.rstrip("/")
 
@@ -111,7 +119,7 @@ def main(argv: Optional[list] = None) -> int:
     except JobFailed as exc:
         _LOG.error("%s", exc)
         return 3
-    except (outputs.OutputExistsError, infer.ModelError) as exc:
+    except (UsageError, outputs.OutputExistsError, infer.ModelError, ValueError) as exc:
         _LOG.error("%s", exc)
         return 2
     return 0

@@ -29,12 +29,15 @@ def _non_negative(text: str) -> int:
 
 
 class JobOptions(PipelineOptions):
-    """The tagging job's own flags (see README "Options")."""
+    """The tagging job's own flags (see README "Options").
+
+    No flag is argparse-`required`: Beam parses every registered options class for every pipeline
+    in the process, so `pipeline.main.run` checks `--input` and `--output` itself."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
         g = parser.add_argument_group("inputs")
-        g.add_argument("--input", required=True,
+        g.add_argument("--input", default=None,
                        help="Comma-separated globs of inputs, local or gs:// "
                             "(e.g. 'gs://bucket/shards/*.tfrecord,/data/more/*.jpg').")
         g.add_argument("--input_format", default="auto",
@@ -44,11 +47,12 @@ class JobOptions(PipelineOptions):
         g.add_argument("--key_feature", default="image/encoded",
                        help="tf.train.Example feature holding the encoded image (TFRecord inputs).")
         g.add_argument("--skip_keys_from", default=None,
-                       help="Glob of earlier results-*.parquet files (local or gs://): images whose "
-                            "key is there are skipped before decoding (incremental nightly runs).")
+                       help="Comma-separated globs of earlier results-*.parquet files (local or "
+                            "gs://): images whose key is there are skipped before decoding "
+                            "(incremental nightly runs). Earlier failures are retried.")
 
         g = parser.add_argument_group("outputs")
-        g.add_argument("--output", required=True,
+        g.add_argument("--output", default=None,
                        help="Output directory (local or gs://) for results-*.parquet, "
                             "failures-*.parquet and summary.json.")
         g.add_argument("--overwrite", action="store_true", default=False,
@@ -78,6 +82,9 @@ class JobOptions(PipelineOptions):
                             "'center_crop': resize the short side, then crop the centre.")
         g.add_argument("--max_image_pixels", type=_positive, default=178956970,
                        help="Refuse images with more pixels than this (decompression bombs).")
+        g.add_argument("--decode_threads", type=_non_negative, default=0,
+                       help="Decode each batch in this many threads, one batch ahead of "
+                            "inference (overlaps decoding with the model); 0 decodes inline.")
 
         g = parser.add_argument_group("models")
         g.add_argument("--tags_model", default=DEFAULT_TAGS_MODEL,

@@ -237,3 +237,12 @@ def test_run_sh_help_from_a_fresh_clone(tmp_path):
                           text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--tags_model" in proc.stdout and (clone / ".venv" / "bin" / "python").exists()
+
+
+def test_missing_input_or_output_is_a_usage_error(tmp_path):
+    assert main(["--output", str(tmp_path)]) == 2
+    assert main(["--input", str(tmp_path / "*.jpg")]) == 2
+
+
+def test_input_matching_nothing_is_a_usage_error(models, tmp_path):
+    assert main(job_args(tmp_path / "nothing-*.tfrecord", tmp_path / "out", models)) == 2

@@ -1,0 +1,87 @@
+"""CPU throughput of our BiT R50x1 (`model.resnet.ResNetV2`) against Keras ResNet50V2, same process.
+
+Both random-weight float32 models run inside `tf.function` on the same constant batch; after warm-up
+the rounds alternate (order flipped every round) and medians are reported, because absolute img/s
+drift on a shared machine while same-run ratios hold (../shared/PERF_NOTES.md). BiT R50x1 costs
+4.14 GMACs/img (incl. the 21,843-class head) vs 3.48 for ResNet50V2, so equal speed per FLOP is a
+0.84x raw ratio.
+
+    .venv/bin/python -m bench.model_throughput --rounds 7
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from model.resnet import ResNetV2  # noqa: E402
+from tests.bit_checkpoints import random_weights  # noqa: E402
+
+GMACS = {"BiT R50x1 (21k head)": 4.14, "Keras ResNet50V2": 3.48}
+
+
+def build_models(precision="float32"):
+    bit = ResNetV2((3, 4, 6, 3), 1, 21843, dtype=precision)
+    bit.load_weights(random_weights((3, 4, 6, 3), 1, 21843))
+    keras = tf.keras.applications.ResNet50V2(weights=None)
+    return {
+        "BiT R50x1 (21k head)": tf.function(lambda x: bit(x)[1], autograph=False),
+        "Keras ResNet50V2": tf.function(lambda x: keras(x, training=False), autograph=False),
+    }, (bit, keras)
+
+
+def time_batches(fn, x, batches):
+    start = time.perf_counter()
+    for _ in range(batches):
+        out = fn(x)
+    out.numpy()
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (each model once per round)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
+    parser.add_argument("--batches", type=int, default=2, help="batches per model per round")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--image_size", type=int, default=224)
+    args = parser.parse_args(argv)
+
+    fns, _keep = build_models()
+    x = tf.constant(np.random.default_rng(0).uniform(
+        -1, 1, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32))
+    names = list(fns)
+    rates = {name: [] for name in names}
+    for r in range(args.warmup + args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            seconds = time_batches(fns[name], x, args.batches)
+            if r >= args.warmup:
+                rates[name].append(args.batches * args.batch_size / seconds)
+
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    bit_name, keras_name = names
+    ratio = med[bit_name] / med[keras_name]
+    per_flop = ratio * GMACS[bit_name] / GMACS[keras_name]
+    print(f"CPU, {os.cpu_count()} cores, TF {tf.__version__}, batch {args.batch_size}, "
+          f"{args.image_size}x{args.image_size}, float32, {args.rounds} rounds x {args.batches} batches "
+          f"after {args.warmup} warm-up rounds, medians")
+    print(f"| model | GMACs/img | img/s (median) | img/s (min-max) |")
+    print(f"| --- | --- | --- | --- |")
+    for name in names:
+        print(f"| {name} | {GMACS[name]:.2f} | {med[name]:.2f} | {min(rates[name]):.2f}-{max(rates[name]):.2f} |")
+    paired = statistics.median(b / k for b, k in zip(rates[bit_name], rates[keras_name]))
+    print(f"ratio BiT/Keras, raw: {ratio:.3f}x   per FLOP: {per_flop:.3f}x   (target >= 0.82x raw); "
+          f"median of per-round ratios: {paired:.3f}x")
+    print(f"RESULT name=model_throughput ratio={ratio:.3f} target=>=0.82 pass={'yes' if ratio >= 0.82 else 'no'} per_flop={per_flop:.3f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -12,10 +12,9 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from model import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL  # noqa: F401 (re-exported)
 from model.resnet import ResNetV2
 
-DEFAULT_TAGS_MODEL = "gs://bit_models/BiT-M-R50x1.npz"
-DEFAULT_EMBED_MODEL = "gs://bit_models/BiT-M-R101x3.npz"
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 

@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
                                                   StandardOptions)
 
 from pipeline.graph import build
-from pipeline.options import JobOptions
+from pipeline.options import JobOptions, job_flags
 from transforms import gcs, infer, outputs
 
 _LOG = logging.getLogger("pipeline")
@@ -95,7 +95,7 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
 
     summary = outputs.summarize(output, result.metrics(), wall_seconds=wall)
     summary.update({
-        "options": {k: v for k, v in vars(opts).items() if not k.startswith("_")},
+        "options": job_flags(options),
         "models": model.metadata,
         "versions": {"python": platform.python_version(), "apache_beam": beam.__version__,
                      **infer.library_versions()},

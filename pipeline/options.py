@@ -2,7 +2,9 @@
 
 Every Beam flag (`--runner`, `--direct_num_workers`, Dataflow's `--project` ...) works alongside these.
 """
-from apache_beam.options.pipeline_options import PipelineOptions
+import argparse
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from transforms.infer import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL
 
@@ -108,3 +110,13 @@ class JobOptions(PipelineOptions):
                             "processes (default: one per worker process).")
         g.add_argument("--log_every_secs", type=float, default=30.0,
                        help="Interval of the progress log line (images done, images/s).")
+
+
+def job_flags(options: PipelineOptions) -> dict:
+    """The job's own flags and their values (plus the runner), for summary.json."""
+    parser = argparse.ArgumentParser(add_help=False)
+    JobOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    values = options.get_all_options()
+    flags = {a.dest: values.get(a.dest) for a in parser._actions}  # pylint: disable=protected-access
+    flags["runner"] = str(options.view_as(StandardOptions).runner or "in-process (FnApiRunner)")
+    return flags

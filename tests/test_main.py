@@ -207,8 +207,11 @@ def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):
     assert summary["accounted"] and summary["results"] == NUM_IMAGES
     a, b = by_key(read_rows(single)), by_key(read_rows(multi))
     assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_allclose(a[key]["embedding"], b[key]["embedding"], rtol=1e-5, atol=1e-6)
+    for key in a:  # batches are grouped differently: float32 sums may differ in the last bits
+        expected = np.asarray(a[key]["embedding"])
+        np.testing.assert_allclose(b[key]["embedding"], expected, rtol=0,
+                                   atol=1e-5 * np.abs(expected).max())
+        assert [t["index"] for t in a[key]["tags"]] == [t["index"] for t in b[key]["tags"]]
 
 
 def test_help_documents_every_option(capsys):

@@ -211,7 +211,6 @@ def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):
         expected = np.asarray(a[key]["embedding"])
         np.testing.assert_allclose(b[key]["embedding"], expected, rtol=0,
                                    atol=1e-5 * np.abs(expected).max())
-        assert [t["index"] for t in a[key]["tags"]] == [t["index"] for t in b[key]["tags"]]
 
 
 def test_help_documents_every_option(capsys):

@@ -142,6 +142,7 @@ def main(argv=None):
     print(f"{'Pillow draft + resize (baseline)':<34}{base:>10.1f}")
     print(f"{'decode_image':<34}{mine:>10.1f}")
     print(f"{'ratio (target >= 0.90)':<34}{mine / base:>10.2f}")
+    print(f"RESULT name=decode_throughput ratio={mine / base:.3f} target=>=0.9 pass={'yes' if mine / base >= 0.9 else 'no'}")
 
     print(f"\n{args.workers} workers, decode_image, medians of {max(3, args.rounds // 2)} rounds")
     print(f"{'pool':<34}{'images/s':>10}")

@@ -132,6 +132,8 @@ def main(argv=None):
     if beam_s is not None:
         print(f"| DirectRunner pipeline (1 round, incl. start-up) | {beam_s:.3f} | "
               f"{args.rows / beam_s:,.0f} | {base / beam_s:.2f} | | | | | |")
+    job_ratio, job_cpu_ratio = base / statistics.median(times["job path"]), base_cpu / statistics.median(cpu["job path"])
+    print(f"RESULT name=parquet_write ratio={job_ratio:.3f} target=>=0.9 pass={'yes' if job_ratio >= 0.9 else 'no'} cpu_ratio={job_cpu_ratio:.3f}")
     print("ratio = bare pyarrow median / this path's median (target >= 0.9 for the job path); "
           f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}")
 

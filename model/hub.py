@@ -13,14 +13,13 @@ import hashlib
 import logging
 import os
 import shutil
-import socket
 import tempfile
-import threading
 import urllib.parse
 
 import tensorflow as tf
 
 from model.checkpoint import CheckpointError, cache_path
+from model.storage import unreachable_reason
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +150,8 @@ def _offline_hint(handle):
 
 def _check_reachable(handle, host, port, timeout=CONNECT_TIMEOUT_S):
     """Fail within `timeout` s when `host:port` cannot be reached (tensorflow_hub's urlopen has no timeout)."""
-    result = {}
-
-    def connect():  # in a thread so that a slow DNS lookup is bounded too
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result["ok"] = True
-        except OSError as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    if not result.get("ok"):
-        why = result.get("error") or f"no answer within {timeout:g} s"
+    why = unreachable_reason(host, port, timeout)
+    if why is not None:
         raise HubError(f"cannot reach {host}:{port} to fetch {handle} ({why}). " + _offline_hint(handle))
 
 

@@ -130,13 +130,10 @@ def _on_gce() -> bool:
         return False
 
 
-def _check_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise StorageUnavailableError unless a TCP connection opens within `timeout` seconds.
+def unreachable_reason(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S):
+    """None when a TCP connection to host:port opens within `timeout` s, else why not.
 
-    Runs in a thread so that a slow DNS lookup is bounded too.
-    """
-    url = urllib.parse.urlsplit(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    Runs in a thread so that a slow DNS lookup is bounded too (offline machines must fail fast)."""
     result: dict = {}
 
     def connect():
@@ -149,8 +146,17 @@ def _check_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()
     thread.join(timeout + 0.5)
-    if not result.get("ok"):
-        why = result.get("error") or f"no answer within {timeout:g} s"
+    if result.get("ok"):
+        return None
+    return result.get("error") or f"no answer within {timeout:g} s"
+
+
+def _check_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise StorageUnavailableError unless a TCP connection to `endpoint` opens within `timeout` s."""
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    why = unreachable_reason(url.hostname, port, timeout)
+    if why is not None:
         hint = ("is the emulator running?" if os.environ.get("STORAGE_EMULATOR_HOST")
                 else "is the machine offline?")
         raise StorageUnavailableError(

@@ -2,6 +2,7 @@
 import apache_beam as beam
 
 from transforms.decode import DecodeAndResize
+from transforms.prefetch import PrefetchDecodeAndResize
 from transforms.infer import InferenceConfig, InferTagsAndEmbeddings, ModelInfo
 from transforms.read import ReadImages
 from transforms.records import FAILURES
@@ -49,9 +50,15 @@ def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo):
         key_feature=opts.key_feature)
     if opts.skip_keys_from:
         records = records | "SkipKnownKeys" >> SkipKnownKeys(opts.skip_keys_from)
-    decoded = records | "Decode" >> beam.ParDo(DecodeAndResize(
-        opts.image_size, max_pixels=opts.max_image_pixels, resize=opts.resize)
-    ).with_outputs(FAILURES, main="decoded")
+    if opts.decode_threads:
+        decode = PrefetchDecodeAndResize(opts.image_size, max_pixels=opts.max_image_pixels,
+                                         resize=opts.resize, threads=opts.decode_threads,
+                                         batch_size=opts.batch_size)
+    else:
+        decode = beam.ParDo(DecodeAndResize(
+            opts.image_size, max_pixels=opts.max_image_pixels, resize=opts.resize)
+        ).with_outputs(FAILURES, main="decoded")
+    decoded = records | "Decode" >> decode
     results, inference_failures = decoded.decoded | "Infer" >> InferTagsAndEmbeddings(
         config, model_copies=opts.model_copies)
 

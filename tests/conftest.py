@@ -6,3 +6,30 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 # gcsfs must not make the gRPC bucket-type call the emulator cannot answer.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+import pytest  # noqa: E402
+
+from tests.bit_checkpoints import write_checkpoint  # noqa: E402
+from tests.gcs_emulator import gcs_emulator  # noqa: E402,F401  (the session fixture, for every test)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny BiT checkpoints (units 1,1,1,1): tags with the 21,843-class head, a headless embedder."""
+    root = tmp_path_factory.mktemp("models")
+    tags, embed = root / "tags.npz", root / "embed.npz"
+    write_checkpoint(tags, units=(1, 1, 1, 1), width=1, num_classes=21843, seed=1)
+    write_checkpoint(embed, units=(1, 1, 1, 1), width=1, num_classes=None, seed=2)
+    return str(tags), str(embed)
+
+
+@pytest.fixture
+def beam_gcs(gcs_emulator):  # noqa: F811
+    """The emulator, with Beam's GCS client made anonymous; Beam's credential cache restored after."""
+    from apache_beam.internal.gcp import auth
+    from transforms.gcs import configure_beam_gcs
+    saved = auth._Credentials._credentials, auth._Credentials._credentials_init
+    assert configure_beam_gcs()
+    yield gcs_emulator
+    auth._Credentials._credentials, auth._Credentials._credentials_init = saved

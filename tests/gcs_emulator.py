@@ -1,9 +1,6 @@
 """A local GCS emulator for tests, with fault injection.
 
-Use it from a test module by importing the fixture (or list it once for all modules with
-`pytest_plugins = ("tests.gcs_emulator",)` in tests/conftest.py)::
-
-    from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
+tests/conftest.py makes the fixture available to every test module::
 
     def test_x(gcs_emulator):
         bucket = gcs_emulator.new_bucket()

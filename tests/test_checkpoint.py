@@ -16,7 +16,6 @@ from model import storage
 from model.checkpoint import (Architecture, Checkpoint, CheckpointError, architecture_from_shapes,
                               load_checkpoint)
 from tests.bit_checkpoints import checkpoint_shapes, random_weights, write_checkpoint
-from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
 
 SMALL = dict(units=(1, 1, 1, 1), width=1, num_classes=10)
 

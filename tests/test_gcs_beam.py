@@ -4,21 +4,11 @@ import io
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-from apache_beam.internal.gcp import auth
 from apache_beam.io.filesystems import FileSystems
 
-from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
 from transforms.gcs import configure_beam_gcs
 
 
-@pytest.fixture
-def beam_gcs(gcs_emulator):
-    """The emulator, with Beam's GCS client made anonymous; Beam's credential cache restored after."""
-    saved = auth._Credentials._credentials, auth._Credentials._credentials_init
-    assert configure_beam_gcs()
-    yield gcs_emulator
-    auth._Credentials._credentials, auth._Credentials._credentials_init = saved
 
 
 def test_configure_is_a_noop_without_emulator(monkeypatch):

@@ -26,7 +26,6 @@ from model.checkpoint import cache_path
 from pipeline.main import run
 from tests import corpus
 from tests.bit_checkpoints import write_checkpoint
-from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
 from transforms import infer
 
 NUM_IMAGES = 9  # two full batches of 4 and a padded one

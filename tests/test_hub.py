@@ -12,7 +12,6 @@ from model import hub, storage
 from model.hub import HubError, HubModel, export_saved_model, load_saved_model
 from model.resnet import ResNetV2
 from tests.bit_checkpoints import random_weights
-from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
 
 UNITS, WIDTH, CLASSES = (1, 1, 1, 1), 1, 7
 

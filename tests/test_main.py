@@ -7,7 +7,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -17,21 +16,12 @@ import pytest
 from model.labels import imagenet21k
 from pipeline.main import JobFailed, main, run
 from tests import corpus
-from tests.bit_checkpoints import write_checkpoint
 from transforms.outputs import OutputExistsError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_IMAGES = 10
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tags checkpoint with the 21,843-class head and a smaller, headless embedding checkpoint."""
-    root = tmp_path_factory.mktemp("models")
-    tags, embed = root / "tags.npz", root / "embed.npz"
-    write_checkpoint(tags, units=(1, 1, 1, 1), width=1, num_classes=21843, seed=1)
-    write_checkpoint(embed, units=(1, 1, 1, 1), width=1, num_classes=None, seed=2)
-    return str(tags), str(embed)
 
 
 @pytest.fixture(scope="module")

@@ -124,3 +124,25 @@ def test_bfloat16_close_to_float32():
     print(f"bfloat16 vs float32 relative error: pre_logits {err_pre:.2e}, logits {err_logits:.2e}")
     assert outs[tf.bfloat16][0].dtype == np.float32
     assert err_pre <= 5e-2 and err_logits <= 5e-2
+
+
+def test_xla_compiled_forward_matches_reference():
+    """Under jit_compile=True, GroupNorm statistics take the XLA path (XLA has no EuclideanNorm)."""
+    net, weights = build(TINY, 1, 10)
+    x = images(2, 64, 48)
+    pre, logits = tf.function(net, jit_compile=True, autograph=False)(x)
+    ref_pre, ref_logits = forward(weights, x)
+    assert rel_err(pre, ref_pre) <= 1e-4 and rel_err(logits, ref_logits) <= 1e-4
+
+
+def test_channel_moments_paths_match_float64():
+    """Two-stage TF reductions (default float32 path) and the fused XLA version: same moments."""
+    from model import resnet
+
+    x = np.random.default_rng(3).normal(0.5, 2.0, (2, 13, 9, 64)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref_mean, ref_sq = x64.mean(axis=(1, 2)), (x64 ** 2).mean(axis=(1, 2))
+    for moments in (resnet._channel_moments, resnet._channel_moments_xla):
+        mean, mean_sq = moments(tf.constant(x))
+        np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mean_sq.numpy(), ref_sq, rtol=1e-5)

@@ -9,45 +9,21 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.internal.gcp import auth
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.main import run
 from tests import corpus
-from tests.bit_checkpoints import write_checkpoint
-from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
-from transforms.gcs import configure_beam_gcs
 from transforms.records import ImageRecord
 from transforms.skip import KnownKeys, SkipKnownKeys, read_keys, split_patterns
 
 FIRST, ADDED = 20, 5
-# pipeline.options.JobOptions (imported with pipeline.main) declares --input/--output required, and
-# Beam parses every registered options class when any pipeline runs: plain pipelines in this
-# process need the two flags too.
-PLAIN_OPTIONS = PipelineOptions(["--input", "unused", "--output", "unused"])
 
 
 # ------------------------------------------------------------------------------------ fixtures
 
-@pytest.fixture
-def beam_gcs(gcs_emulator):
-    """The emulator, with Beam's GCS client made anonymous; Beam's credential cache restored after."""
-    saved = auth._Credentials._credentials, auth._Credentials._credentials_init
-    assert configure_beam_gcs()
-    yield gcs_emulator
-    auth._Credentials._credentials, auth._Credentials._credentials_init = saved
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny checkpoints: tags with the 21,843-class head, a headless embedding model."""
-    root = tmp_path_factory.mktemp("models")
-    tags, embed = root / "tags.npz", root / "embed.npz"
-    write_checkpoint(tags, units=(1, 1, 1, 1), width=1, num_classes=21843, seed=1)
-    write_checkpoint(embed, units=(1, 1, 1, 1), width=1, num_classes=None, seed=2)
-    return str(tags), str(embed)
 
 
 def image_bytes(i: int) -> bytes:
@@ -85,7 +61,7 @@ def result_keys(output) -> list:
 def run_skip(records, pattern, expected_keys):
     """Runs SkipKnownKeys over `records` in a small pipeline, checks the kept keys and returns the
     skipped_images counter."""
-    p = beam.Pipeline(runner=FnApiRunner(), options=PLAIN_OPTIONS)
+    p = beam.Pipeline(runner=FnApiRunner())
     kept = p | beam.Create(records) | SkipKnownKeys(pattern) | beam.Map(lambda r: r.key)
     assert_that(kept, equal_to(expected_keys))
     result = p.run()
@@ -162,13 +138,13 @@ def test_skip_known_keys_from_gcs(beam_gcs):
 def test_known_keys_is_one_frozenset(tmp_path):
     write_parquet(keys_table(["a", "b"]), tmp_path / "results-00000-of-00002.parquet")
     write_parquet(keys_table(["b", "c"]), tmp_path / "results-00001-of-00002.parquet")
-    with beam.Pipeline(runner=FnApiRunner(), options=PLAIN_OPTIONS) as p:
+    with beam.Pipeline(runner=FnApiRunner()) as p:
         known = p | KnownKeys(f"{tmp_path}/results-*.parquet, {tmp_path}/results-0000[01]-*")
         assert_that(known, equal_to([frozenset({"a", "b", "c"})]))
 
 
 def test_skip_keeps_records_whole():
-    with beam.Pipeline(runner=FnApiRunner(), options=PLAIN_OPTIONS) as p:
+    with beam.Pipeline(runner=FnApiRunner()) as p:
         out = p | beam.Create(records("a")) | SkipKnownKeys("/nonexistent-dir-for-skip/*.parquet")
         assert_that(out, equal_to(records("a")))
 

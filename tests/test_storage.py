@@ -5,7 +5,6 @@ import time
 import pytest
 
 from model import storage
-from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
 
 DATA = bytes(range(256)) * 1000
 

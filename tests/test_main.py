@@ -16,6 +16,7 @@ import pytest
 from model.labels import imagenet21k
 from pipeline.main import JobFailed, main, run
 from tests import corpus
+from tests.bit_checkpoints import write_checkpoint
 from transforms.outputs import OutputExistsError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -180,12 +181,51 @@ def test_failure_rate_over_the_limit_exits_non_zero(images, models, tmp_path):
     assert main(job_args(inputs / "*", tmp_path / "out2", models)) == 0
 
 
-def test_model_fault_fails_before_any_image(images, tmp_path):
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"PK\x03\x04 truncated")
-    code = main(job_args(images / "*.tfrecord", tmp_path / "out", (str(bad), str(bad))))
+def _truncated_npz(tmp_path, models):
+    data = pathlib.Path(models[0]).read_bytes()
+    path = tmp_path / "truncated.npz"
+    path.write_bytes(data[: len(data) // 2])
+    return str(path), models[1]
+
+
+def _pickled_npz(tmp_path, models):
+    path = tmp_path / "pickled.npz"
+    np.savez(path, **{"resnet/root_block/standardized_conv2d/kernel": np.array([object()])})
+    return str(path), models[1]
+
+
+def _other_architecture(tmp_path, models):
+    path = tmp_path / "vgg.npz"
+    np.savez(path, **{"vgg16/conv1_1/weights": np.zeros((3, 3, 3, 64), np.float32)})
+    return models[0], str(path)
+
+
+def _wrong_output_size(tmp_path, models):
+    from model.checkpoint import load_checkpoint
+    from model.hub import export_saved_model
+    from model.resnet import ResNetV2
+    small = tmp_path / "head7.npz"
+    write_checkpoint(small, units=(1, 1, 1, 1), width=1, num_classes=7, seed=3)
+    checkpoint = load_checkpoint(str(small))
+    net = ResNetV2(checkpoint.architecture)
+    net.load_weights(checkpoint.weights)
+    export_saved_model(net, str(tmp_path / "saved"), output="logits")
+    return str(tmp_path / "saved"), models[1]
+
+
+@pytest.mark.parametrize("fault,phrase", [
+    (_truncated_npz, "truncated.npz"),
+    (_pickled_npz, "pickle"),
+    (_other_architecture, "not a BiT ResNet-v2 checkpoint"),
+    (_wrong_output_size, "7 classes"),
+])
+def test_model_fault_fails_before_any_image(images, models, tmp_path, caplog, fault, phrase):
+    tags, embed = fault(tmp_path, models)
+    out = tmp_path / "out"
+    code = main(job_args(images / "*.tfrecord", out, (tags, embed)))
     assert code == 2
-    assert not list((tmp_path / "out").glob("results-*")) if (tmp_path / "out").exists() else True
+    assert phrase in caplog.text
+    assert not out.exists() or not list(out.glob("results-*"))
 
 
 def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):

@@ -278,3 +278,26 @@ def test_missing_input_or_output_is_a_usage_error(tmp_path):
 
 def test_input_matching_nothing_is_a_usage_error(models, tmp_path):
     assert main(job_args(tmp_path / "nothing-*.tfrecord", tmp_path / "out", models)) == 2
+
+
+def test_a_run_that_dies_half_way_leaves_no_complete_looking_results(images, models, tmp_path,
+                                                                     monkeypatch):
+    """Results are renamed into place only when the write finalises; a rerun gives every row."""
+    from transforms import write
+    original = write.RebatchTables.process
+    calls = {"n": 0}
+
+    def crash_on_second_batch(self, element, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("worker lost (simulated)")
+        return original(self, element, *args, **kwargs)
+
+    monkeypatch.setattr(write.RebatchTables, "process", crash_on_second_batch)
+    args = job_args(images / "*.tfrecord", tmp_path, models)
+    with pytest.raises(Exception, match="worker lost"):
+        run(args, save_main_session=False)
+    assert not list(tmp_path.glob("results-*")) and not (tmp_path / "summary.json").exists()
+    monkeypatch.setattr(write.RebatchTables, "process", original)
+    summary = run(args, save_main_session=False)
+    assert summary["results"] == NUM_IMAGES and summary["accounted"]

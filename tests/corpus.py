@@ -52,6 +52,18 @@ def make_png(width: int, height: int, seed: int = 0) -> bytes:
     return encode(photo_like(width, height, seed), "PNG")
 
 
+def photo_set(count: int, seed: int = 0) -> dict:
+    """{name: (ext, bytes)}: `count` small photo-like images of different sizes, every third a PNG."""
+    images = {}
+    for i in range(count):
+        name, s = f"img{i:03d}", seed + i
+        if i % 3 == 2:
+            images[name] = ("png", make_png(48 + 8 * i, 40 + 4 * i, seed=s))
+        else:
+            images[name] = ("jpg", make_jpeg(64 + 8 * i, 48 + 4 * i, seed=s))
+    return images
+
+
 def solid(width: int, height: int, colour) -> np.ndarray:
     return np.broadcast_to(np.array(colour, np.uint8), (height, width, 3)).copy()
 

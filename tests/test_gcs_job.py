@@ -33,18 +33,6 @@ NUM_IMAGES = 9  # two full batches of 4 and a padded one
 
 # ------------------------------------------------------------------------------------ helpers
 
-def encoded_images() -> dict:
-    """name -> (ext, bytes): small photo-like JPEGs and PNGs of different sizes."""
-    images = {}
-    for i in range(NUM_IMAGES):
-        name = f"img{i:03d}"
-        if i % 3 == 2:
-            images[name] = ("png", corpus.make_png(48 + 4 * i, 56 + 2 * i, seed=i))
-        else:
-            images[name] = ("jpg", corpus.make_jpeg(64 + 4 * i, 60 + 2 * i, seed=i))
-    return images
-
-
 def job_args(inputs, output, models, cache_dir, *extra):
     tags, embed = models
     return ["--input", str(inputs), "--output", str(output), "--tags_model", tags,
@@ -116,7 +104,7 @@ def assert_same_rows(rows: dict, reference: dict) -> None:
 def gcs(gcs_emulator, tmp_path_factory):
     """A bucket with the images as files, TFRecord shards and WebDataset shards, and the models."""
     root = tmp_path_factory.mktemp("gcs_job")
-    images = encoded_images()
+    images = corpus.photo_set(NUM_IMAGES)
     items = list(images.items())
     half = len(items) // 2
     local = root / "inputs"

@@ -29,13 +29,7 @@ NUM_IMAGES = 10
 def images(tmp_path_factory):
     """The same NUM_IMAGES photos-like images as files, as a TFRecord shard and as WebDataset shards."""
     root = tmp_path_factory.mktemp("inputs")
-    encoded = {}
-    for i in range(NUM_IMAGES):
-        name = f"img{i:03d}"
-        if i % 3 == 2:
-            encoded[name] = ("png", corpus.make_png(48 + 8 * i, 40 + 4 * i, seed=i))
-        else:
-            encoded[name] = ("jpg", corpus.make_jpeg(64 + 8 * i, 48 + 4 * i, seed=i))
+    encoded = corpus.photo_set(NUM_IMAGES)
     files = root / "files"
     files.mkdir()
     for name, (ext, data) in encoded.items():

@@ -4,16 +4,11 @@ import apache_beam as beam
 from transforms.decode import DecodeAndResize
 from transforms.prefetch import PrefetchDecodeAndResize
 from transforms.infer import InferenceConfig, InferTagsAndEmbeddings, ModelInfo
-from transforms.read import ReadImages
+from transforms.read import ReadImages, split_patterns
 from transforms.records import FAILURES
 from transforms.skip import SkipKnownKeys
 from transforms.write import BatchFailures, WriteParquet, failures_schema, results_schema
 from pipeline.options import JobOptions
-
-
-def split_patterns(text: str) -> list:
-    """'a/*.jpg, gs://b/*.tar' -> ['a/*.jpg', 'gs://b/*.tar']."""
-    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def footer_metadata(opts: JobOptions, model: ModelInfo) -> dict:

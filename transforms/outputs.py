@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
+from transforms.read import match_files
+
 OUTPUT_PATTERNS = ("results-*.parquet", "failures-*.parquet", "summary.json")
 
 
@@ -19,7 +21,7 @@ class OutputExistsError(RuntimeError):
 
 def _match(pattern: str) -> list:
     try:
-        return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        return match_files(pattern)
     except Exception:  # pylint: disable=broad-except  (Beam raises when nothing matches on some FS)
         return []
 

@@ -393,14 +393,25 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, keep: bool) -> O
     return None
 
 
+def split_patterns(patterns) -> list:
+    """'a/*.jpg, gs://b/*.tar' (or a list of globs) -> the non-empty globs, stripped."""
+    items = patterns.split(",") if isinstance(patterns, str) else list(patterns)
+    return [p.strip() for p in items if p and p.strip()]
+
+
+def match_files(pattern: str) -> list:
+    """The file URIs one glob matches (local or gs://), directories left out."""
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list
+            if not m.path.endswith("/")]
+
+
 # ---------------------------------------------------------------------------------------- Beam
 
 class _MatchFiles(beam.DoFn):
     """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors)."""
 
     def process(self, pattern: str):
-        result = FileSystems.match([pattern])[0]
-        paths = [m.path for m in result.metadata_list if not m.path.endswith("/")]
+        paths = match_files(pattern)
         if not paths:
             raise ValueError(f"input pattern {pattern!r} matched no files")
         beam.metrics.Metrics.counter(_NAMESPACE, "read_files").inc(len(paths))

@@ -15,16 +15,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.gcs import configure_beam_gcs
+from transforms.read import match_files, split_patterns  # noqa: F401 (split_patterns re-exported)
 from transforms.records import ImageRecord
 
 NAMESPACE = "bit_tagger"
 _LOG = logging.getLogger(__name__)
-
-
-def split_patterns(pattern) -> list:
-    """'a/results-*.parquet, gs://b/results-*.parquet' (or a list) -> the non-empty globs."""
-    items = pattern.split(",") if isinstance(pattern, str) else list(pattern)
-    return [p.strip() for p in items if p and p.strip()]
 
 
 def read_keys(path: str) -> list:
@@ -41,8 +36,7 @@ class _ExpandGlob(beam.DoFn):
         configure_beam_gcs()  # worker processes touching gs:// with the emulator
 
     def process(self, pattern: str):
-        paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list
-                 if not m.path.endswith("/")]
+        paths = match_files(pattern)
         if not paths:
             _LOG.warning("--skip_keys_from %s matched no files: nothing is skipped", pattern)
         yield from paths

@@ -31,6 +31,8 @@ ensure_venv() {  # $1 = requirements file
   "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
   "$VENV/bin/python" -m pip install --quiet -r "$requirements" >&2
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . >&2
+  # The fused CPU GroupNorm kernel (~20 s to compile; without a C++ compiler the job uses TF ops).
+  "$VENV/bin/python" -m model.kernels >&2 || true
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 }

@@ -153,6 +153,10 @@ class TagAndEmbedModel:
         meta["input"] = "uint8 RGB, scaled on the device to each model's input range"
         meta["scores"] = "sigmoid(logits)"
         meta["embedding"] = "pre-logits (global average pool after the final GroupNorm+ReLU)"
+        if "npz" in (self._tags.kind, self._embed.kind):
+            from model.resnet import group_norm_implementation
+
+            meta["group_norm"] = group_norm_implementation(self.precision, self.jit_compile)
         meta["precision"] = self.precision
         meta["jit_compile"] = str(self.jit_compile).lower()
         meta["batch_size"] = "" if self.batch_size is None else str(self.batch_size)

@@ -5,8 +5,9 @@ Sub-modules and variables are named after the checkpoint scopes (`root_block`,
 `block1/unit01/a/standardized_conv2d/kernel`, ...), so `load_weights` is a strict name-to-name copy
 of an official `.npz` (see ../shared/BIT_FORMAT.md). Weight standardization is applied once, at
 load: the variables hold standardized kernels and the forward pass never recomputes it.
-Speed (../shared/PERF_NOTES.md): GroupNorm is float32 channel moments from two-stage TF reductions
-plus one small XLA function (group fold + `relu(x * a + b)`); convolutions stay with oneDNN/cuDNN;
+Speed (../shared/PERF_NOTES.md): GroupNorm + ReLU is one fused compiled op on the CPU
+(`model.kernels`, float32) and otherwise float32 channel moments from two-stage TF reductions plus
+one small XLA function (group fold + `relu(x * a + b)`); convolutions stay with oneDNN/cuDNN;
 explicit padding + VALID convs (oneDNN folds the pad).
 """
 import numpy as np
@@ -79,21 +80,56 @@ def _normalize_relu(x, channel_mean, channel_mean_sq, gamma, beta):
     return tf.nn.relu(x * a + b)
 
 
-def group_norm_relu(x, gamma, beta):
+def group_norm_relu(x, gamma, beta, fused=True):
     """relu(GroupNorm(x)) for NHWC `x` (32 groups, eps 1e-5); statistics in float32.
+
+    On the CPU in float32 outside XLA: the fused `BitGroupNormRelu` kernel (`model.kernels`), one
+    read of each sample for its statistics and the apply while it is in cache. Elsewhere (GPU,
+    XLA, bfloat16/float16, or no kernel) the TensorFlow-ops version, `group_norm_relu_tf`.
+    """
+    library = _fused_kernel(x) if fused else None
+    if library is not None:
+        return library.bit_group_norm_relu(x, gamma, beta, groups=GROUPS, epsilon=GN_EPS)
+    return group_norm_relu_tf(x, gamma, beta)
+
+
+def _fused_kernel(x):
+    """The loaded kernel library when it applies to `x` (decided at trace time), else None."""
+    if x.dtype != tf.float32 or _in_xla_context() or _visible_gpus():
+        return None
+    from model import kernels
+
+    return kernels.load()
+
+
+def group_norm_implementation(dtype=tf.float32, jit_compile=False):
+    """Which GroupNorm a float `dtype` model traced now uses: for metadata and benchmark tables."""
+    if tf.as_dtype(dtype) == tf.float32 and not jit_compile and not _visible_gpus():
+        from model import kernels
+
+        loaded, description = kernels.status()
+        if loaded:
+            return f"fused CPU kernel ({description})"
+        return f"TensorFlow ops (fused kernel unavailable: {description})"
+    return "TensorFlow ops"
+
+
+def _visible_gpus():
+    """A GPU would run the model: the CPU-only kernel would force copies to the host, so not used."""
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def group_norm_relu_tf(x, gamma, beta):
+    """relu(GroupNorm(x)) from TensorFlow ops (GPU, XLA, bf16/fp16, or when the kernel is missing).
 
     Two passes over x, convolutions left to oneDNN/cuDNN: (1) per-channel mean and mean of squares
     over H, W with two-stage TF reductions (`_channel_moments`, one read of x per moment); (2) one
     small XLA function: group mean/var from those ([B, C], tiny), var = E[x^2] - E[x]^2 clamped at
     0, gamma/beta/rstd/mean folded into one per-(sample, channel) scale and shift, and
     relu(x * a + b) in one fused read and write.
-    Measured (GN-only micro-benchmark, the 49 GN shapes of R50x1 at batch 16): 3x faster than
-    channel moments in XLA (the previous version) or one-stage `reduce_mean`, 2.6x faster than the
-    grouped reshape + reduce_mean/reduce_euclidean_norm of PERF_NOTES. Whole R50x1 (21k head),
-    batch 16, 224x224, float32 on 2 CPU cores, ratio of img/s to Keras ResNet50V2 in the same
-    process: 0.79 vs 0.69 for the previous version side by side; 0.74-0.85 (median ~0.80) over six
-    runs on a loaded machine (a BiT
-    with ReLU in place of GN: ~0.82-0.86), i.e. at about equal speed per FLOP.
+    Measured (the 49 GN shapes of R50x1 at batch 16): 3x faster than channel moments in XLA or
+    one-stage `reduce_mean`, 2.6x faster than the grouped reshape of PERF_NOTES. Whole R50x1 on 2
+    CPU cores: ~0.77x Keras ResNet50V2's img/s with this, ~0.88x with the fused kernel.
     """
     return _normalize_relu(x, *_channel_moments(x), gamma, beta)
 
@@ -105,14 +141,15 @@ def _pad(x, before, after):
 class GroupNormReLU(tf.Module):
     """Checkpoint scope `group_norm` (gamma, beta [C], float32); always followed by ReLU in BiT."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, fused=True):
         super().__init__(name="group_norm")
+        self.fused = fused
         with self.name_scope:
             self.gamma = tf.Variable(tf.ones([channels]), name="gamma", trainable=False)
             self.beta = tf.Variable(tf.zeros([channels]), name="beta", trainable=False)
 
     def __call__(self, x):
-        return group_norm_relu(x, self.gamma, self.beta)
+        return group_norm_relu(x, self.gamma, self.beta, self.fused)
 
 
 class StandardizedConv2D(tf.Module):
@@ -138,10 +175,11 @@ class StandardizedConv2D(tf.Module):
 class SubUnit(tf.Module):
     """Scope `a`/`b`/`c` of a unit: pre-activation relu(GN(x)) then a standardized conv."""
 
-    def __init__(self, name, cin, cout, kh, stride=1, proj_out=None, proj_stride=1, dtype=tf.float32):
+    def __init__(self, name, cin, cout, kh, stride=1, proj_out=None, proj_stride=1, dtype=tf.float32,
+                 fused=True):
         super().__init__(name=name)
         with self.name_scope:
-            self.group_norm = GroupNormReLU(cin)
+            self.group_norm = GroupNormReLU(cin, fused)
             self.standardized_conv2d = StandardizedConv2D(kh, cin, cout, stride, dtype)
             self.proj = None
             if proj_out is not None:  # scope a/proj: 1x1 projection shortcut with the unit's stride
@@ -152,13 +190,13 @@ class SubUnit(tf.Module):
 class Unit(tf.Module):
     """Pre-activation bottleneck `unitNN`; the stride sits on the 3x3 conv (and the projection)."""
 
-    def __init__(self, name, cin, cmid, cout, stride, dtype=tf.float32):
+    def __init__(self, name, cin, cmid, cout, stride, dtype=tf.float32, fused=True):
         super().__init__(name=name)
         needs_proj = stride != 1 or cin != cout
         with self.name_scope:
-            self.a = SubUnit("a", cin, cmid, 1, 1, cout if needs_proj else None, stride, dtype)
-            self.b = SubUnit("b", cmid, cmid, 3, stride, dtype=dtype)
-            self.c = SubUnit("c", cmid, cout, 1, 1, dtype=dtype)
+            self.a = SubUnit("a", cin, cmid, 1, 1, cout if needs_proj else None, stride, dtype, fused)
+            self.b = SubUnit("b", cmid, cmid, 3, stride, dtype=dtype, fused=fused)
+            self.c = SubUnit("c", cmid, cout, 1, 1, dtype=dtype, fused=fused)
 
     def __call__(self, x):
         pre = self.a.group_norm(x)
@@ -202,11 +240,14 @@ class ResNetV2(tf.Module):
 
     `ResNetV2(architecture)` or `ResNetV2(units, width, num_classes)`; `dtype` is the compute dtype
     of convolutions and activations (float32, bfloat16 or float16; GN statistics stay float32).
+    `fused_group_norm=False` keeps GroupNorm in TensorFlow ops even where the fused CPU kernel
+    applies (benchmarks, tests).
     `__call__(x)`: float NHWC in [-1, 1] -> `(pre_logits [B, 2048*width] float32,
     logits [B, K] float32 or None)`. Not itself a `tf.function`: callers wrap it.
     """
 
-    def __init__(self, units, width=None, num_classes=None, dtype=tf.float32, name="resnet"):
+    def __init__(self, units, width=None, num_classes=None, dtype=tf.float32, name="resnet",
+                 fused_group_norm=True):
         super().__init__(name=name)
         if hasattr(units, "units"):  # an Architecture(units, width, num_classes)
             units, width, num_classes = units.units, units.width, units.num_classes
@@ -225,10 +266,11 @@ class ResNetV2(tf.Module):
                 cmid = 64 * wf * 2 ** (b - 1)
                 with tf.name_scope(f"block{b}"):
                     block = [Unit(f"unit{u:02d}", cin if u == 1 else 4 * cmid, cmid, 4 * cmid,
-                                  2 if (u == 1 and b > 1) else 1, dt) for u in range(1, n + 1)]
+                                  2 if (u == 1 and b > 1) else 1, dt, fused_group_norm)
+                             for u in range(1, n + 1)]
                 self.blocks.append(block)
                 cin = 4 * cmid
-            self.group_norm = GroupNormReLU(cin)
+            self.group_norm = GroupNormReLU(cin, fused_group_norm)
             self.head = Head(cin, self.num_classes, dt) if self.num_classes else None
         self.feature_dim = cin
         self._slots = self._checkpoint_slots()

@@ -29,10 +29,10 @@ sys.path.insert(0, REPO)
 from bench.common import load_note, parse_result  # noqa: E402
 
 BENCHES = [
-    ("model_throughput", ["--rounds", "5", "--warmup", "1", "--batches", "2"]),
+    ("model_throughput", ["--rounds", "7", "--warmup", "1", "--batches", "2"]),
     ("decode_throughput", ["--images", "200", "--rounds", "5"]),
     ("parquet_write", ["--rows", "4000", "--rounds", "5"]),
-    ("pipeline_overhead", ["--n1", "32", "--n2", "96", "--rounds", "3"]),
+    ("pipeline_overhead", ["--n1", "32", "--n2", "160", "--rounds", "3"]),
     ("memory", ["--small", "1000", "--large", "4000"]),
 ]
 BASELINES = {

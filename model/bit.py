@@ -141,6 +141,14 @@ class TagAndEmbedModel:
         """True when one forward pass gives both tags and embeddings (same .npz in both slots)."""
         return self._embed is self._tags
 
+    def group_norm(self):
+        """Which GroupNorm this process runs for the .npz model(s) (fused CPU kernel or TF ops)."""
+        if "npz" not in (self._tags.kind, self._embed.kind):
+            return "inside the SavedModel(s)"
+        from model.resnet import group_norm_implementation
+
+        return group_norm_implementation(self.precision, self.jit_compile)
+
     def metadata(self):
         """String key-values describing the models, for the Parquet footer and the run summary."""
         meta = {}
@@ -153,10 +161,6 @@ class TagAndEmbedModel:
         meta["input"] = "uint8 RGB, scaled on the device to each model's input range"
         meta["scores"] = "sigmoid(logits)"
         meta["embedding"] = "pre-logits (global average pool after the final GroupNorm+ReLU)"
-        if "npz" in (self._tags.kind, self._embed.kind):
-            from model.resnet import group_norm_implementation
-
-            meta["group_norm"] = group_norm_implementation(self.precision, self.jit_compile)
         meta["precision"] = self.precision
         meta["jit_compile"] = str(self.jit_compile).lower()
         meta["batch_size"] = "" if self.batch_size is None else str(self.batch_size)

@@ -117,6 +117,17 @@ def test_metadata(ckpts):
     assert DEFAULT_TAGS_MODEL.endswith("BiT-M-R50x1.npz") and DEFAULT_EMBED_MODEL.endswith("BiT-M-R101x3.npz")
 
 
+def test_group_norm_says_which_implementation_runs(ckpts):
+    """float32 on a CPU-only process: the fused kernel where it builds; bf16 and XLA: TF ops."""
+    from model import kernels
+    tags_path, _, embed_path, _ = ckpts
+    fp32 = TagAndEmbedModel.load(tags_path, embed_path).group_norm()
+    if kernels.compiler() is not None:
+        assert fp32.startswith("fused CPU kernel")
+    assert TagAndEmbedModel.load(tags_path, embed_path, precision="bfloat16").group_norm() == "TensorFlow ops"
+    assert TagAndEmbedModel.load(tags_path, embed_path, jit_compile=True).group_norm() == "TensorFlow ops"
+
+
 def test_bfloat16_and_xla_run_close_to_float32(ckpts):
     tags_path, _, embed_path, _ = ckpts
     images = uint8_images(2, seed=9)

@@ -7,6 +7,7 @@ of result rows (top-k tags, embeddings) built from flat NumPy arrays: no per-ima
 hot path. A batch the model cannot run becomes one `Failure` per image, never a crashed job.
 """
 import logging
+import os
 import threading
 import time
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
@@ -67,10 +68,12 @@ def load_model(config: InferenceConfig):
     key = _model_key(config)
     with _LOADED_LOCK:
         if key not in _LOADED:
-            _LOADED[key] = TagAndEmbedModel.load(
+            _LOADED[key] = model = TagAndEmbedModel.load(
                 config.tags_model, config.embed_model, precision=config.precision,
                 jit_compile=config.jit_compile, batch_size=config.batch_size,
                 cache_dir=config.cache_dir)
+            _LOG.info("models loaded in this process (pid %d); GroupNorm: %s", os.getpid(),
+                      model.group_norm())
         return _LOADED[key]
 
 

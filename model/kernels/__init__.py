@@ -9,7 +9,7 @@ Built on first use with the machine's C++ compiler (`$CXX`, else `g++`, else `c+
 installed TensorFlow's own headers and flags (`tf.sysconfig`), ~15 s, then cached as
 `<kernel dir>/bit_kernels-tf<version>-<key>.so`, the key a hash of the source, TF version, compiler
 and flags, so an upgrade rebuilds and concurrent builders cannot clash (atomic rename). The kernel
-dir is `$BIT_TAGGER_KERNEL_DIR`, else `$XDG_CACHE_HOME/bit-tagger/kernels` (`~/.cache/...`).
+dir is `$BIT_TAGGER_KERNEL_DIR`, else `$XDG_CACHE_HOME/bit_tagger/kernels` (`~/.cache/...`).
 `python -m model.kernels` builds ahead of time (`run.sh` and the Dockerfile do).
 
 Never required: with no compiler, a failed build, or `BIT_TAGGER_FUSED_KERNELS=0`, `load()` returns
@@ -43,7 +43,7 @@ def kernel_dir():
     if os.environ.get(DIR_ENV):
         return Path(os.environ[DIR_ENV])
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "bit-tagger" / "kernels"
+    return Path(cache) / "bit_tagger" / "kernels"
 
 
 def disabled():

@@ -11,7 +11,9 @@ included, as in the job) for about `--seconds`, after 3 warm-up calls (tracing /
 in `--rounds` rounds; medians. FLOP rate = images/s x (4.3 + 71.4) GMACs x 2; it is reported as a
 fraction of the GPU's dense peak for the precision (float32 runs on TF32 tensor cores when TF allows
 it, so its peak is the TF32 one). The peak comes from `--peak_tflops` or a table by GPU name.
-Exits with status 2 and a clear message when TensorFlow sees no GPU.
+Exits with status 2 and a clear message when TensorFlow sees no GPU, unless `--allow_cpu` (a smoke
+run of this script on the CPU, e.g. `--allow_cpu --image_size 32 --batch_size 2 --seconds 0.2
+--rounds 1`: checks every configuration runs; its numbers mean nothing for GPUs).
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="dense peak of the GPU at the precision measured (default: by GPU name)")
+    ap.add_argument("--allow_cpu", action="store_true",
+                    help="run on the CPU when there is no GPU (smoke run of the script)")
     ap.add_argument("--checkpoint_dir", default=None,
                     help="reuse/write r50x1.npz and r101x3.npz here instead of a temp dir")
     args = ap.parse_args(argv)
@@ -100,7 +104,8 @@ def main(argv=None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    if not tf.config.list_physical_devices("GPU"):
+    on_cpu = not tf.config.list_physical_devices("GPU")
+    if on_cpu and not args.allow_cpu:
         print("bench/gpu.py: no GPU visible to TensorFlow (tf.config.list_physical_devices('GPU') "
               "is empty); run it on a machine with an NVIDIA GPU, CUDA drivers and a CUDA-enabled "
               "TensorFlow (pip install 'tensorflow[and-cuda]'). Nothing measured.", file=sys.stderr)
@@ -108,7 +113,7 @@ def main(argv=None) -> int:
 
     from model.bit import TagAndEmbedModel
 
-    name = gpu_name(tf)
+    name = "CPU (smoke run, --allow_cpu)" if on_cpu else gpu_name(tf)
     tf32 = tf.config.experimental.tensor_float_32_execution_enabled() and \
         os.environ.get("NVIDIA_TF32_OVERRIDE") != "0"
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]

@@ -52,7 +52,8 @@ def _load_npz(source, precision, cache_dir):
 
     ckpt = load_checkpoint(source, cache_dir=cache_dir)
     arch = ckpt.architecture
-    net = ResNetV2(arch.units, arch.width, arch.num_classes, dtype=precision)
+    net = ResNetV2(units=arch.units, width=arch.width, num_classes=arch.num_classes,
+                   dtype=precision)
     net.load_weights(ckpt.weights)
 
     def forward(images):
@@ -145,7 +146,7 @@ class TagAndEmbedModel:
         """Which GroupNorm this process runs for the .npz model(s) (fused CPU kernel or TF ops)."""
         if "npz" not in (self._tags.kind, self._embed.kind):
             return "inside the SavedModel(s)"
-        from model.resnet import group_norm_implementation
+        from model.group_norm import group_norm_implementation
 
         return group_norm_implementation(self.precision, self.jit_compile)
 

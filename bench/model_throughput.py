@@ -4,7 +4,7 @@ BiT runs twice: as the job runs it (GroupNorm+ReLU in the fused CPU kernel of `m
 with GroupNorm in TensorFlow ops (the fallback when no C++ compiler is there). All random-weight
 float32 models run inside `tf.function` on the same constant batch; after warm-up
 the rounds alternate (order flipped every round) and medians are reported, because absolute img/s
-drift on a shared machine while same-run ratios hold (../shared/PERF_NOTES.md). BiT R50x1 costs
+drift on a shared machine while same-run ratios hold (docs/performance.md). BiT R50x1 costs
 4.14 GMACs/img (incl. the 21,843-class head) vs 3.48 for ResNet50V2, so equal speed per FLOP is a
 0.84x raw ratio.
 

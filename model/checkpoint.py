@@ -1,6 +1,6 @@
 """Official BiT `.npz` checkpoints: fetch, cache, strict load, architecture inference.
 
-Layout: ../shared/BIT_FORMAT.md section 1. Remote sources (`gs://...`, any fsspec URL) are
+Layout: docs/checkpoint-format.md section 1. Remote sources (`gs://...`, any fsspec URL) are
 copied once to a local cache (atomically, with the object's size and sha256 recorded next to
 it), so later runs read no network and a truncated copy is noticed and fetched again. Loading
 never unpickles (`allow_pickle=False`), checks every key and shape against the architecture
@@ -85,7 +85,7 @@ class Architecture(NamedTuple):
 
 
 def architecture_from_shapes(shapes):
-    """Infer the Architecture from a key -> shape mapping (BIT_FORMAT.md section 1).
+    """Infer the Architecture from a key -> shape mapping (docs/checkpoint-format.md section 1).
 
     width = root kernel's output channels / 64; units per block = highest unitNN under each
     block; head iff the head kernel exists. Only infers: `validate` checks the rest.

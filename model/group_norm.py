@@ -10,7 +10,7 @@ Two implementations, chosen at trace time by `group_norm_relu`:
   outside XLA, when the kernel builds;
 - `group_norm_relu_tf`, TensorFlow ops, everywhere else (GPU, XLA, bfloat16/float16, no kernel).
 
-Why it looks like this (measured, see "Performance notes" in ARCHITECTURE.md): the textbook
+Why it looks like this (measured, docs/performance.md): the textbook
 "reshape to groups + `tf.nn.moments`" ran the whole R50x1 at 0.52x Keras ResNet50V2's images/s on
 2 CPU cores; one pass of mean and mean of squares folded into a per-(sample, channel) scale and
 shift, `relu(x * a + b)`, reached 0.77x; the fused kernel 0.86-0.88x.

@@ -11,7 +11,7 @@ variable's name is its checkpoint key, and the key -> shape table of an official
 the file. Weight standardization is applied once, at load: the variables hold standardized kernels
 and the forward pass never recomputes it (it cost ~60 ms per call on 2 CPU cores for R50x1).
 Convolutions use explicit symmetric padding + VALID (BiT's padding; oneDNN folds the pad).
-Layout, operations and forward pass: ARCHITECTURE.md, "BiT checkpoint layout and forward pass".
+Layout, operations and forward pass: docs/checkpoint-format.md.
 """
 import numpy as np
 import tensorflow as tf

@@ -42,15 +42,17 @@ without staging or submitting anything; tests use `build_job_description` the sa
 stand-in `ModelInfo`, so they need neither models nor network.
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
-from unittest import mock
 
-_LOG = logging.getLogger("pipeline.dataflow")
+from pipeline.errors import UsageError, exit_code
+
+_LOG = logging.getLogger(__name__)
 
 GPU_MACHINE_TYPE = "g2-standard-8"
 CPU_MACHINE_TYPE = "n2-highmem-8"
@@ -69,12 +71,8 @@ _GPU_FAMILIES = {
 }
 
 
-class UsageError(ValueError):
-    """Bad combination of launcher flags (exit code 2)."""
-
-
 def default_container_image(project: str, region: str) -> str:
-    """Where `docs/SCALE.md` tells you to push the GPU image: Artifact Registry in the job's project."""
+    """Where README "Running on Dataflow" pushes the GPU image: Artifact Registry in the job's project."""
     return f"{region}-docker.pkg.dev/{project}/{IMAGE_REPOSITORY}/{IMAGE_NAME}:latest"
 
 
@@ -166,7 +164,7 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
     args, rest = split_args(argv)
     if _given(rest, "--runner") and _values(rest, "--runner")[-1:] != ["DataflowRunner"]:
         raise UsageError("pipeline.dataflow always uses --runner DataflowRunner; for other runners "
-                         "run `python -m pipeline --runner ...` (see docs/SCALE.md)")
+                         "run `python -m pipeline --runner ...` (see README)")
     name = args.bucket[len("gs://"):] if args.bucket.startswith("gs://") else args.bucket
     name = name.strip("/")
     if not re.match(r"^[a-z0-9][a-z0-9._-]{2,}(/|$)", name):
@@ -214,9 +212,10 @@ def build_job_description(beam_argv: Sequence[str], model_info=None,
                           graph_builder: Optional[Callable] = None) -> dict:
     """The Dataflow job description (dict) of `beam_argv`, built offline: nothing staged or submitted.
 
-    Follows shared/DATAFLOW_NOTES.md: `dry_run` set before the Pipeline exists (so validation does
-    not probe GCS), translate with `p.run()`, then the same `create_job_description` that
-    `create_job` runs, with an anonymous client and staging patched out. `model_info` stands in for
+    How (docs/dataflow-job-description.md): `dry_run` set before the Pipeline
+    exists (so validation does not probe GCS), translate with `p.run()`, then the same
+    `create_job_description` that `create_job` runs, with an anonymous client and staging disabled
+    (`_staging_disabled`). `model_info` stands in for
     loading the models (tests); None loads them here, as a real launch does. `graph_builder(p, opts,
     model_info)` defaults to the job's `pipeline.graph.build`.
     """
@@ -249,43 +248,48 @@ def build_job_description(beam_argv: Sequence[str], model_info=None,
         client = apiclient.DataflowApplicationClient(job_options, job.root_staging_location)
     finally:
         cloud.no_auth = no_auth
-    with mock.patch.object(apiclient.DataflowApplicationClient, "stage_file_with_retry"):
+    with _staging_disabled(client):
         client.create_job_description(job)
     return json.loads(job.json())
 
 
+@contextlib.contextmanager
+def _staging_disabled(client):
+    """The seam of the offline job description: while active, `client` (a Beam
+    `DataflowApplicationClient`, whose `create_job_description` uploads the pipeline proto and the
+    packages through `stage_file_with_retry`) uploads nothing. Only this one client object is
+    changed (an instance attribute shadows the method), and only inside the `with`."""
+    client.stage_file_with_retry = lambda *args, **kwargs: None
+    try:
+        yield client
+    finally:
+        del client.stage_file_with_retry
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point; exit codes as `python -m pipeline` (0 ok, 2 usage/setup, 3 failures)."""
+    """Console entry point; exit codes as `python -m pipeline` (`pipeline.errors`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         _parser().print_help()
         return 0
-    try:
-        args, _ = split_args(argv)
-        beam_argv = dataflow_args(argv)
-    except UsageError as exc:
-        _LOG.error("%s", exc)
-        return 2
+    return exit_code(lambda: _launch(argv))
+
+
+def _launch(argv: List[str]) -> None:
+    args, _ = split_args(argv)
+    beam_argv = dataflow_args(argv)
     _LOG.info("Dataflow options: %s", " ".join(beam_argv))
     if args.dry_run_job_file:
         description = build_job_description(beam_argv)
         with open(args.dry_run_job_file, "w") as f:
             json.dump(description, f, indent=2, sort_keys=True)
         _LOG.info("wrote the job description to %s (nothing submitted)", args.dry_run_job_file)
-        return 0
+        return
     from pipeline import main as job_main
-    from transforms import infer, outputs
-    try:
-        # The project is installed on the workers (container or --setup_file): no main session.
-        job_main.run(beam_argv, save_main_session=False)
-    except job_main.JobFailed as exc:
-        _LOG.error("%s", exc)
-        return 3
-    except (outputs.OutputExistsError, infer.ModelError) as exc:
-        _LOG.error("%s", exc)
-        return 2
-    return 0
+
+    # The project is installed on the workers (container or --setup_file): no main session.
+    job_main.run(beam_argv, save_main_session=False)
 
 
 if __name__ == "__main__":

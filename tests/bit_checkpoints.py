@@ -1,4 +1,4 @@
-"""Small random BiT checkpoints in the official `.npz` layout (BIT_FORMAT.md section 1).
+"""Small random BiT checkpoints in the official `.npz` layout (docs/checkpoint-format.md section 1).
 
 Tests write these themselves: no real weights can be downloaded here.
 """

@@ -1,7 +1,8 @@
-"""Decode and resize encoded images (DESIGN.md section 3).
+"""Decode and resize encoded images (ARCHITECTURE.md, "Decode and resize").
 
 `decode_image` is pure (bytes in, uint8 pixels out) so it can be tested and benchmarked without Beam;
-`DecodeAndResize` is the DoFn around it that turns every bad input into a `Failure` row.
+`decode_record` is the one place a bad input becomes a `Failure` row, used by both decoders: the
+`DecodeAndResize` DoFn here and `transforms.prefetch.PrefetchDecodeAndResize`.
 
 Decoding uses Pillow. JPEGs are decoded with `draft()` (libjpeg DCT scaling) straight to the smallest
 power-of-two reduction that is still >= the target size, which is most of the speed. The pixel-count
@@ -19,6 +20,7 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageFile
 
+from transforms import counters
 from transforms.records import FAILURES, STAGE_DECODE, Decoded, Failure, ImageRecord, error_text
 
 DEFAULT_IMAGE_SIZE = 224
@@ -49,6 +51,12 @@ class DecodeError(ValueError):
     """The bytes are not an image we can decode; the message is meant for the user (a failure row)."""
 
 
+def check_resize(resize: str) -> None:
+    """Raise ValueError unless `resize` is one of RESIZE_MODES."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
+
+
 def decode_image(
     data: bytes,
     image_size: int = DEFAULT_IMAGE_SIZE,
@@ -63,8 +71,7 @@ def decode_image(
     `max_pixels` (None or 0: no limit) is checked from the header before decoding.
     Raises `DecodeError` with a short, user-readable message for every kind of bad input.
     """
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
+    check_resize(resize)
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -245,6 +252,18 @@ def _describe_pillow_error(exc: BaseException) -> str:
         f"cannot decode image ({type(exc).__name__})"
 
 
+def decode_record(record: ImageRecord, image_size: int = DEFAULT_IMAGE_SIZE,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, resize: str = "squash"
+                  ) -> Decoded | Failure:
+    """One record -> `Decoded`, or the `Failure(stage="decode")` row saying why not (never raises:
+    any exception from one image, even an unexpected one, becomes that image's failure row)."""
+    try:
+        pixels, width, height = decode_image(record.data, image_size, max_pixels, resize)
+    except Exception as exc:  # noqa: BLE001 - one bad image must never fail the job
+        return Failure(record.key, record.source, STAGE_DECODE, error_text(exc))
+    return Decoded(record.key, record.source, width, height, pixels)
+
+
 class DecodeAndResize(beam.DoFn):
     """ImageRecord -> Decoded; bad inputs -> Failure(stage "decode") on the FAILURES tagged output.
 
@@ -255,22 +274,16 @@ class DecodeAndResize(beam.DoFn):
 
     def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  resize: str = "squash"):
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
-        self._image_size = image_size
-        self._max_pixels = max_pixels
-        self._resize = resize
-        self._decoded = beam.metrics.Metrics.counter("decode", "decoded_images")
-        self._failed = beam.metrics.Metrics.counter("decode", "decode_failures")
+        check_resize(resize)
+        self._args = (image_size, max_pixels, resize)
+        self._decoded = counters.DECODED_IMAGES.metric()
+        self._failed = counters.DECODE_FAILURES.metric()
 
     def process(self, record: ImageRecord):
-        try:
-            pixels, width, height = decode_image(
-                record.data, self._image_size, self._max_pixels, self._resize)
-        except Exception as exc:  # noqa: BLE001 - one bad image must never fail the job
+        out = decode_record(record, *self._args)
+        if type(out) is Decoded:  # noqa: E721 - exact NamedTuple type, fastest test
+            self._decoded.inc()
+            yield out
+        else:
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILURES, Failure(record.key, record.source, STAGE_DECODE, error_text(exc)))
-            return
-        self._decoded.inc()
-        yield Decoded(record.key, record.source, width, height, pixels)
+            yield beam.pvalue.TaggedOutput(FAILURES, out)

@@ -18,10 +18,11 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from model import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL  # noqa: F401 (re-exported)
+from transforms import counters
 from transforms.records import FAILURES, STAGE_INFERENCE, Decoded, Failure, error_text
 from transforms.write import results_batch, top_k
 
-NAMESPACE = "bit_tagger"
+NAMESPACE = counters.JOB_NAMESPACE
 _LOG = logging.getLogger(__name__)
 
 
@@ -130,7 +131,7 @@ class _Progress:
 
 def postprocess(batch: Sequence[Decoded], scores: np.ndarray, embeddings: np.ndarray,
                 config: InferenceConfig, labels) -> pa.RecordBatch:
-    """Model outputs of one batch -> one Arrow record batch of result rows (DESIGN section 5)."""
+    """Model outputs of one batch -> one Arrow record batch of result rows (ARCHITECTURE.md, "Outputs")."""
     indices, top_scores = top_k(scores, config.top_k)
     if config.normalize_embeddings:
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -195,8 +196,8 @@ class _SplitOutputs(beam.DoFn):
     """Routes record batches to the main output and failures to the FAILURES tag, with counters."""
 
     def __init__(self):
-        self._inferred = beam.metrics.Metrics.counter(NAMESPACE, "inferred_images")
-        self._failed = beam.metrics.Metrics.counter(NAMESPACE, "inference_failures")
+        self._inferred = counters.INFERRED_IMAGES.metric()
+        self._failed = counters.INFERENCE_FAILURES.metric()
 
     def process(self, element):
         if isinstance(element, Failure):

@@ -4,12 +4,12 @@ All through Beam `FileSystems`, so local directories and gs:// prefixes are one 
 """
 import collections
 import json
-from typing import Optional
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
+from transforms import counters
 from transforms.read import match_files
 
 OUTPUT_PATTERNS = ("results-*.parquet", "failures-*.parquet", "summary.json")
@@ -43,9 +43,10 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
         FileSystems.delete(existing)
 
 
-def _counter(metrics, name: str) -> int:
-    """Sum of the job's counter `name` over all steps (each transform counts in its namespace)."""
-    found = metrics.query(MetricsFilter().with_name(name))["counters"]
+def _counter(metrics, counter: counters.Counter) -> int:
+    """Sum of the job's `counter` over all steps that count it."""
+    found = metrics.query(MetricsFilter().with_namespace(counter.namespace)
+                          .with_name(counter.name))["counters"]
     total = 0
     for c in found:
         value = c.committed if c.committed is not None else c.attempted
@@ -84,8 +85,9 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
     failure_paths = _match(f"{output}/failures-*.parquet")
     failures = _count_rows(failure_paths)
     by_stage, by_type = _failure_counts(failure_paths)
-    skipped = _counter(metrics, "skipped_images")
-    inputs = _counter(metrics, "read_images") + _counter(metrics, "read_failures") - skipped
+    skipped = _counter(metrics, counters.SKIPPED_IMAGES)
+    inputs = (_counter(metrics, counters.READ_IMAGES) + _counter(metrics, counters.READ_FAILURES)
+              - skipped)
     return {
         "inputs": inputs,
         "results": results,
@@ -95,9 +97,7 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
         "failure_rate": failures / inputs if inputs else 0.0,
         "failures_by_stage": by_stage,
         "failures_by_type": by_type,
-        "counters": {name: _counter(metrics, name) for name in (
-            "read_files", "read_images", "read_failures", "decoded_images", "decode_failures",
-            "inferred_images", "inference_failures", "skipped_images")},
+        "counters": {c.name: _counter(metrics, c) for c in counters.SUMMARY},
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(results / wall_seconds, 3) if wall_seconds else 0.0,
     }
@@ -109,10 +109,3 @@ def write_summary(output: str, summary: dict) -> str:
         f.write(json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
     return path
 
-
-def read_summary(output: str) -> Optional[dict]:
-    path = f"{output}/summary.json"
-    if not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())

@@ -31,7 +31,7 @@ _KNOWN_UNITS = {(2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)}  # R26
 
 
 class CheckpointError(ValueError):
-    """The checkpoint cannot be fetched or is not a valid BiT checkpoint (message names file/key)."""
+    """The checkpoint cannot be fetched or is not a valid BiT checkpoint (names the file/key)."""
 
 
 class Architecture(NamedTuple):
@@ -59,7 +59,9 @@ class Architecture(NamedTuple):
         return sum(int(np.prod(s)) for s in self.expected_shapes().values())
 
     def expected_shapes(self):
-        """Key -> shape of every array of a checkpoint with this architecture (insertion order = file order)."""
+        """Key -> shape of every array of a checkpoint with this architecture, in file order.
+
+        The project's one checkpoint-layout table: the loader and `ResNetV2` both check with it."""
         w = self.width
         shapes = {ROOT_KERNEL: (7, 7, 3, 64 * w)}
         cin = 64 * w
@@ -209,7 +211,7 @@ def _read_npz(path, shown):
 
 
 def _read_header(zf, name, shown):
-    """(shape, dtype) from a member's .npy header, without reading its data; refuses object arrays."""
+    """(shape, dtype) from a member's .npy header, without reading its data; no object arrays."""
     with zf.open(name) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -257,7 +259,7 @@ def _offline_hint(source):
 
 
 def _cached_sha256(local):
-    """sha256 recorded when `local` was fetched, if it is there with the recorded size; else None."""
+    """sha256 recorded when `local` was fetched, if it is there with the recorded size, or None."""
     try:
         with open(local + ".meta.json") as f:
             meta = json.load(f)

@@ -15,6 +15,7 @@ Why it looks like this (measured, docs/performance.md): the textbook
 2 CPU cores; one pass of mean and mean of squares folded into a per-(sample, channel) scale and
 shift, `relu(x * a + b)`, reached 0.77x; the fused kernel 0.86-0.88x.
 """
+
 import tensorflow as tf
 
 GROUPS = 32
@@ -55,7 +56,7 @@ def _fused_kernel(x):
 
 
 def _visible_gpus():
-    """A GPU would run the model: the CPU-only kernel would force copies to the host, so not used."""
+    """A GPU would run the model: the CPU-only kernel would force copies to the host: not used."""
     return bool(tf.config.list_logical_devices("GPU"))
 
 
@@ -73,6 +74,7 @@ def in_xla_context():
 
 
 # ---- the TensorFlow-ops version --------------------------------------------------------------
+
 
 def group_norm_relu_tf(x, gamma, beta):
     """relu(GroupNorm(x)) from TensorFlow ops (GPU, XLA, bf16/fp16, or when the kernel is missing).
@@ -107,8 +109,9 @@ def _channel_moments(x):
     mean_h = tf.reshape(tf.reduce_mean(rows, axis=1), [batch, width, channels])
     norm_h = tf.reshape(tf.math.reduce_euclidean_norm(rows, axis=1), [batch, width, channels])
     mean = tf.reduce_mean(mean_h, axis=1)
-    mean_sq = (tf.square(tf.math.reduce_euclidean_norm(norm_h, axis=1))
-               / tf.cast(height * width, tf.float32))
+    mean_sq = tf.square(tf.math.reduce_euclidean_norm(norm_h, axis=1)) / tf.cast(
+        height * width, tf.float32
+    )
     return mean, mean_sq
 
 
@@ -128,10 +131,12 @@ def _normalize_relu(x, channel_mean, channel_mean_sq, gamma, beta):
     """
     batch, channels = tf.shape(channel_mean)[0], tf.shape(channel_mean)[1]
     per_group = channels // GROUPS
-    mean = tf.reduce_mean(tf.reshape(channel_mean, [batch, GROUPS, per_group]), axis=2,
-                          keepdims=True)
-    mean_sq = tf.reduce_mean(tf.reshape(channel_mean_sq, [batch, GROUPS, per_group]), axis=2,
-                             keepdims=True)
+    mean = tf.reduce_mean(
+        tf.reshape(channel_mean, [batch, GROUPS, per_group]), axis=2, keepdims=True
+    )
+    mean_sq = tf.reduce_mean(
+        tf.reshape(channel_mean_sq, [batch, GROUPS, per_group]), axis=2, keepdims=True
+    )
     rstd = tf.math.rsqrt(tf.maximum(mean_sq - tf.square(mean), 0.0) + GN_EPS)  # [B, G, 1]
     a = tf.reshape(gamma, [GROUPS, per_group]) * rstd  # [B, G, C/G]
     b = tf.reshape(beta, [GROUPS, per_group]) - mean * a

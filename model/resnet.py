@@ -13,6 +13,7 @@ and the forward pass never recomputes it (it cost ~60 ms per call on 2 CPU cores
 Convolutions use explicit symmetric padding + VALID (BiT's padding; oneDNN folds the pad).
 Layout, operations and forward pass: docs/checkpoint-format.md.
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -24,7 +25,7 @@ _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16
 
 
 def standardize_kernel(kernel):
-    """Weight standardization of an HWIO kernel: per output channel, population stats over H, W, I."""
+    """Weight standardization of an HWIO kernel: per output channel, population stats over H,W,I."""
     w = np.asarray(kernel, dtype=np.float64)
     mean = w.mean(axis=(0, 1, 2), keepdims=True)
     var = w.var(axis=(0, 1, 2), keepdims=True)
@@ -36,6 +37,7 @@ def _pad(x, before, after):
 
 
 # ---- building blocks ---------------------------------------------------------------------------
+
 
 class StandardizedConv2D(tf.Module):
     """Checkpoint scope `standardized_conv2d`: holds the already standardized HWIO kernel.
@@ -49,8 +51,11 @@ class StandardizedConv2D(tf.Module):
         self.stride = stride
         self.pad = ((kernel_size - 1) // 2, kernel_size - 1 - (kernel_size - 1) // 2)
         with self.name_scope:
-            self.kernel = tf.Variable(tf.zeros([kernel_size, kernel_size, cin, cout], dtype),
-                                      name="kernel", trainable=False)
+            self.kernel = tf.Variable(
+                tf.zeros([kernel_size, kernel_size, cin, cout], dtype),
+                name="kernel",
+                trainable=False,
+            )
 
     def __call__(self, x):
         if self.pad != (0, 0):
@@ -76,18 +81,31 @@ class SubUnit(tf.Module):
     """Scope `a`/`b`/`c` of a unit: pre-activation relu(GN(x)), then a standardized conv; `a` may
     also hold the projection shortcut (scope `a/proj`)."""
 
-    def __init__(self, name, *, cin, cout, kernel_size, stride=1, proj_out=None, proj_stride=1,
-                 dtype=tf.float32, fused=True):
+    def __init__(
+        self,
+        name,
+        *,
+        cin,
+        cout,
+        kernel_size,
+        stride=1,
+        proj_out=None,
+        proj_stride=1,
+        dtype=tf.float32,
+        fused=True,
+    ):
         super().__init__(name=name)
         with self.name_scope:
             self.group_norm = GroupNormReLU(channels=cin, fused=fused)
             self.standardized_conv2d = StandardizedConv2D(
-                kernel_size=kernel_size, cin=cin, cout=cout, stride=stride, dtype=dtype)
+                kernel_size=kernel_size, cin=cin, cout=cout, stride=stride, dtype=dtype
+            )
             self.proj = None
             if proj_out is not None:  # 1x1 projection shortcut with the unit's stride
                 with tf.name_scope("proj"):
-                    self.proj = StandardizedConv2D(kernel_size=1, cin=cin, cout=proj_out,
-                                                   stride=proj_stride, dtype=dtype)
+                    self.proj = StandardizedConv2D(
+                        kernel_size=1, cin=cin, cout=proj_out, stride=proj_stride, dtype=dtype
+                    )
 
 
 class Unit(tf.Module):
@@ -97,11 +115,19 @@ class Unit(tf.Module):
         super().__init__(name=name)
         needs_proj = stride != 1 or cin != cout
         with self.name_scope:
-            self.a = SubUnit("a", cin=cin, cout=cmid, kernel_size=1,
-                             proj_out=cout if needs_proj else None, proj_stride=stride,
-                             dtype=dtype, fused=fused)
-            self.b = SubUnit("b", cin=cmid, cout=cmid, kernel_size=3, stride=stride, dtype=dtype,
-                             fused=fused)
+            self.a = SubUnit(
+                "a",
+                cin=cin,
+                cout=cmid,
+                kernel_size=1,
+                proj_out=cout if needs_proj else None,
+                proj_stride=stride,
+                dtype=dtype,
+                fused=fused,
+            )
+            self.b = SubUnit(
+                "b", cin=cmid, cout=cmid, kernel_size=3, stride=stride, dtype=dtype, fused=fused
+            )
             self.c = SubUnit("c", cin=cmid, cout=cout, kernel_size=1, dtype=dtype, fused=fused)
 
     def __call__(self, x):
@@ -119,8 +145,9 @@ class RootBlock(tf.Module):
     def __init__(self, *, cout, dtype=tf.float32):
         super().__init__(name="root_block")
         with self.name_scope:
-            self.standardized_conv2d = StandardizedConv2D(kernel_size=7, cin=3, cout=cout,
-                                                          stride=2, dtype=dtype)
+            self.standardized_conv2d = StandardizedConv2D(
+                kernel_size=7, cin=3, cout=cout, stride=2, dtype=dtype
+            )
 
     def __call__(self, x):
         x = self.standardized_conv2d(x)
@@ -134,8 +161,9 @@ class Head(tf.Module):
     def __init__(self, *, cin, num_classes, dtype=tf.float32):
         super().__init__(name="head")
         with self.name_scope, tf.name_scope("conv2d"):
-            self.kernel = tf.Variable(tf.zeros([cin, num_classes], dtype), name="kernel",
-                                      trainable=False)
+            self.kernel = tf.Variable(
+                tf.zeros([cin, num_classes], dtype), name="kernel", trainable=False
+            )
             self.bias = tf.Variable(tf.zeros([num_classes]), name="bias", trainable=False)
 
     def __call__(self, pre_logits):
@@ -144,6 +172,7 @@ class Head(tf.Module):
 
 
 # ---- the model -------------------------------------------------------------------------------
+
 
 class ResNetV2(tf.Module):
     """BiT ResNet-v2 for any units per block, integer width and optional head, any input H, W.
@@ -157,8 +186,16 @@ class ResNetV2(tf.Module):
     logits [B, K] float32 or None)`. Not itself a `tf.function`: callers wrap it.
     """
 
-    def __init__(self, *, units, width=1, num_classes=None, dtype=tf.float32,
-                 fused_group_norm=True, name="resnet"):
+    def __init__(
+        self,
+        *,
+        units,
+        width=1,
+        num_classes=None,
+        dtype=tf.float32,
+        fused_group_norm=True,
+        name="resnet",
+    ):
         super().__init__(name=name)
         self.units = tuple(int(u) for u in units)
         self.width = int(width)
@@ -174,15 +211,24 @@ class ResNetV2(tf.Module):
             for b, n in enumerate(self.units, start=1):
                 cmid = 64 * wf * 2 ** (b - 1)
                 with tf.name_scope(f"block{b}"):
-                    block = [Unit(f"unit{u:02d}", cin=cin if u == 1 else 4 * cmid, cmid=cmid,
-                                  cout=4 * cmid, stride=2 if (u == 1 and b > 1) else 1, dtype=dt,
-                                  fused=fused)
-                             for u in range(1, n + 1)]
+                    block = [
+                        Unit(
+                            f"unit{u:02d}",
+                            cin=cin if u == 1 else 4 * cmid,
+                            cmid=cmid,
+                            cout=4 * cmid,
+                            stride=2 if (u == 1 and b > 1) else 1,
+                            dtype=dt,
+                            fused=fused,
+                        )
+                        for u in range(1, n + 1)
+                    ]
                 self.blocks.append(block)
                 cin = 4 * cmid
             self.group_norm = GroupNormReLU(channels=cin, fused=fused)
-            self.head = (Head(cin=cin, num_classes=self.num_classes, dtype=dt)
-                         if self.num_classes else None)
+            self.head = (
+                Head(cin=cin, num_classes=self.num_classes, dtype=dt) if self.num_classes else None
+            )
         self.feature_dim = cin
 
     @property
@@ -203,7 +249,9 @@ class ResNetV2(tf.Module):
     # ---- weight loading ----------------------------------------------------------------------
 
     def checkpoint_shapes(self):
-        """Key -> shape this model expects from an official checkpoint (head kernel 4-D, as stored)."""
+        """Key -> shape this model expects from an official checkpoint (head kernel 4-D, as stored).
+
+        The one layout table, `Architecture.expected_shapes()`."""
         return self.architecture.expected_shapes()
 
     @property
@@ -216,8 +264,10 @@ class ResNetV2(tf.Module):
         validate({k: np.shape(v) for k, v in weights.items()}, self.architecture)
         variables = {v.name.rsplit(":", 1)[0]: v for v in self.variables}
         if set(variables) != set(weights):  # the network and the layout table disagree: a bug
-            raise AssertionError(f"ResNetV2 variables do not follow the checkpoint layout: "
-                                 f"{sorted(set(variables) ^ set(weights))[:5]}")
+            raise AssertionError(
+                f"ResNetV2 variables do not follow the checkpoint layout: "
+                f"{sorted(set(variables) ^ set(weights))[:5]}"
+            )
         for key, variable in variables.items():
             value = np.asarray(weights[key], dtype=np.float32)
             if key == HEAD_KERNEL:

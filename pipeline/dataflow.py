@@ -2,17 +2,19 @@
 
     python -m pipeline.dataflow --project P --region R --bucket gs://B \\
         --input 'gs://B/shards/*.tfrecord' --output gs://B/tags/2024-06-01 [job flags] \\
-        [--cpu_only] [--container_image IMG] [--machine_type g2-standard-8] [--gpu_type nvidia-l4] \\
+        [--cpu_only] [--container_image IMG] [--machine_type g2-standard-8] \\
+        [--gpu_type nvidia-l4] \\
         [--max_num_workers N] [--no_xla] [--dry_run_job_file job.json]
 
-(`./run.sh dataflow ...` runs exactly this.) Every other flag, the job's own (`--top_k`, `--batch_size`,
-...) and Beam's (`--job_name`, `--num_workers`, `--worker_zone`, `--service_account_email`, ...), is
-passed through unchanged; a Beam flag given explicitly always wins over the defaults added here.
+(`./run.sh dataflow ...` runs exactly this.) Every other flag, the job's own (`--top_k`,
+`--batch_size`, ...) and Beam's (`--job_name`, `--num_workers`, `--worker_zone`,
+`--service_account_email`, ...), is passed through unchanged; a Beam flag given explicitly always
+wins over the defaults added here.
 
 What the defaults are and why (GPU mode, the default):
 - `--runner DataflowRunner --experiments use_runner_v2`: GPUs and custom containers need Runner v2.
-- `--dataflow_service_options worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver`: one L4
-  per worker VM, with Google installing the driver on the host (mounted into the container).
+- `--dataflow_service_options worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver`:
+  one L4 per worker VM, with Google installing the driver on the host (mounted into the container).
 - `--machine_type g2-standard-8`: the G2 family is the only one that takes L4s (8 vCPU, 32 GB).
 - `--sdk_container_image REGION-docker.pkg.dev/P/bit-tagger/bit-tagger-gpu:latest` (`Dockerfile` in
   the repo root): CUDA-enabled TensorFlow plus this project, so workers start without pip installs.
@@ -32,10 +34,10 @@ What the defaults are and why (GPU mode, the default):
   relative, so it is an explicit choice (`--precision bfloat16`), never a silent default; do not mix
   precisions in one embedding index.
 
-CPU-only mode (`--cpu_only`): no accelerator, `--machine_type n2-highmem-8`, the stock Beam container
-(Beam picks `apache/beam_python3.11_sdk:<version>`) with this project shipped by `--setup_file`
-(workers pip-install it at start), or your `--container_image`. One SDK process per VM too: it keeps
-one model in memory and TensorFlow's thread pools already use every core.
+CPU-only mode (`--cpu_only`): no accelerator, `--machine_type n2-highmem-8`, the stock Beam
+container (Beam picks `apache/beam_python3.11_sdk:<version>`) with this project shipped by
+`--setup_file` (workers pip-install it at start), or your `--container_image`. One SDK process per
+VM too: it keeps one model in memory and TensorFlow's thread pools already use every core.
 
 `--dry_run_job_file PATH` writes the Dataflow job description (the JSON the service would receive)
 without staging or submitting anything; tests use `build_job_description` the same way with a
@@ -72,7 +74,7 @@ _GPU_FAMILIES = {
 
 
 def default_container_image(project: str, region: str) -> str:
-    """Where README "Running on Dataflow" pushes the GPU image: Artifact Registry in the job's project."""
+    """Where the README's "Running on Dataflow" pushes the GPU image (Artifact Registry)."""
     return f"{region}-docker.pkg.dev/{project}/{IMAGE_REPOSITORY}/{IMAGE_NAME}:latest"
 
 
@@ -129,7 +131,7 @@ def _values(args: Sequence[str], flag: str) -> List[str]:
 
 
 def _vcpus(machine_type: str) -> int:
-    """vCPUs of a predefined (`g2-standard-8`) or custom (`custom-8-32768`) machine type; 8 if unknown."""
+    """vCPUs of a predefined (`g2-standard-8`) or custom (`custom-8-32768`) machine type, else 8."""
     custom = re.match(r"^(?:[a-z0-9]+-)?custom-(\d+)-\d+", machine_type)
     if custom:
         return int(custom.group(1))
@@ -210,7 +212,7 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
 
 def build_job_description(beam_argv: Sequence[str], model_info=None,
                           graph_builder: Optional[Callable] = None) -> dict:
-    """The Dataflow job description (dict) of `beam_argv`, built offline: nothing staged or submitted.
+    """The Dataflow job description (dict) of `beam_argv`, built offline: nothing staged or sent.
 
     How (docs/dataflow-job-description.md): `dry_run` set before the Pipeline
     exists (so validation does not probe GCS), translate with `p.run()`, then the same

@@ -8,6 +8,7 @@
 The lower layers raise their own specific errors (`transforms.outputs.OutputExistsError`,
 `transforms.infer.ModelError`); `usage_errors()` is the one list of what counts as set-up.
 """
+
 import logging
 from typing import Callable
 

@@ -3,6 +3,7 @@
 Every `from X import a, b` line in ARCHITECTURE.md's Python blocks must import; no tracked file may
 point at a Markdown file that is not in the repository, or at a path outside it.
 """
+
 import pathlib
 import re
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMPORT = re.compile(r"^from ([\w.]+) import (.+)$")
 # A path out of the checkout, or a note that never was part of it.
-OUTSIDE = re.compile(r"\.\./shared|/work/|\b(?:DESIGN|BIT_FORMAT|PERF_NOTES|DATAFLOW_NOTES|"
-                     r"SEARCH_NOTES)\.md\b|docs/SCALE\.md")
+OUTSIDE = re.compile(
+    r"\.\./shared|/work/|\b(?:DESIGN|BIT_FORMAT|PERF_NOTES|DATAFLOW_NOTES|"
+    r"SEARCH_NOTES)\.md\b|docs/SCALE\.md"
+)
 MARKDOWN_REF = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.md)\b")
 TEXT_SUFFIXES = {".py", ".md", ".txt", ".sh", ".cfg", ".toml", ".cc", ".yml", ".yaml", ""}
 
@@ -32,14 +35,24 @@ def listed_imports():
 
 def tracked_text_files():
     try:
-        names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                               check=True, timeout=60).stdout.split()
+        names = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: walk the tree
-        names = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
-                 if p.is_file() and not {".git", ".venv"} & set(p.relative_to(ROOT).parts)]
+        names = [
+            str(p.relative_to(ROOT))
+            for p in ROOT.rglob("*")
+            if p.is_file() and not {".git", ".venv"} & set(p.relative_to(ROOT).parts)
+        ]
     paths = [ROOT / n for n in names]
-    return [p for p in paths if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.name == "Dockerfile")
-            and p.stat().st_size < 1_000_000 and "data" not in p.relative_to(ROOT).parts[:2]]
+    return [
+        p
+        for p in paths
+        if p.is_file()
+        and (p.suffix in TEXT_SUFFIXES or p.name == "Dockerfile")
+        and p.stat().st_size < 1_000_000
+        and "data" not in p.relative_to(ROOT).parts[:2]
+    ]
 
 
 def test_architecture_lists_enough_names():

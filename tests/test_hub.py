@@ -107,7 +107,7 @@ def test_unreachable_url_fails_fast(tmp_path, monkeypatch):
 
 
 def test_tfhub_handle_offline_fails_fast(tmp_path, monkeypatch):
-    """tfhub.dev itself is never contacted: the reachability probe is pointed at a closed local port."""
+    """tfhub.dev itself is never contacted: the reachability probe points at a closed local port."""
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hubcache"))
     port = _closed_port()
     real = hub._check_reachable

@@ -1,4 +1,4 @@
-"""The fused CPU GroupNorm+ReLU kernel (model.kernels): build, numerics, use in ResNetV2, fallbacks."""
+"""The fused CPU GroupNorm+ReLU kernel (model.kernels): build, numerics, ResNetV2, fallbacks."""
 import logging
 import subprocess
 import sys

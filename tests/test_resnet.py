@@ -1,4 +1,4 @@
-"""ResNetV2 (TF) against the float64 NumPy reference on random checkpoints in the official layout."""
+"""ResNetV2 (TF) against the float64 NumPy reference on random checkpoints in the BiT layout."""
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -1,8 +1,10 @@
-"""The job's Beam counters, named once: the transforms count with them, `outputs.summarize` reads them.
+"""The job's Beam counters, named once: the transforms count with them, `outputs.summarize` reads
+them.
 
 A counter is a (namespace, name) pair; `summary.json` sums each name over every step that counts it,
 so a name used here and nowhere else would silently read 0: use these constants, never literals.
 """
+
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -15,7 +17,7 @@ class Counter(NamedTuple):
     name: str
 
     def metric(self):
-        """The Beam counter to `inc()` (create it in `__init__`/`setup`, increment in the bundle)."""
+        """The Beam counter to `inc()` (made in `__init__`/`setup`, incremented in the bundle)."""
         return beam.metrics.Metrics.counter(self.namespace, self.name)
 
 
@@ -30,5 +32,13 @@ INFERENCE_FAILURES = Counter(JOB_NAMESPACE, "inference_failures")
 SKIPPED_IMAGES = Counter(JOB_NAMESPACE, "skipped_images")  # already in --skip_keys_from
 
 # The counters summary.json reports, in its order.
-SUMMARY = (READ_FILES, READ_IMAGES, READ_FAILURES, DECODED_IMAGES, DECODE_FAILURES,
-           INFERRED_IMAGES, INFERENCE_FAILURES, SKIPPED_IMAGES)
+SUMMARY = (
+    READ_FILES,
+    READ_IMAGES,
+    READ_FAILURES,
+    DECODED_IMAGES,
+    DECODE_FAILURES,
+    INFERRED_IMAGES,
+    INFERENCE_FAILURES,
+    SKIPPED_IMAGES,
+)

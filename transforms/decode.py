@@ -1,14 +1,14 @@
 """Decode and resize encoded images (ARCHITECTURE.md, "Decode and resize").
 
-`decode_image` is pure (bytes in, uint8 pixels out) so it can be tested and benchmarked without Beam;
-`decode_record` is the one place a bad input becomes a `Failure` row, used by both decoders: the
-`DecodeAndResize` DoFn here and `transforms.prefetch.PrefetchDecodeAndResize`.
+`decode_image` is pure (bytes in, uint8 pixels out) so it can be tested and benchmarked without
+Beam; `decode_record` is the one place a bad input becomes a `Failure` row, used by both decoders:
+the `DecodeAndResize` DoFn here and `transforms.prefetch.PrefetchDecodeAndResize`.
 
-Decoding uses Pillow. JPEGs are decoded with `draft()` (libjpeg DCT scaling) straight to the smallest
-power-of-two reduction that is still >= the target size, which is most of the speed. The pixel-count
-limit is checked from the header, before any pixel is decoded, and per call: images are opened through
-Pillow's plugin registry directly, so Pillow's process-wide `Image.MAX_IMAGE_PIXELS` is neither read
-nor changed (no global state shared between threads).
+Decoding uses Pillow. JPEGs are decoded with `draft()` (libjpeg DCT scaling) straight to the
+smallest power-of-two reduction that is still >= the target size, which is most of the speed. The
+pixel-count limit is checked from the header, before any pixel is decoded, and per call: images are
+opened through Pillow's plugin registry directly, so Pillow's process-wide `Image.MAX_IMAGE_PIXELS`
+is neither read nor changed (no global state shared between threads).
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ DEFAULT_IMAGE_SIZE = 224
 DEFAULT_MAX_PIXELS = 178956970
 RESIZE_MODES = ("squash", "center_crop")
 
-# Formats we accept, most common first (the open loop tries them in order). A closed list keeps rarely
-# used parsers away from untrusted bytes and stops random bytes from being "recognised" as e.g. TGA.
+# Formats we accept, most common first (the open loop tries them in order). A closed list keeps
+# rarely used parsers away from untrusted bytes and stops random bytes being "recognised" as TGA.
 # MPO is how Pillow opens camera JPEGs with several pictures.
 FORMATS = ("JPEG", "PNG", "WEBP", "MPO", "GIF", "BMP", "TIFF", "AVIF")
 
-# EXIF orientation -> the transpose that makes the image upright (same table as ImageOps.exif_transpose).
+# EXIF orientation -> the transpose making the image upright (as in ImageOps.exif_transpose).
 _ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -48,7 +48,7 @@ _WHITE = (255, 255, 255)
 
 
 class DecodeError(ValueError):
-    """The bytes are not an image we can decode; the message is meant for the user (a failure row)."""
+    """The bytes are not an image we can decode; the message is for the user (a failure row)."""
 
 
 def check_resize(resize: str) -> None:
@@ -66,8 +66,8 @@ def decode_image(
     """Decode `data` and resize it to `image_size` x `image_size` RGB.
 
     Returns `(pixels uint8 [S, S, 3], width, height)`, where width/height are the full decoded size
-    after EXIF rotation (before any draft or resize). `resize="squash"` stretches the whole image to a
-    square (BiT evaluation); `"center_crop"` scales the short side to S and crops the centre.
+    after EXIF rotation (before any draft or resize). `resize="squash"` stretches the whole image to
+    a square (BiT evaluation); `"center_crop"` scales the short side to S and crops the centre.
     `max_pixels` (None or 0: no limit) is checked from the header before decoding.
     Raises `DecodeError` with a short, user-readable message for every kind of bad input.
     """
@@ -96,8 +96,8 @@ def _decode(data: bytes, size: int, max_pixels: int | None, resize: str):
         width, height = height, width
     box = _draft(im, size)
     im = _to_rgb_or_l(im)
-    # Resize (and crop) before the EXIF transpose: the transpose is then done on S x S pixels, not the
-    # full image. Squash and centre crop both commute with the 8 flips/rotations.
+    # Resize (and crop) before the EXIF transpose: the transpose is then done on S x S pixels, not
+    # the full image. Squash and centre crop both commute with the 8 flips/rotations.
     im = _resize(im, size, box, resize)
     if transpose is not None:
         im = im.transpose(transpose)
@@ -107,7 +107,7 @@ def _decode(data: bytes, size: int, max_pixels: int | None, resize: str):
 
 
 def _open(data: bytes) -> ImageFile.ImageFile:
-    """Identify the format and read the header (like `Image.open`, without its global pixel limit)."""
+    """Identify the format, read the header (like `Image.open`, without its global pixel limit)."""
     fp = io.BytesIO(data)
     prefix = data[:16]
     problems = []
@@ -233,7 +233,7 @@ def _resize(im: Image.Image, size: int, box, resize: str) -> Image.Image:
 
 
 def _center_square(box):
-    """The centred square of a (left, top, right, bottom) box: resize-short-side-then-crop in one step."""
+    """The centred square of a (left, top, right, bottom) box: short-side resize + crop in one."""
     left, top, right, bottom = box
     side = min(right - left, bottom - top)
     x0 = left + (right - left - side) / 2
@@ -267,7 +267,7 @@ def decode_record(record: ImageRecord, image_size: int = DEFAULT_IMAGE_SIZE,
 class DecodeAndResize(beam.DoFn):
     """ImageRecord -> Decoded; bad inputs -> Failure(stage "decode") on the FAILURES tagged output.
 
-    Never raises for bad data: any exception from decoding one image becomes that image's failure row.
+    Never raises for bad data: any exception from decoding one image becomes its failure row.
     Use as `beam.ParDo(DecodeAndResize(...)).with_outputs(FAILURES, main="decoded")`.
     Counters (namespace "decode"): decoded_images, decode_failures.
     """

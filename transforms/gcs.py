@@ -14,6 +14,7 @@ nothing: real GCS runs are untouched. Call it once per process before the first 
 (derive them from `GcsDoFn`), so that worker processes of the multi-process DirectRunner are
 covered too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,6 +38,7 @@ def configure_beam_gcs() -> bool:
     try:
         # Beam-internal (checked against 2.77): the cache get_service_credentials() fills.
         from apache_beam.internal.gcp.auth import _Credentials
+
         with _Credentials._credentials_lock:
             _Credentials._credentials = None
             _Credentials._credentials_init = True

@@ -2,6 +2,7 @@
 
 All through Beam `FileSystems`, so local directories and gs:// prefixes are one code path.
 """
+
 import collections
 import json
 
@@ -38,15 +39,17 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise OutputExistsError(
             f"{output} already has results of an earlier run ({len(existing)} files, e.g. "
-            f"{existing[0]}); pass --overwrite to replace them, or choose another --output")
+            f"{existing[0]}); pass --overwrite to replace them, or choose another --output"
+        )
     if existing:
         FileSystems.delete(existing)
 
 
 def _counter(metrics, counter: counters.Counter) -> int:
     """Sum of the job's `counter` over all steps that count it."""
-    found = metrics.query(MetricsFilter().with_namespace(counter.namespace)
-                          .with_name(counter.name))["counters"]
+    found = metrics.query(
+        MetricsFilter().with_namespace(counter.namespace).with_name(counter.name)
+    )["counters"]
     total = 0
     for c in found:
         value = c.committed if c.committed is not None else c.attempted
@@ -68,8 +71,9 @@ def _failure_counts(paths):
     for path in paths:
         with FileSystems.open(path) as f:
             table = pq.read_table(f, columns=["stage", "error"])
-        for stage, error in zip(table.column("stage").to_pylist(),
-                                table.column("error").to_pylist()):
+        for stage, error in zip(
+            table.column("stage").to_pylist(), table.column("error").to_pylist()
+        ):
             by_stage[stage] += 1
             by_type[f"{stage}/{(error or '').split(':', 1)[0]}"] += 1
     return dict(by_stage), dict(by_type)
@@ -86,8 +90,11 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
     failures = _count_rows(failure_paths)
     by_stage, by_type = _failure_counts(failure_paths)
     skipped = _counter(metrics, counters.SKIPPED_IMAGES)
-    inputs = (_counter(metrics, counters.READ_IMAGES) + _counter(metrics, counters.READ_FAILURES)
-              - skipped)
+    inputs = (
+        _counter(metrics, counters.READ_IMAGES)
+        + _counter(metrics, counters.READ_FAILURES)
+        - skipped
+    )
     return {
         "inputs": inputs,
         "results": results,
@@ -108,4 +115,3 @@ def write_summary(output: str, summary: dict) -> str:
     with FileSystems.create(path, mime_type="application/json") as f:
         f.write(json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
     return path
-

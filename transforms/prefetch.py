@@ -1,20 +1,21 @@
-"""Decode ahead of inference: batches of `ImageRecord`s decoded in a thread pool, one batch in advance.
+"""Decode ahead of inference: batches of `ImageRecord`s decoded in a thread pool, one batch ahead.
 
     records | PrefetchDecodeAndResize(image_size, threads=2, batch_size=16)
             -> DoOutputsTuple: .decoded (Decoded), [FAILURES] (Failure, stage "decode")
 
-`BatchElements` groups the records into batches of the model's batch size. `PrefetchDecode.process(batch
-N)` submits batch N's images to a thread pool and then yields the finished outputs of batch N-1. The
-downstream `RunInference` is fused into the same thread, so while it runs the model on batch N-1 (TF
-releases the GIL) the pool decodes batch N (Pillow releases the GIL while decoding and resizing).
-The last batch of a bundle is flushed in `finish_bundle`. Every output keeps the window and timestamp
-of its own input batch.
+`BatchElements` groups the records into batches of the model's batch size.
+`PrefetchDecode.process(batch N)` submits batch N's images to a thread pool and then yields the
+finished outputs of batch N-1. The downstream `RunInference` is fused into the same thread, so
+while it runs the model on batch N-1 (TF releases the GIL) the pool decodes batch N (Pillow
+releases the GIL while decoding and resizing). The last batch of a bundle is flushed in
+`finish_bundle`. Every output keeps the window and timestamp of its own input batch.
 
 Same contract as `DecodeAndResize`, through the same `decode_record`: every image comes out exactly
 once, as a `Decoded` or as a `Failure(stage="decode")` on the FAILURES tag, counted by the same
-`counters.DECODED_IMAGES` / `counters.DECODE_FAILURES`. Counters are incremented on the bundle's thread (Beam metrics
-live in thread-local state: an `inc()` inside a pool thread would be lost).
+`counters.DECODED_IMAGES` / `counters.DECODE_FAILURES`. Counters are incremented on the bundle's
+thread (Beam metrics live in thread-local state: an `inc()` inside a pool thread would be lost).
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +30,16 @@ from transforms.records import FAILURES, Decoded
 
 
 class PrefetchDecode(beam.DoFn):
-    """list[ImageRecord] -> Decoded / Failure (tag FAILURES), decoded in `threads` threads, one batch
-    ahead of whatever consumes the outputs. Use after `BatchElements`."""
+    """list[ImageRecord] -> Decoded / Failure (tag FAILURES), decoded in `threads` threads, one
+    batch ahead of whatever consumes the outputs. Use after `BatchElements`."""
 
-    def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, resize: str = "squash",
-                 threads: int = 2):
+    def __init__(
+        self,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        resize: str = "squash",
+        threads: int = 2,
+    ):
         check_resize(resize)
         if int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
@@ -95,15 +100,22 @@ class PrefetchDecodeAndResize(beam.PTransform):
     Drop-in for `beam.ParDo(DecodeAndResize(...)).with_outputs(FAILURES, main="decoded")`, decoding
     batches of `batch_size` in `threads` threads one batch ahead of the consumer."""
 
-    def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, resize: str = "squash",
-                 threads: int = 2, batch_size: int = 16):
+    def __init__(
+        self,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        resize: str = "squash",
+        threads: int = 2,
+        batch_size: int = 16,
+    ):
         super().__init__()
         self._fn = PrefetchDecode(image_size, max_pixels, resize, threads)
         self._batch_size = int(batch_size)
 
     def expand(self, records):
-        return (records
-                | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
-                                                max_batch_size=self._batch_size)
-                | "DecodeAhead" >> beam.ParDo(self._fn).with_outputs(FAILURES, main="decoded"))
+        return (
+            records
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            | "DecodeAhead" >> beam.ParDo(self._fn).with_outputs(FAILURES, main="decoded")
+        )

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 ROOT_KERNEL = "resnet/root_block/standardized_conv2d/kernel"
 HEAD_KERNEL = "resnet/head/conv2d/kernel"
@@ -156,10 +156,10 @@ def load_checkpoint(source, cache_dir=None):
                 raise  # the file is what was downloaded: the checkpoint itself is bad
             sha256 = None
         if sha256 == recorded:
-            log.info("using cached %s for %s", local, source)
+            _LOG.info("using cached %s for %s", local, source)
             return Checkpoint(weights, architecture, source, sha256)
         weights = None  # free the corrupt copy's arrays before reading the new one
-        log.warning("cached copy %s of %s is corrupt: fetching it again", local, source)
+        _LOG.warning("cached copy %s of %s is corrupt: fetching it again", local, source)
     _fetch(source, local)
     weights, architecture, sha256 = _load_local(local, shown)
     return Checkpoint(weights, architecture, source, sha256)
@@ -265,7 +265,7 @@ def _cached_sha256(local):
             meta = json.load(f)
         if os.path.getsize(local) == meta["size"]:
             return meta["sha256"]
-        log.warning("cached %s has %d bytes, the source had %d: fetching it again",
+        _LOG.warning("cached %s has %d bytes, the source had %d: fetching it again",
                     local, os.path.getsize(local), meta["size"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -281,7 +281,7 @@ def _fetch(source, local):
     try:
         fs, path = storage.get_filesystem(source)
         size = fs.info(path).get("size")
-        log.info("downloading %s (%s bytes) to %s", source, size, local)
+        _LOG.info("downloading %s (%s bytes) to %s", source, size, local)
         h, copied = hashlib.sha256(), 0
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(local), prefix=os.path.basename(local) + ".",
                                          suffix=".partial", delete=False) as out:

@@ -30,7 +30,7 @@ def _help_text() -> str:
         epilog="Any Apache Beam pipeline flag is accepted too: --runner (default: an in-process "
                "runner), --direct_num_workers N --direct_running_mode multi_processing to use N "
                "cores locally, Dataflow's --project/--region/--temp_location, ...")
-    JobOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    JobOptions._add_argparse_args(parser)
     return parser.format_help()
 
 

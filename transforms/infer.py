@@ -86,7 +86,7 @@ def check_models(config: InferenceConfig, keep_loaded: bool = True) -> ModelInfo
     from model.labels import imagenet21k
     try:
         model = load_model(config)
-    except Exception as exc:  # pylint: disable=broad-except
+    except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot load the models (--tags_model {config.tags_model}, "
                          f"--embed_model {config.embed_model}): {error_text(exc)}") from exc
     labels = imagenet21k()
@@ -178,7 +178,7 @@ class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]
             outputs = model(images)
             rows = postprocess(batch, outputs.scores, outputs.embeddings, self._config,
                                self._labels)
-        except Exception as exc:  # pylint: disable=broad-except
+        except Exception as exc:  # noqa: BLE001
             # One failure row per image: the job goes on and the user learns why.
             _LOG.warning("inference failed for a batch of %d images: %s", len(batch), exc)
             return [Failure(d.key, d.source, STAGE_INFERENCE, error_text(exc)) for d in batch]

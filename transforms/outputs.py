@@ -23,7 +23,7 @@ class OutputExistsError(RuntimeError):
 def _match(pattern: str) -> list:
     try:
         return match_files(pattern)
-    except Exception:  # pylint: disable=broad-except  (Beam raises when nothing matches on some FS)
+    except Exception:  # noqa: BLE001 - Beam raises when nothing matches on some FS
         return []
 
 

@@ -98,18 +98,12 @@ class PrefetchDecodeAndResize(beam.PTransform):
     """PCollection[ImageRecord] -> DoOutputsTuple (.decoded: Decoded, [FAILURES]: Failure).
 
     Drop-in for `beam.ParDo(DecodeAndResize(...)).with_outputs(FAILURES, main="decoded")`, decoding
-    batches of `batch_size` in `threads` threads one batch ahead of the consumer."""
+    batches of `batch_size` in `threads` threads one batch ahead of the consumer. The other
+    arguments are `PrefetchDecode`'s (image_size, max_pixels, resize, threads)."""
 
-    def __init__(
-        self,
-        image_size: int = DEFAULT_IMAGE_SIZE,
-        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-        resize: str = "squash",
-        threads: int = 2,
-        batch_size: int = 16,
-    ):
+    def __init__(self, *decode_args, batch_size: int = 16, **decode_kwargs):
         super().__init__()
-        self._fn = PrefetchDecode(image_size, max_pixels, resize, threads)
+        self._fn = PrefetchDecode(*decode_args, **decode_kwargs)
         self._batch_size = int(batch_size)
 
     def expand(self, records):

@@ -3,6 +3,7 @@
 #   ./run.sh --input GLOB --output DIR [flags]   run the job locally (in-process runner, no network
 #                                                 unless your inputs/models are on gs://)
 #   ./run.sh test [pytest args]                  run the test suite
+#   ./run.sh lint                                ruff check + ruff format --check (pyproject.toml)
 #   ./run.sh dataflow --project P --region R --bucket gs://B --input ... --output ...
 #                                                 submit the job to Google Cloud Dataflow
 # The first use creates .venv/ next to this script and installs the project into it; later uses
@@ -52,6 +53,12 @@ case "${1:-}" in
     set -e
     [ "$rc" -eq 5 ] && { echo "run.sh: no tests were collected" >&2; exit 1; }
     exit "$rc"
+    ;;
+  lint)
+    shift
+    ensure_venv requirements-dev.txt
+    "$VENV/bin/python" -m ruff check . "$@"
+    exec "$VENV/bin/python" -m ruff format --check .
     ;;
   dataflow)
     shift

@@ -4,7 +4,7 @@ BiT runs twice: as the job runs it (GroupNorm+ReLU in the fused CPU kernel of `m
 with GroupNorm in TensorFlow ops (the fallback when no C++ compiler is there). All random-weight
 float32 models run inside `tf.function` on the same constant batch; after warm-up
 the rounds alternate (order flipped every round) and medians are reported, because absolute img/s
-drift on a shared machine while same-run ratios hold (../shared/PERF_NOTES.md). BiT R50x1 costs
+drift on a shared machine while same-run ratios hold (docs/performance.md). BiT R50x1 costs
 4.14 GMACs/img (incl. the 21,843-class head) vs 3.48 for ResNet50V2, so equal speed per FLOP is a
 0.84x raw ratio.
 
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from model.resnet import ResNetV2, group_norm_implementation  # noqa: E402
+from model.group_norm import group_norm_implementation  # noqa: E402
+from model.resnet import ResNetV2  # noqa: E402
 from tests.bit_checkpoints import random_weights  # noqa: E402
 
 ARCHS = {"r50x1": ("R50x1", (3, 4, 6, 3), 1, 4.14), "r101x3": ("R101x3", (3, 4, 23, 3), 3, 71.4)}
@@ -35,9 +36,10 @@ def build_models(model="r50x1", precision="float32"):
     """{name: traced fn}, {name: GMACs/img}, objects to keep alive: BiT fused, BiT TF-ops GN, Keras."""
     label, units, width, gmacs = ARCHS[model]
     weights = random_weights(units, width, 21843)
-    bit = ResNetV2(units, width, 21843, dtype=precision)
+    bit = ResNetV2(units=units, width=width, num_classes=21843, dtype=precision)
     bit.load_weights(weights)
-    bit_tf = ResNetV2(units, width, 21843, dtype=precision, fused_group_norm=False)
+    bit_tf = ResNetV2(units=units, width=width, num_classes=21843, dtype=precision,
+                      fused_group_norm=False)
     bit_tf.load_weights(weights)
     del weights
     keras = tf.keras.applications.ResNet50V2(weights=None)

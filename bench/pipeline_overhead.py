@@ -40,7 +40,7 @@ def job_default(flag: str):
     """The job's default value of one of its flags (pipeline/options.py)."""
     from pipeline.options import JobOptions
     parser = argparse.ArgumentParser()
-    JobOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    JobOptions._add_argparse_args(parser)
     return parser.get_default(flag)
 
 

@@ -1,11 +1,11 @@
-"""`TagAndEmbedModel`: the one model object of the job (uint8 images in, tag scores and embeddings out).
+"""`TagAndEmbedModel`: the one model object of the job (uint8 images in; scores, embeddings out).
 
 Two slots: the tags model (needs a classification head; sigmoid of its logits) and the embed model
-(its pre-logits). Each is an official `.npz` checkpoint (our `ResNetV2`, inputs mapped to [-1, 1]) or a
-TF Hub handle / SavedModel directory (`model.hub`, inputs in [0, 1]). One source in both slots runs
-once. uint8 goes to the device and is scaled inside the traced graph. With `batch_size`, every call
-runs fixed-shape batches (the last one zero-padded, outputs sliced back) so the `tf.function` is
-traced once per (H, W).
+(its pre-logits). Each is an official `.npz` checkpoint (our `ResNetV2`, inputs mapped to [-1, 1])
+or a TF Hub handle / SavedModel directory (`model.hub`, inputs in [0, 1]). One source in both slots
+runs once. uint8 goes to the device and is scaled inside the traced graph. With `batch_size`, every
+call runs fixed-shape batches (the last one zero-padded, outputs sliced back) so the `tf.function`
+is traced once per (H, W).
 """
 from typing import NamedTuple
 
@@ -52,7 +52,8 @@ def _load_npz(source, precision, cache_dir):
 
     ckpt = load_checkpoint(source, cache_dir=cache_dir)
     arch = ckpt.architecture
-    net = ResNetV2(arch.units, arch.width, arch.num_classes, dtype=precision)
+    net = ResNetV2(units=arch.units, width=arch.width, num_classes=arch.num_classes,
+                   dtype=precision)
     net.load_weights(ckpt.weights)
 
     def forward(images):
@@ -99,17 +100,19 @@ class TagAndEmbedModel:
         same = str(tags_source) == str(embed_source)
         if same and not _is_npz(tags_source):
             raise ValueError(
-                f"{tags_source!r} in both slots: a TF Hub model / SavedModel has one output, so it cannot give "
-                "both tags and embeddings; use a classification module for tags and a feature-vector "
-                "module for embed, or one .npz checkpoint with a head for both")
+                f"{tags_source!r} in both slots: a TF Hub model / SavedModel has one output, "
+                "so it cannot give both tags and embeddings; use a classification module for "
+                "tags and a feature-vector module for embed, or one .npz checkpoint with a head "
+                "for both")
         if _is_npz(tags_source):
             tags, tags_module = _load_npz(tags_source, precision, cache_dir)
         else:
             tags, tags_module = _load_hub(tags_source, "tags")
         if not tags.num_classes:
             raise ValueError(
-                f"tags model {tags_source!r} has no classification head (no 'resnet/head/conv2d/kernel'): "
-                "tags need a checkpoint with logits, e.g. BiT-M-R50x1.npz; a headless one can only embed")
+                f"tags model {tags_source!r} has no classification head (no "
+                "'resnet/head/conv2d/kernel'): tags need a checkpoint with logits, e.g. "
+                "BiT-M-R50x1.npz; a headless one can only embed")
         if same and tags.kind == "npz":
             embed, embed_module = tags, tags_module
         elif _is_npz(embed_source):
@@ -145,7 +148,7 @@ class TagAndEmbedModel:
         """Which GroupNorm this process runs for the .npz model(s) (fused CPU kernel or TF ops)."""
         if "npz" not in (self._tags.kind, self._embed.kind):
             return "inside the SavedModel(s)"
-        from model.resnet import group_norm_implementation
+        from model.group_norm import group_norm_implementation
 
         return group_norm_implementation(self.precision, self.jit_compile)
 

@@ -1,6 +1,6 @@
 """Official BiT `.npz` checkpoints: fetch, cache, strict load, architecture inference.
 
-Layout: ../shared/BIT_FORMAT.md section 1. Remote sources (`gs://...`, any fsspec URL) are
+Layout: docs/checkpoint-format.md section 1. Remote sources (`gs://...`, any fsspec URL) are
 copied once to a local cache (atomically, with the object's size and sha256 recorded next to
 it), so later runs read no network and a truncated copy is noticed and fetched again. Loading
 never unpickles (`allow_pickle=False`), checks every key and shape against the architecture
@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 ROOT_KERNEL = "resnet/root_block/standardized_conv2d/kernel"
 HEAD_KERNEL = "resnet/head/conv2d/kernel"
@@ -31,7 +31,7 @@ _KNOWN_UNITS = {(2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)}  # R26
 
 
 class CheckpointError(ValueError):
-    """The checkpoint cannot be fetched or is not a valid BiT checkpoint (message names file/key)."""
+    """The checkpoint cannot be fetched or is not a valid BiT checkpoint (names the file/key)."""
 
 
 class Architecture(NamedTuple):
@@ -59,7 +59,9 @@ class Architecture(NamedTuple):
         return sum(int(np.prod(s)) for s in self.expected_shapes().values())
 
     def expected_shapes(self):
-        """Key -> shape of every array of a checkpoint with this architecture (insertion order = file order)."""
+        """Key -> shape of every array of a checkpoint with this architecture, in file order.
+
+        The project's one checkpoint-layout table: the loader and `ResNetV2` both check with it."""
         w = self.width
         shapes = {ROOT_KERNEL: (7, 7, 3, 64 * w)}
         cin = 64 * w
@@ -85,7 +87,7 @@ class Architecture(NamedTuple):
 
 
 def architecture_from_shapes(shapes):
-    """Infer the Architecture from a key -> shape mapping (BIT_FORMAT.md section 1).
+    """Infer the Architecture from a key -> shape mapping (docs/checkpoint-format.md section 1).
 
     width = root kernel's output channels / 64; units per block = highest unitNN under each
     block; head iff the head kernel exists. Only infers: `validate` checks the rest.
@@ -154,10 +156,10 @@ def load_checkpoint(source, cache_dir=None):
                 raise  # the file is what was downloaded: the checkpoint itself is bad
             sha256 = None
         if sha256 == recorded:
-            log.info("using cached %s for %s", local, source)
+            _LOG.info("using cached %s for %s", local, source)
             return Checkpoint(weights, architecture, source, sha256)
         weights = None  # free the corrupt copy's arrays before reading the new one
-        log.warning("cached copy %s of %s is corrupt: fetching it again", local, source)
+        _LOG.warning("cached copy %s of %s is corrupt: fetching it again", local, source)
     _fetch(source, local)
     weights, architecture, sha256 = _load_local(local, shown)
     return Checkpoint(weights, architecture, source, sha256)
@@ -209,7 +211,7 @@ def _read_npz(path, shown):
 
 
 def _read_header(zf, name, shown):
-    """(shape, dtype) from a member's .npy header, without reading its data; refuses object arrays."""
+    """(shape, dtype) from a member's .npy header, without reading its data; no object arrays."""
     with zf.open(name) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -257,13 +259,13 @@ def _offline_hint(source):
 
 
 def _cached_sha256(local):
-    """sha256 recorded when `local` was fetched, if it is there with the recorded size; else None."""
+    """sha256 recorded when `local` was fetched, if it is there with the recorded size, or None."""
     try:
         with open(local + ".meta.json") as f:
             meta = json.load(f)
         if os.path.getsize(local) == meta["size"]:
             return meta["sha256"]
-        log.warning("cached %s has %d bytes, the source had %d: fetching it again",
+        _LOG.warning("cached %s has %d bytes, the source had %d: fetching it again",
                     local, os.path.getsize(local), meta["size"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -279,7 +281,7 @@ def _fetch(source, local):
     try:
         fs, path = storage.get_filesystem(source)
         size = fs.info(path).get("size")
-        log.info("downloading %s (%s bytes) to %s", source, size, local)
+        _LOG.info("downloading %s (%s bytes) to %s", source, size, local)
         h, copied = hashlib.sha256(), 0
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(local), prefix=os.path.basename(local) + ".",
                                          suffix=".partial", delete=False) as out:

@@ -21,7 +21,7 @@ import tensorflow as tf
 from model.checkpoint import CheckpointError, cache_path
 from model.storage import unreachable_reason
 
-log = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 _PROBE_SIZE = 64  # spatial size of the one probe call used to find an unknown output size
@@ -162,7 +162,7 @@ def _copy_remote_dir(source):
     local = cache_path(source.rstrip("/"))
     if os.path.isfile(os.path.join(local, "saved_model.pb")):
         return local
-    log.info("copying SavedModel %s to %s", source, local)
+    _LOG.info("copying SavedModel %s to %s", source, local)
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(local), prefix=os.path.basename(local) + ".", suffix=".partial")
     try:

@@ -2,17 +2,19 @@
 
     python -m pipeline.dataflow --project P --region R --bucket gs://B \\
         --input 'gs://B/shards/*.tfrecord' --output gs://B/tags/2024-06-01 [job flags] \\
-        [--cpu_only] [--container_image IMG] [--machine_type g2-standard-8] [--gpu_type nvidia-l4] \\
+        [--cpu_only] [--container_image IMG] [--machine_type g2-standard-8] \\
+        [--gpu_type nvidia-l4] \\
         [--max_num_workers N] [--no_xla] [--dry_run_job_file job.json]
 
-(`./run.sh dataflow ...` runs exactly this.) Every other flag, the job's own (`--top_k`, `--batch_size`,
-...) and Beam's (`--job_name`, `--num_workers`, `--worker_zone`, `--service_account_email`, ...), is
-passed through unchanged; a Beam flag given explicitly always wins over the defaults added here.
+(`./run.sh dataflow ...` runs exactly this.) Every other flag, the job's own (`--top_k`,
+`--batch_size`, ...) and Beam's (`--job_name`, `--num_workers`, `--worker_zone`,
+`--service_account_email`, ...), is passed through unchanged; a Beam flag given explicitly always
+wins over the defaults added here.
 
 What the defaults are and why (GPU mode, the default):
 - `--runner DataflowRunner --experiments use_runner_v2`: GPUs and custom containers need Runner v2.
-- `--dataflow_service_options worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver`: one L4
-  per worker VM, with Google installing the driver on the host (mounted into the container).
+- `--dataflow_service_options worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver`:
+  one L4 per worker VM, with Google installing the driver on the host (mounted into the container).
 - `--machine_type g2-standard-8`: the G2 family is the only one that takes L4s (8 vCPU, 32 GB).
 - `--sdk_container_image REGION-docker.pkg.dev/P/bit-tagger/bit-tagger-gpu:latest` (`Dockerfile` in
   the repo root): CUDA-enabled TensorFlow plus this project, so workers start without pip installs.
@@ -32,25 +34,27 @@ What the defaults are and why (GPU mode, the default):
   relative, so it is an explicit choice (`--precision bfloat16`), never a silent default; do not mix
   precisions in one embedding index.
 
-CPU-only mode (`--cpu_only`): no accelerator, `--machine_type n2-highmem-8`, the stock Beam container
-(Beam picks `apache/beam_python3.11_sdk:<version>`) with this project shipped by `--setup_file`
-(workers pip-install it at start), or your `--container_image`. One SDK process per VM too: it keeps
-one model in memory and TensorFlow's thread pools already use every core.
+CPU-only mode (`--cpu_only`): no accelerator, `--machine_type n2-highmem-8`, the stock Beam
+container (Beam picks `apache/beam_python3.11_sdk:<version>`) with this project shipped by
+`--setup_file` (workers pip-install it at start), or your `--container_image`. One SDK process per
+VM too: it keeps one model in memory and TensorFlow's thread pools already use every core.
 
 `--dry_run_job_file PATH` writes the Dataflow job description (the JSON the service would receive)
 without staging or submitting anything; tests use `build_job_description` the same way with a
 stand-in `ModelInfo`, so they need neither models nor network.
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
-from unittest import mock
 
-_LOG = logging.getLogger("pipeline.dataflow")
+from pipeline.errors import UsageError, exit_code
+
+_LOG = logging.getLogger(__name__)
 
 GPU_MACHINE_TYPE = "g2-standard-8"
 CPU_MACHINE_TYPE = "n2-highmem-8"
@@ -69,12 +73,8 @@ _GPU_FAMILIES = {
 }
 
 
-class UsageError(ValueError):
-    """Bad combination of launcher flags (exit code 2)."""
-
-
 def default_container_image(project: str, region: str) -> str:
-    """Where `docs/SCALE.md` tells you to push the GPU image: Artifact Registry in the job's project."""
+    """Where the README's "Running on Dataflow" pushes the GPU image (Artifact Registry)."""
     return f"{region}-docker.pkg.dev/{project}/{IMAGE_REPOSITORY}/{IMAGE_NAME}:latest"
 
 
@@ -131,7 +131,7 @@ def _values(args: Sequence[str], flag: str) -> List[str]:
 
 
 def _vcpus(machine_type: str) -> int:
-    """vCPUs of a predefined (`g2-standard-8`) or custom (`custom-8-32768`) machine type; 8 if unknown."""
+    """vCPUs of a predefined (`g2-standard-8`) or custom (`custom-8-32768`) machine type, else 8."""
     custom = re.match(r"^(?:[a-z0-9]+-)?custom-(\d+)-\d+", machine_type)
     if custom:
         return int(custom.group(1))
@@ -166,7 +166,7 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
     args, rest = split_args(argv)
     if _given(rest, "--runner") and _values(rest, "--runner")[-1:] != ["DataflowRunner"]:
         raise UsageError("pipeline.dataflow always uses --runner DataflowRunner; for other runners "
-                         "run `python -m pipeline --runner ...` (see docs/SCALE.md)")
+                         "run `python -m pipeline --runner ...` (see README)")
     name = args.bucket[len("gs://"):] if args.bucket.startswith("gs://") else args.bucket
     name = name.strip("/")
     if not re.match(r"^[a-z0-9][a-z0-9._-]{2,}(/|$)", name):
@@ -212,11 +212,12 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
 
 def build_job_description(beam_argv: Sequence[str], model_info=None,
                           graph_builder: Optional[Callable] = None) -> dict:
-    """The Dataflow job description (dict) of `beam_argv`, built offline: nothing staged or submitted.
+    """The Dataflow job description (dict) of `beam_argv`, built offline: nothing staged or sent.
 
-    Follows shared/DATAFLOW_NOTES.md: `dry_run` set before the Pipeline exists (so validation does
-    not probe GCS), translate with `p.run()`, then the same `create_job_description` that
-    `create_job` runs, with an anonymous client and staging patched out. `model_info` stands in for
+    How (docs/dataflow-job-description.md): `dry_run` set before the Pipeline
+    exists (so validation does not probe GCS), translate with `p.run()`, then the same
+    `create_job_description` that `create_job` runs, with an anonymous client and staging disabled
+    (`_staging_disabled`). `model_info` stands in for
     loading the models (tests); None loads them here, as a real launch does. `graph_builder(p, opts,
     model_info)` defaults to the job's `pipeline.graph.build`.
     """
@@ -249,43 +250,48 @@ def build_job_description(beam_argv: Sequence[str], model_info=None,
         client = apiclient.DataflowApplicationClient(job_options, job.root_staging_location)
     finally:
         cloud.no_auth = no_auth
-    with mock.patch.object(apiclient.DataflowApplicationClient, "stage_file_with_retry"):
+    with _staging_disabled(client):
         client.create_job_description(job)
     return json.loads(job.json())
 
 
+@contextlib.contextmanager
+def _staging_disabled(client):
+    """The seam of the offline job description: while active, `client` (a Beam
+    `DataflowApplicationClient`, whose `create_job_description` uploads the pipeline proto and the
+    packages through `stage_file_with_retry`) uploads nothing. Only this one client object is
+    changed (an instance attribute shadows the method), and only inside the `with`."""
+    client.stage_file_with_retry = lambda *args, **kwargs: None
+    try:
+        yield client
+    finally:
+        del client.stage_file_with_retry
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point; exit codes as `python -m pipeline` (0 ok, 2 usage/setup, 3 failures)."""
+    """Console entry point; exit codes as `python -m pipeline` (`pipeline.errors`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         _parser().print_help()
         return 0
-    try:
-        args, _ = split_args(argv)
-        beam_argv = dataflow_args(argv)
-    except UsageError as exc:
-        _LOG.error("%s", exc)
-        return 2
+    return exit_code(lambda: _launch(argv))
+
+
+def _launch(argv: List[str]) -> None:
+    args, _ = split_args(argv)
+    beam_argv = dataflow_args(argv)
     _LOG.info("Dataflow options: %s", " ".join(beam_argv))
     if args.dry_run_job_file:
         description = build_job_description(beam_argv)
         with open(args.dry_run_job_file, "w") as f:
             json.dump(description, f, indent=2, sort_keys=True)
         _LOG.info("wrote the job description to %s (nothing submitted)", args.dry_run_job_file)
-        return 0
+        return
     from pipeline import main as job_main
-    from transforms import infer, outputs
-    try:
-        # The project is installed on the workers (container or --setup_file): no main session.
-        job_main.run(beam_argv, save_main_session=False)
-    except job_main.JobFailed as exc:
-        _LOG.error("%s", exc)
-        return 3
-    except (outputs.OutputExistsError, infer.ModelError) as exc:
-        _LOG.error("%s", exc)
-        return 2
-    return 0
+
+    # The project is installed on the workers (container or --setup_file): no main session.
+    job_main.run(beam_argv, save_main_session=False)
 
 
 if __name__ == "__main__":

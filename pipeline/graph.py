@@ -1,4 +1,4 @@
-"""The job's Beam graph: read -> decode -> infer -> write (DESIGN.md section 1)."""
+"""The job's Beam graph: read -> decode -> infer -> write (ARCHITECTURE.md, "Data flow")."""
 import apache_beam as beam
 
 from transforms.decode import DecodeAndResize

@@ -14,19 +14,12 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SetupOptions,
                                                   StandardOptions)
 
+from pipeline.errors import JobFailed, UsageError, exit_code
 from pipeline.graph import build
 from pipeline.options import JobOptions, job_flags
 from transforms import gcs, infer, outputs
 
 _LOG = logging.getLogger("pipeline")
-
-
-class UsageError(ValueError):
-    """A missing or inconsistent flag (exit code 2)."""
-
-
-class JobFailed(RuntimeError):
-    """The job ran but breached `--max_failure_rate` (exit code 3)."""
 
 
 def _help_text() -> str:
@@ -37,7 +30,7 @@ def _help_text() -> str:
         epilog="Any Apache Beam pipeline flag is accepted too: --runner (default: an in-process "
                "runner), --direct_num_workers N --direct_running_mode multi_processing to use N "
                "cores locally, Dataflow's --project/--region/--temp_location, ...")
-    JobOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    JobOptions._add_argparse_args(parser)
     return parser.format_help()
 
 
@@ -88,7 +81,10 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
     _LOG.info("models ready: %s", model.metadata)
 
     p = _make_pipeline(options, test_pipeline)
-    build(p, opts, model)
+    try:
+        build(p, opts, model)
+    except ValueError as exc:  # flags the graph cannot be built from (e.g. globs matching nothing)
+        raise UsageError(str(exc)) from exc
     result = p.run()
     result.wait_until_finish()
     wall = time.time() - started
@@ -112,14 +108,7 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Console entry point; returns the exit code (0 ok, 2 usage/setup error, 3 too many failures)."""
+    """Console entry point; returns the exit code (`pipeline.errors`: 0 ok, 2 usage/set-up error,
+    3 too many failures; anything else raises: traceback, exit 1)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run(argv)
-    except JobFailed as exc:
-        _LOG.error("%s", exc)
-        return 3
-    except (UsageError, outputs.OutputExistsError, infer.ModelError, ValueError) as exc:
-        _LOG.error("%s", exc)
-        return 2
-    return 0
+    return exit_code(lambda: run(argv))

@@ -115,8 +115,8 @@ class JobOptions(PipelineOptions):
 def job_flags(options: PipelineOptions) -> dict:
     """The job's own flags and their values (plus the runner), for summary.json."""
     parser = argparse.ArgumentParser(add_help=False)
-    JobOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    JobOptions._add_argparse_args(parser)
     values = options.get_all_options()
-    flags = {a.dest: values.get(a.dest) for a in parser._actions}  # pylint: disable=protected-access
+    flags = {a.dest: values.get(a.dest) for a in parser._actions}
     flags["runner"] = str(options.view_as(StandardOptions).runner or "in-process (FnApiRunner)")
     return flags

@@ -1,4 +1,4 @@
-"""Small random BiT checkpoints in the official `.npz` layout (BIT_FORMAT.md section 1).
+"""Small random BiT checkpoints in the official `.npz` layout (docs/checkpoint-format.md section 1).
 
 Tests write these themselves: no real weights can be downloaded here.
 """
@@ -35,7 +35,7 @@ def checkpoint_shapes(units=(1, 1, 1, 1), width=1, num_classes=None):
 
 
 def random_weights(units=(1, 1, 1, 1), width=1, num_classes=None, seed=0):
-    """Random float32 arrays with plausible scales (GN gamma near 1, small beta, He-scaled kernels)."""
+    """Random float32 arrays, plausible scales (GN gamma near 1, small beta, He-scaled kernels)."""
     rng = np.random.default_rng(seed)
     weights = {}
     for key, shape in checkpoint_shapes(units, width, num_classes).items():
@@ -51,7 +51,7 @@ def random_weights(units=(1, 1, 1, 1), width=1, num_classes=None, seed=0):
 
 
 def write_checkpoint(path, units=(1, 1, 1, 1), width=1, num_classes=None, seed=0):
-    """Write a random checkpoint to `path` (np.savez, like the official files) and return its weights."""
+    """Write a random checkpoint to `path` (np.savez, as the official files); return its weights."""
     weights = random_weights(units, width, num_classes, seed)
     with open(path, "wb") as f:
         np.savez(f, **weights)

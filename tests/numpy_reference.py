@@ -1,7 +1,8 @@
-"""Independent float64 NumPy forward pass of BiT ResNet-v2, written from ../shared/BIT_FORMAT.md.
+"""Independent float64 NumPy forward pass of BiT ResNet-v2, written from docs/checkpoint-format.md.
 
 Takes the raw checkpoint dict (HWIO kernels, not standardized) and images in [-1, 1]; returns
-`(pre_logits, logits or None)`. Slow and simple on purpose: the oracle the TF model is tested against.
+`(pre_logits, logits or None)`. Slow and simple on purpose: the oracle the TF model is tested
+against.
 """
 import re
 

@@ -143,7 +143,7 @@ def test_saved_model_embed_source(ckpts, tmp_path):
     """A SavedModel directory (inputs [0, 1]) in the embed slot gives the same pre-logits."""
     hub = pytest.importorskip("model.hub")
     tags_path, _, embed_path, embed_w = ckpts
-    net = resnet.ResNetV2(TINY, 2, None)
+    net = resnet.ResNetV2(units=TINY, width=2, num_classes=None)
     net.load_weights(embed_w)
     export_dir = hub.export_saved_model(net, str(tmp_path / "embed_sm"), output="pre_logits")
     model = TagAndEmbedModel.load(tags_path, export_dir)

@@ -1,10 +1,10 @@
 """pipeline/dataflow.py: the Dataflow job description of the real graph, built offline.
 
-The job is translated exactly as a launch would (shared/DATAFLOW_NOTES.md), with a stand-in
-`ModelInfo` instead of loading the models, and every network connection refused: the tests prove the
-GPU/CPU settings reach the JSON the Dataflow service would receive. `apiclient` is Beam-internal API:
-written against apache-beam 2.77.0. Each description of the real graph costs a few seconds of Beam
-translation, so each is built once per module.
+The job is translated exactly as a launch would (docs/dataflow-job-description.md), with a
+stand-in `ModelInfo` instead of loading the models, and every network connection refused: the tests
+prove the GPU/CPU settings reach the JSON the Dataflow service would receive. `apiclient` is
+Beam-internal API: written against apache-beam 2.77.0. Each description of the real graph costs a
+few seconds of Beam translation, so each is built once per module.
 """
 import json
 import socket

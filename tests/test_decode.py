@@ -1,4 +1,4 @@
-"""decode_image and DecodeAndResize: every corpus case, colours, limits, and a never-raises property."""
+"""decode_image and DecodeAndResize: every corpus case, colours, limits, a never-raises property."""
 import io
 
 import numpy as np

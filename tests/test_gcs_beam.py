@@ -1,5 +1,7 @@
 """Beam's own FileSystems and WriteToParquetBatched on gs:// against the GCS emulator."""
 import io
+import subprocess
+import sys
 
 import apache_beam as beam
 import pyarrow as pa
@@ -14,6 +16,22 @@ from transforms.gcs import configure_beam_gcs
 def test_configure_is_a_noop_without_emulator(monkeypatch):
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     assert configure_beam_gcs() is False
+
+
+def test_importing_transforms_configures_nothing_a_file_dofn_setup_does():
+    """No import side effect: a fresh process with an emulator configured keeps Beam's credential
+    cache untouched until a DoFn that touches files is set up."""
+    code = "; ".join([
+        "import os", "os.environ['STORAGE_EMULATOR_HOST'] = 'http://127.0.0.1:9'",
+        "import transforms, transforms.read, transforms.write, transforms.decode",
+        "from apache_beam.internal.gcp.auth import _Credentials",
+        "print(_Credentials._credentials_init)",
+        "transforms.read._ReadShard('auto', 'image/encoded').setup()",
+        "print(_Credentials._credentials_init, _Credentials._credentials)"])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["False", "True None"]
 
 
 def test_filesystems_match_open_create_rename_delete(beam_gcs):

@@ -18,7 +18,7 @@ UNITS, WIDTH, CLASSES = (1, 1, 1, 1), 1, 7
 
 @pytest.fixture(scope="module")
 def net():
-    model = ResNetV2(UNITS, WIDTH, CLASSES)
+    model = ResNetV2(units=UNITS, width=WIDTH, num_classes=CLASSES)
     model.load_weights(random_weights(UNITS, WIDTH, CLASSES, seed=3))
     return model
 
@@ -67,7 +67,7 @@ def test_serving_signature_only(net, exported, tmp_path):
 
 
 def test_export_logits_needs_head(tmp_path):
-    headless = ResNetV2(UNITS, WIDTH, None)
+    headless = ResNetV2(units=UNITS, width=WIDTH, num_classes=None)
     with pytest.raises(ValueError, match="head"):
         export_saved_model(headless, str(tmp_path / "x"), output="logits")
     with pytest.raises(ValueError, match="output"):
@@ -107,7 +107,7 @@ def test_unreachable_url_fails_fast(tmp_path, monkeypatch):
 
 
 def test_tfhub_handle_offline_fails_fast(tmp_path, monkeypatch):
-    """tfhub.dev itself is never contacted: the reachability probe is pointed at a closed local port."""
+    """tfhub.dev itself is never contacted: the reachability probe points at a closed local port."""
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hubcache"))
     port = _closed_port()
     real = hub._check_reachable

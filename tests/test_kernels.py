@@ -1,4 +1,4 @@
-"""The fused CPU GroupNorm+ReLU kernel (model.kernels): build, numerics, use in ResNetV2, fallbacks."""
+"""The fused CPU GroupNorm+ReLU kernel (model.kernels): build, numerics, ResNetV2, fallbacks."""
 import logging
 import subprocess
 import sys
@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from model import kernels
-from model.resnet import GN_EPS, GROUPS, ResNetV2, group_norm_implementation, group_norm_relu
+from model.group_norm import GN_EPS, GROUPS, group_norm_implementation, group_norm_relu
+from model.resnet import ResNetV2
 from tests.bit_checkpoints import random_weights
 from tests.numpy_reference import forward, group_norm
 
@@ -90,7 +91,7 @@ def test_resnet_uses_the_kernel_and_both_paths_match_the_reference(library):
     ref_pre, ref_logits = forward(weights, x)
     outs = {}
     for fused in (True, False):
-        net = ResNetV2(units, 1, 10, fused_group_norm=fused)
+        net = ResNetV2(units=units, width=1, num_classes=10, fused_group_norm=fused)
         net.load_weights(weights)
         fn = tf.function(net, autograph=False)
         ops = {op.type for op in fn.get_concrete_function(x).graph.get_operations()}
@@ -106,7 +107,7 @@ def test_resnet_uses_the_kernel_and_both_paths_match_the_reference(library):
 @pytest.mark.parametrize("dtype, jit_compile", [(tf.bfloat16, False), (tf.float32, True)])
 def test_bfloat16_and_xla_keep_tensorflow_ops(library, dtype, jit_compile):
     """The kernel is float32-only and XLA cannot compile a custom op: those paths keep TF ops."""
-    net = ResNetV2((1, 1, 1, 1), 1, None, dtype=dtype)
+    net = ResNetV2(units=(1, 1, 1, 1), width=1, num_classes=None, dtype=dtype)
     net.load_weights(random_weights((1, 1, 1, 1), 1, None))
     fn = tf.function(net, jit_compile=jit_compile, autograph=False)
     graph = fn.get_concrete_function(tf.TensorSpec([1, 32, 32, 3], tf.float32)).graph

@@ -201,7 +201,7 @@ def _wrong_output_size(tmp_path, models):
     small = tmp_path / "head7.npz"
     write_checkpoint(small, units=(1, 1, 1, 1), width=1, num_classes=7, seed=3)
     checkpoint = load_checkpoint(str(small))
-    net = ResNetV2(checkpoint.architecture)
+    net = ResNetV2(**checkpoint.architecture._asdict())
     net.load_weights(checkpoint.weights)
     export_saved_model(net, str(tmp_path / "saved"), output="logits")
     return str(tmp_path / "saved"), models[1]

@@ -1,4 +1,4 @@
-"""ReadImages: formats, keys, corrupt shards, dedupe, glob errors (DESIGN.md section 2)."""
+"""ReadImages: formats, keys, corrupt shards, dedupe, glob errors (ARCHITECTURE.md, "Inputs")."""
 import hashlib
 import os
 

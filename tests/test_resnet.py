@@ -1,8 +1,9 @@
-"""ResNetV2 (TF) against the float64 NumPy reference on random checkpoints in the official layout."""
+"""ResNetV2 (TF) against the float64 NumPy reference on random checkpoints in the BiT layout."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from model.checkpoint import Architecture
 from model.resnet import ResNetV2
 from tests.bit_checkpoints import checkpoint_shapes, random_weights
 from tests.numpy_reference import forward
@@ -16,7 +17,7 @@ def rel_err(got, ref):
 
 def build(units, width, num_classes, dtype=tf.float32, seed=0):
     weights = random_weights(units, width, num_classes, seed=seed)
-    net = ResNetV2(units, width, num_classes, dtype=dtype)
+    net = ResNetV2(units=units, width=width, num_classes=num_classes, dtype=dtype)
     net.load_weights(weights)
     return net, weights
 
@@ -59,7 +60,7 @@ def test_weight_standardization_is_done_at_load():
 
 
 def test_variable_names_follow_checkpoint_scopes():
-    net = ResNetV2(TINY, 1, 7)
+    net = ResNetV2(units=TINY, width=1, num_classes=7)
     names = {v.name.rsplit(":", 1)[0] for v in net.variables}
     assert names == set(checkpoint_shapes(TINY, 1, 7))
 
@@ -67,7 +68,7 @@ def test_variable_names_follow_checkpoint_scopes():
 def test_full_r50x1_with_21k_head():
     units = (3, 4, 6, 3)
     weights = random_weights(units, 1, 21843)
-    net = ResNetV2(units, 1, 21843)
+    net = ResNetV2(units=units, width=1, num_classes=21843)
     net.load_weights(weights)
     assert net.num_parameters == 68_256_659
     assert sum(w.size for w in weights.values()) == 68_256_659
@@ -76,12 +77,12 @@ def test_full_r50x1_with_21k_head():
     assert np.all(np.isfinite(logits))
 
 
-def test_architecture_object_accepted():
-    class Arch:  # duck-typed model.checkpoint.Architecture
-        units, width, num_classes = TINY, 1, 3
-
-    net = ResNetV2(Arch())
-    assert (net.units, net.width, net.num_classes) == (TINY, 1, 3)
+def test_architecture_round_trips_and_arguments_are_keywords():
+    arch = Architecture(TINY, 1, 3)
+    net = ResNetV2(**arch._asdict())
+    assert net.architecture == arch and net.checkpoint_shapes() == arch.expected_shapes()
+    with pytest.raises(TypeError):
+        ResNetV2(TINY, 1, 3)  # positional arguments are refused
 
 
 @pytest.mark.parametrize(
@@ -99,13 +100,13 @@ def test_architecture_object_accepted():
 def test_loading_errors_name_the_key(mutate, key):
     weights = random_weights(TINY, 1, 4)
     mutate(weights)
-    net = ResNetV2(TINY, 1, 4)
+    net = ResNetV2(units=TINY, width=1, num_classes=4)
     with pytest.raises(ValueError, match=key):
         net.load_weights(weights)
 
 
 def test_head_in_checkpoint_but_not_in_model_is_an_error():
-    net = ResNetV2(TINY, 1, None)
+    net = ResNetV2(units=TINY, width=1, num_classes=None)
     with pytest.raises(ValueError, match="resnet/head/conv2d"):
         net.load_weights(random_weights(TINY, 1, 4))
 
@@ -116,7 +117,7 @@ def test_bfloat16_close_to_float32():
     x = images(2, 96, 96)
     outs = {}
     for dtype in (tf.float32, tf.bfloat16):
-        net = ResNetV2(TINY, 1, 10, dtype=dtype)
+        net = ResNetV2(units=TINY, width=1, num_classes=10, dtype=dtype)
         net.load_weights(weights)
         outs[dtype] = [t.numpy() for t in tf.function(net)(x)]
     err_pre = rel_err(outs[tf.bfloat16][0], outs[tf.float32][0])
@@ -137,12 +138,12 @@ def test_xla_compiled_forward_matches_reference():
 
 def test_channel_moments_paths_match_float64():
     """Two-stage TF reductions (default float32 path) and the fused XLA version: same moments."""
-    from model import resnet
+    from model import group_norm
 
     x = np.random.default_rng(3).normal(0.5, 2.0, (2, 13, 9, 64)).astype(np.float32)
     x64 = x.astype(np.float64)
     ref_mean, ref_sq = x64.mean(axis=(1, 2)), (x64 ** 2).mean(axis=(1, 2))
-    for moments in (resnet._channel_moments, resnet._channel_moments_xla):
+    for moments in (group_norm._channel_moments, group_norm._channel_moments_xla):
         mean, mean_sq = moments(tf.constant(x))
         np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(mean_sq.numpy(), ref_sq, rtol=1e-5)

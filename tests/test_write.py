@@ -1,4 +1,4 @@
-"""Tests of transforms/write.py: schemas (DESIGN.md section 5), record batches, top-k, Beam writers."""
+"""Tests of transforms/write.py: schemas (ARCHITECTURE.md, "Outputs"), record batches, top-k, Beam writers."""
 import glob
 import os
 from types import SimpleNamespace

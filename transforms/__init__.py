@@ -1,7 +1,6 @@
-"""Beam PTransforms and DoFns of the tagging job: read, decode, infer, write."""
+"""Beam PTransforms and DoFns of the tagging job: read, decode, infer, write.
 
-from transforms.gcs import configure_beam_gcs as _configure_beam_gcs
-
-# Worker processes (multi-process runner, Dataflow) import this package before running any DoFn:
-# with a GCS emulator configured, Beam's GCS client is made anonymous here once per process.
-_configure_beam_gcs()
+Importing this package has no side effect. Processes that touch gs:// call
+`transforms.gcs.configure_beam_gcs()` explicitly: the launcher in `pipeline.main.run()`, and worker
+processes in the `setup()` of every DoFn that reads or writes files (`transforms.gcs.GcsDoFn`).
+"""

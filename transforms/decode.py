@@ -1,13 +1,14 @@
-"""Decode and resize encoded images (DESIGN.md section 3).
+"""Decode and resize encoded images (ARCHITECTURE.md, "Decode and resize").
 
-`decode_image` is pure (bytes in, uint8 pixels out) so it can be tested and benchmarked without Beam;
-`DecodeAndResize` is the DoFn around it that turns every bad input into a `Failure` row.
+`decode_image` is pure (bytes in, uint8 pixels out) so it can be tested and benchmarked without
+Beam; `decode_record` is the one place a bad input becomes a `Failure` row, used by both decoders:
+the `DecodeAndResize` DoFn here and `transforms.prefetch.PrefetchDecodeAndResize`.
 
-Decoding uses Pillow. JPEGs are decoded with `draft()` (libjpeg DCT scaling) straight to the smallest
-power-of-two reduction that is still >= the target size, which is most of the speed. The pixel-count
-limit is checked from the header, before any pixel is decoded, and per call: images are opened through
-Pillow's plugin registry directly, so Pillow's process-wide `Image.MAX_IMAGE_PIXELS` is neither read
-nor changed (no global state shared between threads).
+Decoding uses Pillow. JPEGs are decoded with `draft()` (libjpeg DCT scaling) straight to the
+smallest power-of-two reduction that is still >= the target size, which is most of the speed. The
+pixel-count limit is checked from the header, before any pixel is decoded, and per call: images are
+opened through Pillow's plugin registry directly, so Pillow's process-wide `Image.MAX_IMAGE_PIXELS`
+is neither read nor changed (no global state shared between threads).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageFile
 
+from transforms import counters
 from transforms.records import FAILURES, STAGE_DECODE, Decoded, Failure, ImageRecord, error_text
 
 DEFAULT_IMAGE_SIZE = 224
@@ -26,12 +28,12 @@ DEFAULT_IMAGE_SIZE = 224
 DEFAULT_MAX_PIXELS = 178956970
 RESIZE_MODES = ("squash", "center_crop")
 
-# Formats we accept, most common first (the open loop tries them in order). A closed list keeps rarely
-# used parsers away from untrusted bytes and stops random bytes from being "recognised" as e.g. TGA.
+# Formats we accept, most common first (the open loop tries them in order). A closed list keeps
+# rarely used parsers away from untrusted bytes and stops random bytes being "recognised" as TGA.
 # MPO is how Pillow opens camera JPEGs with several pictures.
 FORMATS = ("JPEG", "PNG", "WEBP", "MPO", "GIF", "BMP", "TIFF", "AVIF")
 
-# EXIF orientation -> the transpose that makes the image upright (same table as ImageOps.exif_transpose).
+# EXIF orientation -> the transpose making the image upright (as in ImageOps.exif_transpose).
 _ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -46,7 +48,13 @@ _WHITE = (255, 255, 255)
 
 
 class DecodeError(ValueError):
-    """The bytes are not an image we can decode; the message is meant for the user (a failure row)."""
+    """The bytes are not an image we can decode; the message is for the user (a failure row)."""
+
+
+def check_resize(resize: str) -> None:
+    """Raise ValueError unless `resize` is one of RESIZE_MODES."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
 
 
 def decode_image(
@@ -58,13 +66,12 @@ def decode_image(
     """Decode `data` and resize it to `image_size` x `image_size` RGB.
 
     Returns `(pixels uint8 [S, S, 3], width, height)`, where width/height are the full decoded size
-    after EXIF rotation (before any draft or resize). `resize="squash"` stretches the whole image to a
-    square (BiT evaluation); `"center_crop"` scales the short side to S and crops the centre.
+    after EXIF rotation (before any draft or resize). `resize="squash"` stretches the whole image to
+    a square (BiT evaluation); `"center_crop"` scales the short side to S and crops the centre.
     `max_pixels` (None or 0: no limit) is checked from the header before decoding.
     Raises `DecodeError` with a short, user-readable message for every kind of bad input.
     """
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
+    check_resize(resize)
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -89,8 +96,8 @@ def _decode(data: bytes, size: int, max_pixels: int | None, resize: str):
         width, height = height, width
     box = _draft(im, size)
     im = _to_rgb_or_l(im)
-    # Resize (and crop) before the EXIF transpose: the transpose is then done on S x S pixels, not the
-    # full image. Squash and centre crop both commute with the 8 flips/rotations.
+    # Resize (and crop) before the EXIF transpose: the transpose is then done on S x S pixels, not
+    # the full image. Squash and centre crop both commute with the 8 flips/rotations.
     im = _resize(im, size, box, resize)
     if transpose is not None:
         im = im.transpose(transpose)
@@ -100,7 +107,7 @@ def _decode(data: bytes, size: int, max_pixels: int | None, resize: str):
 
 
 def _open(data: bytes) -> ImageFile.ImageFile:
-    """Identify the format and read the header (like `Image.open`, without its global pixel limit)."""
+    """Identify the format, read the header (like `Image.open`, without its global pixel limit)."""
     fp = io.BytesIO(data)
     prefix = data[:16]
     problems = []
@@ -226,7 +233,7 @@ def _resize(im: Image.Image, size: int, box, resize: str) -> Image.Image:
 
 
 def _center_square(box):
-    """The centred square of a (left, top, right, bottom) box: resize-short-side-then-crop in one step."""
+    """The centred square of a (left, top, right, bottom) box: short-side resize + crop in one."""
     left, top, right, bottom = box
     side = min(right - left, bottom - top)
     x0 = left + (right - left - side) / 2
@@ -245,32 +252,38 @@ def _describe_pillow_error(exc: BaseException) -> str:
         f"cannot decode image ({type(exc).__name__})"
 
 
+def decode_record(record: ImageRecord, image_size: int = DEFAULT_IMAGE_SIZE,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, resize: str = "squash"
+                  ) -> Decoded | Failure:
+    """One record -> `Decoded`, or the `Failure(stage="decode")` row saying why not (never raises:
+    any exception from one image, even an unexpected one, becomes that image's failure row)."""
+    try:
+        pixels, width, height = decode_image(record.data, image_size, max_pixels, resize)
+    except Exception as exc:  # noqa: BLE001 - one bad image must never fail the job
+        return Failure(record.key, record.source, STAGE_DECODE, error_text(exc))
+    return Decoded(record.key, record.source, width, height, pixels)
+
+
 class DecodeAndResize(beam.DoFn):
     """ImageRecord -> Decoded; bad inputs -> Failure(stage "decode") on the FAILURES tagged output.
 
-    Never raises for bad data: any exception from decoding one image becomes that image's failure row.
+    Never raises for bad data: any exception from decoding one image becomes its failure row.
     Use as `beam.ParDo(DecodeAndResize(...)).with_outputs(FAILURES, main="decoded")`.
     Counters (namespace "decode"): decoded_images, decode_failures.
     """
 
     def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  resize: str = "squash"):
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
-        self._image_size = image_size
-        self._max_pixels = max_pixels
-        self._resize = resize
-        self._decoded = beam.metrics.Metrics.counter("decode", "decoded_images")
-        self._failed = beam.metrics.Metrics.counter("decode", "decode_failures")
+        check_resize(resize)
+        self._args = (image_size, max_pixels, resize)
+        self._decoded = counters.DECODED_IMAGES.metric()
+        self._failed = counters.DECODE_FAILURES.metric()
 
     def process(self, record: ImageRecord):
-        try:
-            pixels, width, height = decode_image(
-                record.data, self._image_size, self._max_pixels, self._resize)
-        except Exception as exc:  # noqa: BLE001 - one bad image must never fail the job
+        out = decode_record(record, *self._args)
+        if type(out) is Decoded:  # noqa: E721 - exact NamedTuple type, fastest test
+            self._decoded.inc()
+            yield out
+        else:
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILURES, Failure(record.key, record.source, STAGE_DECODE, error_text(exc)))
-            return
-        self._decoded.inc()
-        yield Decoded(record.key, record.source, width, height, pixels)
+            yield beam.pvalue.TaggedOutput(FAILURES, out)

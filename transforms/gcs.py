@@ -10,15 +10,19 @@ it uses them against the emulator, refreshing tokens over the network.
 records "no credentials" in Beam's per-process credential cache, so Beam builds its anonymous
 client (the path Beam itself takes when no credentials are found). Without the variable it does
 nothing: real GCS runs are untouched. Call it once per process before the first gs:// access
-(idempotent, cheap): in `pipeline.main.run()` and in the `setup()` of DoFns that touch gs://,
-so that worker processes of the multi-process DirectRunner are covered too.
+(idempotent, cheap): in `pipeline.main.run()` and in the `setup()` of DoFns that touch gs://
+(derive them from `GcsDoFn`), so that worker processes of the multi-process DirectRunner are
+covered too.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 
-_LOGGER = logging.getLogger(__name__)
+import apache_beam as beam
+
+_LOG = logging.getLogger(__name__)
 
 
 def emulator_host() -> str | None:
@@ -34,10 +38,19 @@ def configure_beam_gcs() -> bool:
     try:
         # Beam-internal (checked against 2.77): the cache get_service_credentials() fills.
         from apache_beam.internal.gcp.auth import _Credentials
+
         with _Credentials._credentials_lock:
             _Credentials._credentials = None
             _Credentials._credentials_init = True
     except (ImportError, AttributeError) as e:  # a future Beam: slower, still anonymous
-        _LOGGER.warning("could not preset anonymous GCS credentials for Beam: %s", e)
+        _LOG.warning("could not preset anonymous GCS credentials for Beam: %s", e)
         return False
     return True
+
+
+class GcsDoFn(beam.DoFn):
+    """Base of the DoFns that read or write files: `setup()` runs `configure_beam_gcs()` in the
+    worker process (a subclass overriding `setup` calls `super().setup()`)."""
+
+    def setup(self):
+        configure_beam_gcs()

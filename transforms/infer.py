@@ -18,10 +18,11 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from model import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL  # noqa: F401 (re-exported)
+from transforms import counters
 from transforms.records import FAILURES, STAGE_INFERENCE, Decoded, Failure, error_text
 from transforms.write import results_batch, top_k
 
-NAMESPACE = "bit_tagger"
+NAMESPACE = counters.JOB_NAMESPACE
 _LOG = logging.getLogger(__name__)
 
 
@@ -85,7 +86,7 @@ def check_models(config: InferenceConfig, keep_loaded: bool = True) -> ModelInfo
     from model.labels import imagenet21k
     try:
         model = load_model(config)
-    except Exception as exc:  # pylint: disable=broad-except
+    except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot load the models (--tags_model {config.tags_model}, "
                          f"--embed_model {config.embed_model}): {error_text(exc)}") from exc
     labels = imagenet21k()
@@ -130,7 +131,7 @@ class _Progress:
 
 def postprocess(batch: Sequence[Decoded], scores: np.ndarray, embeddings: np.ndarray,
                 config: InferenceConfig, labels) -> pa.RecordBatch:
-    """Model outputs of one batch -> one Arrow record batch of result rows (DESIGN section 5)."""
+    """Model outputs of one batch -> one Arrow record batch of result rows (ARCHITECTURE.md, "Outputs")."""
     indices, top_scores = top_k(scores, config.top_k)
     if config.normalize_embeddings:
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -177,7 +178,7 @@ class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]
             outputs = model(images)
             rows = postprocess(batch, outputs.scores, outputs.embeddings, self._config,
                                self._labels)
-        except Exception as exc:  # pylint: disable=broad-except
+        except Exception as exc:  # noqa: BLE001
             # One failure row per image: the job goes on and the user learns why.
             _LOG.warning("inference failed for a batch of %d images: %s", len(batch), exc)
             return [Failure(d.key, d.source, STAGE_INFERENCE, error_text(exc)) for d in batch]
@@ -195,8 +196,8 @@ class _SplitOutputs(beam.DoFn):
     """Routes record batches to the main output and failures to the FAILURES tag, with counters."""
 
     def __init__(self):
-        self._inferred = beam.metrics.Metrics.counter(NAMESPACE, "inferred_images")
-        self._failed = beam.metrics.Metrics.counter(NAMESPACE, "inference_failures")
+        self._inferred = counters.INFERRED_IMAGES.metric()
+        self._failed = counters.INFERENCE_FAILURES.metric()
 
     def process(self, element):
         if isinstance(element, Failure):

@@ -2,14 +2,15 @@
 
 All through Beam `FileSystems`, so local directories and gs:// prefixes are one code path.
 """
+
 import collections
 import json
-from typing import Optional
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
+from transforms import counters
 from transforms.read import match_files
 
 OUTPUT_PATTERNS = ("results-*.parquet", "failures-*.parquet", "summary.json")
@@ -22,7 +23,7 @@ class OutputExistsError(RuntimeError):
 def _match(pattern: str) -> list:
     try:
         return match_files(pattern)
-    except Exception:  # pylint: disable=broad-except  (Beam raises when nothing matches on some FS)
+    except Exception:  # noqa: BLE001 - Beam raises when nothing matches on some FS
         return []
 
 
@@ -38,14 +39,17 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise OutputExistsError(
             f"{output} already has results of an earlier run ({len(existing)} files, e.g. "
-            f"{existing[0]}); pass --overwrite to replace them, or choose another --output")
+            f"{existing[0]}); pass --overwrite to replace them, or choose another --output"
+        )
     if existing:
         FileSystems.delete(existing)
 
 
-def _counter(metrics, name: str) -> int:
-    """Sum of the job's counter `name` over all steps (each transform counts in its namespace)."""
-    found = metrics.query(MetricsFilter().with_name(name))["counters"]
+def _counter(metrics, counter: counters.Counter) -> int:
+    """Sum of the job's `counter` over all steps that count it."""
+    found = metrics.query(
+        MetricsFilter().with_namespace(counter.namespace).with_name(counter.name)
+    )["counters"]
     total = 0
     for c in found:
         value = c.committed if c.committed is not None else c.attempted
@@ -67,8 +71,9 @@ def _failure_counts(paths):
     for path in paths:
         with FileSystems.open(path) as f:
             table = pq.read_table(f, columns=["stage", "error"])
-        for stage, error in zip(table.column("stage").to_pylist(),
-                                table.column("error").to_pylist()):
+        for stage, error in zip(
+            table.column("stage").to_pylist(), table.column("error").to_pylist()
+        ):
             by_stage[stage] += 1
             by_type[f"{stage}/{(error or '').split(':', 1)[0]}"] += 1
     return dict(by_stage), dict(by_type)
@@ -84,8 +89,12 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
     failure_paths = _match(f"{output}/failures-*.parquet")
     failures = _count_rows(failure_paths)
     by_stage, by_type = _failure_counts(failure_paths)
-    skipped = _counter(metrics, "skipped_images")
-    inputs = _counter(metrics, "read_images") + _counter(metrics, "read_failures") - skipped
+    skipped = _counter(metrics, counters.SKIPPED_IMAGES)
+    inputs = (
+        _counter(metrics, counters.READ_IMAGES)
+        + _counter(metrics, counters.READ_FAILURES)
+        - skipped
+    )
     return {
         "inputs": inputs,
         "results": results,
@@ -95,9 +104,7 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
         "failure_rate": failures / inputs if inputs else 0.0,
         "failures_by_stage": by_stage,
         "failures_by_type": by_type,
-        "counters": {name: _counter(metrics, name) for name in (
-            "read_files", "read_images", "read_failures", "decoded_images", "decode_failures",
-            "inferred_images", "inference_failures", "skipped_images")},
+        "counters": {c.name: _counter(metrics, c) for c in counters.SUMMARY},
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(results / wall_seconds, 3) if wall_seconds else 0.0,
     }
@@ -108,11 +115,3 @@ def write_summary(output: str, summary: dict) -> str:
     with FileSystems.create(path, mime_type="application/json") as f:
         f.write(json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
     return path
-
-
-def read_summary(output: str) -> Optional[dict]:
-    path = f"{output}/summary.json"
-    if not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())

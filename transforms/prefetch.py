@@ -1,20 +1,21 @@
-"""Decode ahead of inference: batches of `ImageRecord`s decoded in a thread pool, one batch in advance.
+"""Decode ahead of inference: batches of `ImageRecord`s decoded in a thread pool, one batch ahead.
 
     records | PrefetchDecodeAndResize(image_size, threads=2, batch_size=16)
             -> DoOutputsTuple: .decoded (Decoded), [FAILURES] (Failure, stage "decode")
 
-`BatchElements` groups the records into batches of the model's batch size. `PrefetchDecode.process(batch
-N)` submits batch N's images to a thread pool and then yields the finished outputs of batch N-1. The
-downstream `RunInference` is fused into the same thread, so while it runs the model on batch N-1 (TF
-releases the GIL) the pool decodes batch N (Pillow releases the GIL while decoding and resizing).
-The last batch of a bundle is flushed in `finish_bundle`. Every output keeps the window and timestamp
-of its own input batch.
+`BatchElements` groups the records into batches of the model's batch size.
+`PrefetchDecode.process(batch N)` submits batch N's images to a thread pool and then yields the
+finished outputs of batch N-1. The downstream `RunInference` is fused into the same thread, so
+while it runs the model on batch N-1 (TF releases the GIL) the pool decodes batch N (Pillow
+releases the GIL while decoding and resizing). The last batch of a bundle is flushed in
+`finish_bundle`. Every output keeps the window and timestamp of its own input batch.
 
-Same contract as `DecodeAndResize`: every image comes out exactly once, as a `Decoded` or as a
-`Failure(stage="decode")` on the FAILURES tag, and the counters "decode"/"decoded_images" and
-"decode"/"decode_failures" are the same. Counters are incremented on the bundle's thread (Beam metrics
-live in thread-local state: an `inc()` inside a pool thread would be lost).
+Same contract as `DecodeAndResize`, through the same `decode_record`: every image comes out exactly
+once, as a `Decoded` or as a `Failure(stage="decode")` on the FAILURES tag, counted by the same
+`counters.DECODED_IMAGES` / `counters.DECODE_FAILURES`. Counters are incremented on the bundle's
+thread (Beam metrics live in thread-local state: an `inc()` inside a pool thread would be lost).
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -23,34 +24,29 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.decode import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, RESIZE_MODES, decode_image
-from transforms.records import FAILURES, STAGE_DECODE, Decoded, Failure, ImageRecord, error_text
-
-
-def decode_record(record: ImageRecord, image_size: int, max_pixels: Optional[int], resize: str):
-    """One record -> `Decoded`, or the `Failure` row saying why not (never raises)."""
-    try:
-        pixels, width, height = decode_image(record.data, image_size, max_pixels, resize)
-    except Exception as exc:  # noqa: BLE001 - one bad image must never fail the job
-        return Failure(record.key, record.source, STAGE_DECODE, error_text(exc))
-    return Decoded(record.key, record.source, width, height, pixels)
+from transforms import counters
+from transforms.decode import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, check_resize, decode_record
+from transforms.records import FAILURES, Decoded
 
 
 class PrefetchDecode(beam.DoFn):
-    """list[ImageRecord] -> Decoded / Failure (tag FAILURES), decoded in `threads` threads, one batch
-    ahead of whatever consumes the outputs. Use after `BatchElements`."""
+    """list[ImageRecord] -> Decoded / Failure (tag FAILURES), decoded in `threads` threads, one
+    batch ahead of whatever consumes the outputs. Use after `BatchElements`."""
 
-    def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, resize: str = "squash",
-                 threads: int = 2):
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
+    def __init__(
+        self,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        resize: str = "squash",
+        threads: int = 2,
+    ):
+        check_resize(resize)
         if int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
         self._args = (image_size, max_pixels, resize)
         self._threads = int(threads)
-        self._decoded = beam.metrics.Metrics.counter("decode", "decoded_images")
-        self._failed = beam.metrics.Metrics.counter("decode", "decode_failures")
+        self._decoded = counters.DECODED_IMAGES.metric()
+        self._failed = counters.DECODE_FAILURES.metric()
         self._pool = None
         self._pending = None
 
@@ -102,17 +98,18 @@ class PrefetchDecodeAndResize(beam.PTransform):
     """PCollection[ImageRecord] -> DoOutputsTuple (.decoded: Decoded, [FAILURES]: Failure).
 
     Drop-in for `beam.ParDo(DecodeAndResize(...)).with_outputs(FAILURES, main="decoded")`, decoding
-    batches of `batch_size` in `threads` threads one batch ahead of the consumer."""
+    batches of `batch_size` in `threads` threads one batch ahead of the consumer. The other
+    arguments are `PrefetchDecode`'s (image_size, max_pixels, resize, threads)."""
 
-    def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, resize: str = "squash",
-                 threads: int = 2, batch_size: int = 16):
+    def __init__(self, *decode_args, batch_size: int = 16, **decode_kwargs):
         super().__init__()
-        self._fn = PrefetchDecode(image_size, max_pixels, resize, threads)
+        self._fn = PrefetchDecode(*decode_args, **decode_kwargs)
         self._batch_size = int(batch_size)
 
     def expand(self, records):
-        return (records
-                | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
-                                                max_batch_size=self._batch_size)
-                | "DecodeAhead" >> beam.ParDo(self._fn).with_outputs(FAILURES, main="decoded"))
+        return (
+            records
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            | "DecodeAhead" >> beam.ParDo(self._fn).with_outputs(FAILURES, main="decoded")
+        )

@@ -1,4 +1,4 @@
-"""Read encoded images from TFRecord shards, WebDataset tars or image files (DESIGN.md section 2).
+"""Read encoded images from TFRecord shards, WebDataset tars or image files (ARCHITECTURE.md, "Inputs").
 
 Graph (`ReadImages.expand`):
 
@@ -39,6 +39,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import counters
+from transforms.gcs import GcsDoFn
 from transforms.records import FAILURES, STAGE_READ, Failure, ImageRecord, error_text
 
 INPUT_FORMATS = ("auto", "tfrecord", "webdataset", "images")
@@ -52,7 +54,6 @@ _COMPRESSION_EXTS = (".gz", ".bz2", ".deflate", ".zst", ".xz", ".lzma")
 _WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _MAX_TFRECORD_LENGTH = 1 << 31
 _CHUNK = 1 << 20
-_NAMESPACE = "read"
 
 
 class CorruptShardError(Exception):
@@ -213,13 +214,6 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def tfrecord_frame(data: bytes) -> bytes:
-    """One TFRecord record: length, masked crc(length), data, masked crc(data)."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked_crc32c(length)) + data + \
-        struct.pack("<I", masked_crc32c(data))
-
-
 def _iter_tfrecord(uri: str, f, key_feature: str, with_data: bool) -> Iterator[Entry]:
     from tensorflow.core.example import example_pb2  # protobuf only; imported where needed
 
@@ -362,7 +356,7 @@ def _iter_tar(uri: str, f, with_data: bool) -> Iterator[Entry]:
             key, ext = split_member(member.name)
             if key is None:
                 _read_member(tar, member, keep=False)
-                beam.metrics.Metrics.counter(_NAMESPACE, "read_ignored_members").inc()
+                counters.READ_IGNORED_MEMBERS.metric().inc()
                 continue
             if sample is not None and (sample.key != key or ext in sample.exts):
                 yield sample.entry(uri, with_data)  # complete: the next sample has started
@@ -407,18 +401,18 @@ def match_files(pattern: str) -> list:
 
 # ---------------------------------------------------------------------------------------- Beam
 
-class _MatchFiles(beam.DoFn):
+class _MatchFiles(GcsDoFn):
     """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors)."""
 
     def process(self, pattern: str):
         paths = match_files(pattern)
         if not paths:
             raise ValueError(f"input pattern {pattern!r} matched no files")
-        beam.metrics.Metrics.counter(_NAMESPACE, "read_files").inc(len(paths))
+        counters.READ_FILES.metric().inc(len(paths))
         yield from paths
 
 
-class _ExtractKeys(beam.DoFn):
+class _ExtractKeys(GcsDoFn):
     """Key pass: (key, (uri, index, source)) of every keyed item; no image bytes kept."""
 
     def __init__(self, input_format: str, key_feature: str):
@@ -440,13 +434,13 @@ def _losers(item):
         yield (uri, index), winner_source
 
 
-class _ReadShard(beam.DoFn):
+class _ReadShard(GcsDoFn):
     """Read pass: one shard/file -> ImageRecords, and Failures on the FAILURES tag."""
 
     def __init__(self, input_format: str, key_feature: str):
         self._format, self._key_feature = input_format, key_feature
-        self._records = beam.metrics.Metrics.counter(_NAMESPACE, "read_images")
-        self._failures = beam.metrics.Metrics.counter(_NAMESPACE, "read_failures")
+        self._records = counters.READ_IMAGES.metric()
+        self._failures = counters.READ_FAILURES.metric()
 
     def process(self, uri: str, losers=None):
         losers = losers or {}
@@ -479,9 +473,7 @@ class ReadImages(beam.PTransform):
     def __init__(self, patterns, input_format: str = "auto", key_feature: str = "image/encoded",
                  validate: bool = True):
         super().__init__()
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        self._patterns = [p.strip() for p in patterns if p and p.strip()]
+        self._patterns = split_patterns([patterns] if isinstance(patterns, str) else patterns)
         if not self._patterns:
             raise ValueError("no input patterns given")
         if input_format not in INPUT_FORMATS:

@@ -1,4 +1,4 @@
-"""The records that flow between the job's transforms (DESIGN.md section 1).
+"""The records that flow between the job's transforms (ARCHITECTURE.md, "Data flow").
 
 Plain NamedTuples: cheap to create, picklable, and Beam encodes them without a custom coder.
 """

@@ -1,4 +1,4 @@
-"""Parquet output of the job (DESIGN.md section 5): schemas, Arrow record batches, Beam writers.
+"""Parquet output of the job (ARCHITECTURE.md, "Outputs"): schemas, Arrow record batches, Beam writers.
 
 Rows are built column-wise from flat NumPy arrays (no per-row Python objects), so building a batch
 costs far less than writing it. Files are written with Beam's `WriteToParquetBatched`: every shard is
@@ -26,6 +26,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from transforms.gcs import GcsDoFn
 from transforms.records import Failure
 
 __all__ = [
@@ -75,7 +76,7 @@ def _metadata(metadata: Optional[Mapping[str, str]]) -> Optional[dict]:
 def results_schema(embedding_dim: int, embedding_dtype: str = "float32",
                    write_all_scores: bool = False, num_classes: int = 21843,
                    metadata: Optional[Mapping[str, str]] = None) -> pa.Schema:
-    """Schema of `results-*.parquet` (DESIGN.md section 5).
+    """Schema of `results-*.parquet` (ARCHITECTURE.md, "Outputs").
 
     `metadata` (models, sha256, image size, preprocessing, label set; str -> str) becomes the
     schema metadata, which pyarrow writes into the Parquet footer's key-value metadata.
@@ -159,21 +160,22 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------------- record batches
 
-_LABEL_CACHE: dict = {}
+_LABEL_CACHE: dict = {}  # label-set version -> (wnids, labels) Arrow arrays
 
 
 def _label_arrays(labels) -> tuple[pa.Array, pa.Array]:
-    """(wnids, labels) as Arrow string arrays, converted once per label set (take() is then cheap)."""
-    hit = _LABEL_CACHE.get(id(labels))
-    if hit is not None and hit[0] is labels:
-        return hit[1], hit[2]
+    """(wnids, labels) as Arrow string arrays, converted once per label-set version (take() is
+    then cheap); a label set without a `version` (hand-made in tests) is converted every time."""
+    version = getattr(labels, "version", None)
+    hit = _LABEL_CACHE.get(version) if version else None
+    if hit is not None:
+        return hit
     wnids = pa.array(np.asarray(labels.wnids, dtype=object), pa.string())
     names = pa.array(np.asarray(labels.labels, dtype=object), pa.string())
     if len(wnids) != len(names):
         raise ValueError(f"label set has {len(wnids)} wnids but {len(names)} labels")
-    if len(_LABEL_CACHE) > 8:
-        _LABEL_CACHE.clear()
-    _LABEL_CACHE[id(labels)] = (labels, wnids, names)  # holds `labels`, so its id stays unique
+    if version:
+        _LABEL_CACHE[version] = (wnids, names)
     return wnids, names
 
 
@@ -270,7 +272,7 @@ def failures_batch(failures: Iterable[Failure],
 
 # ------------------------------------------------------------------------------------ Beam writers
 
-class RebatchTables(beam.DoFn):
+class RebatchTables(GcsDoFn):
     """Record batches / tables in, `pa.Table`s of about `row_group_bytes` out (one row group each).
 
     `WriteToParquetBatched` writes each element with one `write_table` call, i.e. one row group

@@ -2,7 +2,7 @@
 
 BiT publishes `gs://bit_models/imagenet21k_wordnet_ids.txt` and `..._lemmas.txt`
 (one class per line, in logit order). Both can be reproduced from data shipped in
-timm's wheel (Apache-2.0), see BIT_FORMAT.md section 4:
+timm's wheel (Apache-2.0), see docs/checkpoint-format.md section 4:
 
 * ids    = `timm/data/_info/imagenet21k_goog_synsets.txt`, unchanged;
 * lemmas = for each id, timm's `imagenet_synset_to_lemma.txt` entry (`wnid<TAB>lemma, lemma`)

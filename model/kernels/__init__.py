@@ -24,7 +24,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("group_norm_relu.cc")
 DISABLE_ENV = "BIT_TAGGER_FUSED_KERNELS"
@@ -105,7 +105,7 @@ def load():
         if "library" not in _state:
             _state.update(_load_once())
             if _state["library"] is None:
-                log.warning("fused GroupNorm+ReLU CPU kernel not used (%s); using TensorFlow ops, "
+                _LOG.warning("fused GroupNorm+ReLU CPU kernel not used (%s); using TensorFlow ops, "
                             "which are slower on CPU", _state["reason"])
         return _state["library"]
 

@@ -1,0 +1,87 @@
+"""ARCHITECTURE.md matches the code, and the repository stands alone.
+
+Every `from X import a, b` line in ARCHITECTURE.md's Python blocks must import; no tracked file may
+point at a Markdown file that is not in the repository, or at a path outside it.
+"""
+
+import pathlib
+import re
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+IMPORT = re.compile(r"^from ([\w.]+) import (.+)$")
+# A path out of the checkout, or a note that never was part of it.
+OUTSIDE = re.compile(
+    r"\.\./shared|/work/|\b(?:DESIGN|BIT_FORMAT|PERF_NOTES|DATAFLOW_NOTES|"
+    r"SEARCH_NOTES)\.md\b|docs/SCALE\.md"
+)
+MARKDOWN_REF = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.md)\b")
+TEXT_SUFFIXES = {".py", ".md", ".txt", ".sh", ".cfg", ".toml", ".cc", ".yml", ".yaml", ""}
+
+
+def listed_imports():
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    found = []
+    for line in "\n".join(blocks).splitlines():
+        match = IMPORT.match(line.split("#", 1)[0].strip())
+        if match:
+            names = [n.strip() for n in match.group(2).split(",") if n.strip()]
+            found += [(match.group(1), name) for name in names]
+    return found
+
+
+def tracked_text_files():
+    try:
+        names = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: walk the tree
+        names = [
+            str(p.relative_to(ROOT))
+            for p in ROOT.rglob("*")
+            if p.is_file() and not {".git", ".venv"} & set(p.relative_to(ROOT).parts)
+        ]
+    paths = [ROOT / n for n in names]
+    return [
+        p
+        for p in paths
+        if p.is_file()
+        and (p.suffix in TEXT_SUFFIXES or p.name == "Dockerfile")
+        and p.stat().st_size < 1_000_000
+        and "data" not in p.relative_to(ROOT).parts[:2]
+    ]
+
+
+def test_architecture_lists_enough_names():
+    modules = {module for module, _ in listed_imports()}
+    assert len(modules) >= 20 and {"model.resnet", "transforms.read", "pipeline.graph"} <= modules
+
+
+@pytest.mark.parametrize("module, name", listed_imports())
+def test_every_listed_name_is_importable(module, name):
+    namespace = {}
+    exec(f"from {module} import {name}", namespace)  # noqa: S102 - submodules too, as a user would
+    assert name in namespace
+
+
+def test_every_module_table_entry_exists():
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    for path in re.findall(r"^\| `((?:model|transforms|pipeline)/[\w/]*(?:\.py|/))`", text, re.M):
+        assert (ROOT / path).exists(), path
+
+
+def test_no_file_refers_outside_the_repository():
+    problems = []
+    for path in tracked_text_files():
+        text = path.read_text(errors="replace")
+        if path.name == "test_architecture.py":
+            continue  # the patterns themselves
+        for match in OUTSIDE.finditer(text):
+            problems.append(f"{path.relative_to(ROOT)}: {match.group(0)}")
+        for ref in MARKDOWN_REF.findall(text):
+            if not ((ROOT / ref).exists() or (path.parent / ref).exists()):
+                problems.append(f"{path.relative_to(ROOT)}: {ref} does not exist")
+    assert not problems, "\n".join(problems)

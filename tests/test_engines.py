@@ -114,3 +114,25 @@ def test_embedding_reader_reads_bit_exactly(job, tmp_path):
         assert vector.dtype == np.float32
         np.testing.assert_array_equal(vector, expected[key])
 
+
+
+def test_duckdb_exports_vertex_ai_json(job, tmp_path):
+    """Vertex AI Vector Search ingests JSON records (id, embedding, restricts), not Parquet."""
+    duckdb = pytest.importorskip("duckdb")
+    import json
+    out, table, _ = job
+    target = tmp_path / "vertex.json"
+    duckdb.connect().execute(f"""
+        COPY (SELECT key AS id, embedding_reduced AS embedding,
+                     [{{'namespace': 'category',
+                        'allow': list_transform(categories, lambda c: c.wnid)}}] AS restricts
+              FROM read_parquet('{out}/results-*.parquet'))
+        TO '{target}' (FORMAT json)""")
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    expected = dict(zip(table.column("key").to_pylist(), matrix(table, "embedding_reduced")))
+    categories = dict(zip(table.column("key").to_pylist(), table.column("categories").to_pylist()))
+    assert len(records) == NUM_IMAGES
+    for record in records:
+        np.testing.assert_array_equal(np.float32(record["embedding"]), expected[record["id"]])
+        assert record["restricts"] == [{"namespace": "category",
+                                        "allow": [c["wnid"] for c in categories[record["id"]]]}]

@@ -247,6 +247,22 @@ def test_pca_basis_that_cannot_serve_fails_before_any_image(images, models, tmp_
     assert not list(out.glob("results-*"))
 
 
+def test_inference_config_is_built_from_the_flags_in_one_place():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipeline.options import JobOptions
+    from transforms.infer import InferenceConfig
+    opts = PipelineOptions(["--tags_model", "t.npz", "--embed_model", "e.npz", "--batch_size", "8",
+                            "--xla", "--top_k", "3", "--no_categories", "--categories_min_depth",
+                            "4", "--pca_basis", "b.npz", "--model_cache_dir", "/c"]
+                           ).view_as(JobOptions)
+    config = InferenceConfig.from_options(opts)
+    assert config.schema is None
+    assert (config.tags_model, config.embed_model, config.batch_size, config.jit_compile,
+            config.cache_dir, config.top_k) == ("t.npz", "e.npz", 8, True, "/c", 3)
+    assert (config.categories, config.categories_min_depth, config.pca_basis) == (False, 4, "b.npz")
+    assert InferenceConfig.from_options(PipelineOptions([]).view_as(JobOptions)).categories
+
+
 def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):
     single = tmp_path / "single"
     multi = tmp_path / "multi"

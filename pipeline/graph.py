@@ -40,8 +40,12 @@ def footer_metadata(opts: JobOptions, model: ModelInfo, basis=None) -> dict:
 def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None):
     """Adds the whole job to `p`; returns the results and failures write results.
 
-    `basis` is the PCA basis of `--pca_basis`, already loaded and checked by the launcher."""
+    `basis` is the PCA basis of `--pca_basis`, already loaded and checked by the launcher
+    (`pipeline.main.check_pca_basis`); read here when not given (a dry-run job description)."""
     output = opts.output.rstrip("/")
+    if basis is None and opts.pca_basis:
+        from model.pca import load_basis
+        basis = load_basis(opts.pca_basis)
     schema = results_schema(model.embedding_dim, embedding_dtype=opts.embedding_dtype,
                             write_all_scores=opts.write_all_scores,
                             num_classes=model.num_classes,

@@ -123,8 +123,8 @@ _BASES = {}
 
 def load_pca_basis(config: InferenceConfig):
     """The config's PCA basis (None without one), read once per process. A worker that reads a
-    file other than the one the launcher checked (sha256 in the footer metadata) fails its
-    batches rather than mixing bases."""
+    file other than the one the launcher checked (sha256 in the footer metadata) raises
+    `ModelError` instead of mixing bases in one output."""
     if not config.pca_basis:
         return None
     from model.pca import load_basis

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from model.pca import fit_basis, load_basis
 from pipeline import fit_pca

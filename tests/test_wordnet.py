@@ -144,3 +144,58 @@ def test_score_is_the_best_tag_below(hierarchy, class_of):
 def test_hierarchy_refuses_classes_it_does_not_cover():
     with pytest.raises(WordNetError, match="not in the WordNet data"):
         Hierarchy(["n1", "n2"], ["a", "b"], [0, 1], [[], [0]], ["n2", "n3"])
+
+
+def fake_data_noun(synsets):
+    """A data.noun in WordNet's format: the 29-line license header, then one line per synset
+    whose 8-digit offset is its byte position. synsets: [(name, words, [(symbol, parent name)])]."""
+    header = "".join(f"  {i + 1} license line  \n" for i in range(29))
+
+    def render(offsets):
+        lines = []
+        for name, words, pointers in synsets:
+            ptrs = " ".join(f"{sym} {offsets[p]:08d} n 0000" for sym, p in pointers)
+            lines.append(f"{offsets[name]:08d} 05 n {len(words):02x} "
+                         + " ".join(f"{w} 0" for w in words)
+                         + f" {len(pointers):03d} {ptrs} | a gloss  \n")
+        return lines
+
+    lengths = [len(line) for line in render({name: 0 for name, _, _ in synsets})]
+    offsets, position = {}, len(header)
+    for (name, _, _), length in zip(synsets, lengths):
+        offsets[name] = position
+        position += length
+    return (header + "".join(render(offsets))).encode("latin-1"), offsets
+
+
+def test_build_script_derives_the_closure_from_data_noun():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "build_wordnet", f"{wordnet.DATA_DIR}/build_wordnet.py")
+    build_wordnet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_wordnet)
+    data, offsets = fake_data_noun([
+        ("entity", ["entity"], []),
+        ("animal", ["animal", "beast"], [("@", "entity")]),
+        ("pet", ["pet"], [("@", "entity"), ("~", "animal")]),  # `~` (hyponym) is not followed
+        ("rock", ["rock"], [("@", "entity")]),  # above no class: left out
+        ("dog", ["dog", "domestic_dog"], [("@", "animal"), ("@", "pet")]),
+        ("rex", ["Rex"], [("@i", "dog")]),
+    ])
+    wnid = {name: f"n{offset:08d}" for name, offset in offsets.items()}
+    build_wordnet.ROOT = wnid["entity"]
+    packed, text, license_text = build_wordnet.build(
+        data, [wnid["dog"], wnid["rex"]], ["dog, domestic_dog", "Rex"])
+    assert gzip.decompress(packed) == text and license_text.count("\n") == 29
+    rows = [line.split("\t") for line in text.decode().splitlines()]
+    assert rows == sorted(rows)
+    got = {w: (int(d), set(p.split()), label) for w, d, p, label in rows}
+    assert got == {
+        wnid["entity"]: (0, set(), "entity"),
+        wnid["animal"]: (1, {wnid["entity"]}, "animal, beast"),
+        wnid["pet"]: (1, {wnid["entity"]}, "pet"),
+        wnid["dog"]: (2, {wnid["animal"], wnid["pet"]}, "dog, domestic_dog"),
+        wnid["rex"]: (3, {wnid["dog"]}, "Rex"),
+    }
+    with pytest.raises(ValueError, match="lemmas"):
+        build_wordnet.build(data, [wnid["dog"]], ["dog"])

@@ -6,6 +6,8 @@
 #   ./run.sh lint                                ruff check + ruff format --check (pyproject.toml)
 #   ./run.sh dataflow --project P --region R --bucket gs://B --input ... --output ...
 #                                                 submit the job to Google Cloud Dataflow
+#   ./run.sh fit_pca OUTPUT --dims N --to BASIS.npz [--max_samples M]
+#                                                 fit a shared PCA basis on an output's embeddings
 # The first use creates .venv/ next to this script and installs the project into it; later uses
 # reinstall only when requirements*.txt or setup.py changed.
 set -euo pipefail
@@ -64,6 +66,11 @@ case "${1:-}" in
     shift
     ensure_venv requirements.txt
     exec "$VENV/bin/python" -m pipeline.dataflow "$@"
+    ;;
+  fit_pca)
+    shift
+    ensure_venv requirements.txt
+    exec "$VENV/bin/python" -m pipeline.fit_pca "$@"
     ;;
   *)
     ensure_venv requirements.txt

@@ -17,7 +17,8 @@ setuptools.setup(
     description="Tag and embed millions of images with BiT in an Apache Beam batch job",
     python_requires=">=3.11",
     packages=["pipeline", "transforms", "model", "model.data", "model.kernels"],
-    package_data={"model.data": ["*.txt"], "model.kernels": ["*.cc"]},
+    package_data={"model.data": ["*.txt", "*.tsv.gz", "WORDNET_LICENSE"],
+                  "model.kernels": ["*.cc"]},
     install_requires=requirements(),
     entry_points={"console_scripts": ["bit-tagger=pipeline.main:main"]},
 )

@@ -34,6 +34,7 @@ BENCHES = [
     ("parquet_write", ["--rows", "4000", "--rounds", "5"]),
     ("pipeline_overhead", ["--n1", "32", "--n2", "160", "--rounds", "3"]),
     ("memory", ["--small", "1000", "--large", "4000"]),
+    ("categories", ["--batches", "100", "--model_batches", "3"]),
 ]
 BASELINES = {
     "model_throughput": "Keras ResNet50V2, same process (img/s)",
@@ -42,6 +43,7 @@ BASELINES = {
     "pipeline_overhead": "bare model on decoded images (marginal img/s)",
     "memory": "peak RSS at 1,000 images (ratio = 4,000 / 1,000; lower is better)",
     "decode_vs_model": "model img/s (decode all cores / model)",
+    "categories": "R50x1 model CPU per batch (ratio = categories' share; lower is better)",
 }
 
 

@@ -8,11 +8,13 @@ from transforms.read import ReadImages, split_patterns
 from transforms.records import FAILURES
 from transforms.skip import SkipKnownKeys
 from transforms.write import BatchFailures, WriteParquet, failures_schema, results_schema
+from model.wordnet import VERSION_NAME as WORDNET_VERSION
 from pipeline.options import JobOptions
 
 
-def footer_metadata(opts: JobOptions, model: ModelInfo) -> dict:
-    """Key-value metadata of every results file: models, preprocessing, label set."""
+def footer_metadata(opts: JobOptions, model: ModelInfo, basis=None) -> dict:
+    """Key-value metadata of every results file: models, preprocessing, label set, categories
+    and the PCA basis (`basis`: a `model.pca.PcaBasis`, or None)."""
     metadata = dict(model.metadata)
     metadata.update({
         "image_size": str(opts.image_size),
@@ -22,23 +24,35 @@ def footer_metadata(opts: JobOptions, model: ModelInfo) -> dict:
         "normalize_embeddings": str(opts.normalize_embeddings).lower(),
         "top_k": str(opts.top_k),
         "min_score": str(opts.min_score),
+        "categories": "none" if opts.no_categories else WORDNET_VERSION,
+        "categories_min_depth": str(opts.categories_min_depth),
     })
+    if basis is not None:
+        metadata.update({
+            "pca_basis": opts.pca_basis,
+            "pca_basis_sha256": basis.sha256,
+            "pca_dims": str(basis.dims),
+            "pca_input_dim": str(basis.input_dim),
+        })
     return metadata
 
 
-def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo):
-    """Adds the whole job to `p`; returns the results and failures write results."""
+def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None):
+    """Adds the whole job to `p`; returns the results and failures write results.
+
+    `basis` is the PCA basis of `--pca_basis`, already loaded and checked by the launcher
+    (`pipeline.main.check_pca_basis`); read here when not given (a dry-run job description)."""
     output = opts.output.rstrip("/")
+    if basis is None and opts.pca_basis:
+        from model.pca import load_basis
+        basis = load_basis(opts.pca_basis)
     schema = results_schema(model.embedding_dim, embedding_dtype=opts.embedding_dtype,
                             write_all_scores=opts.write_all_scores,
                             num_classes=model.num_classes,
-                            metadata=footer_metadata(opts, model))
-    config = InferenceConfig(
-        tags_model=opts.tags_model, embed_model=opts.embed_model, schema=schema,
-        batch_size=opts.batch_size, precision=opts.precision, jit_compile=opts.xla,
-        cache_dir=opts.model_cache_dir, top_k=opts.top_k, min_score=opts.min_score,
-        embedding_dtype=opts.embedding_dtype, normalize_embeddings=opts.normalize_embeddings,
-        write_all_scores=opts.write_all_scores, log_every_secs=opts.log_every_secs)
+                            metadata=footer_metadata(opts, model, basis),
+                            categories=not opts.no_categories,
+                            reduced_dim=basis.dims if basis is not None else None)
+    config = InferenceConfig.from_options(opts, schema)
 
     records, read_failures = p | "Read" >> ReadImages(
         split_patterns(opts.input), input_format=opts.input_format,

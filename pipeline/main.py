@@ -52,11 +52,23 @@ def _make_pipeline(options: PipelineOptions, test_pipeline) -> beam.Pipeline:
 
 def describe_models(opts: JobOptions, keep_loaded: bool) -> infer.ModelInfo:
     """Loads both models once before any image is read, so model faults fail fast."""
-    config = infer.InferenceConfig(tags_model=opts.tags_model, embed_model=opts.embed_model,
-                                   schema=None, batch_size=opts.batch_size,
-                                   precision=opts.precision, jit_compile=opts.xla,
-                                   cache_dir=opts.model_cache_dir)
-    return infer.check_models(config, keep_loaded=keep_loaded)
+    return infer.check_models(infer.InferenceConfig.from_options(opts), keep_loaded=keep_loaded)
+
+
+def check_pca_basis(opts: JobOptions, model: infer.ModelInfo):
+    """The `--pca_basis` file, loaded and checked against the embed model (None without one)."""
+    if not opts.pca_basis:
+        return None
+    from model.pca import PcaBasisError, load_basis
+    try:
+        basis = load_basis(opts.pca_basis)
+    except PcaBasisError as exc:
+        raise UsageError(f"--pca_basis: {exc}") from exc
+    if basis.input_dim != model.embedding_dim:
+        raise UsageError(f"--pca_basis {opts.pca_basis} reduces {basis.input_dim}-d embeddings, "
+                         f"but the embed model {opts.embed_model} gives {model.embedding_dim}-d "
+                         "ones: fit a basis on this model's outputs (./run.sh fit_pca)")
+    return basis
 
 
 def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
@@ -79,10 +91,11 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
     started = time.time()
     model = describe_models(opts, keep_loaded=test_pipeline is not None or _in_process(options))
     _LOG.info("models ready: %s", model.metadata)
+    basis = check_pca_basis(opts, model)
 
     p = _make_pipeline(options, test_pipeline)
     try:
-        build(p, opts, model)
+        build(p, opts, model, basis)
     except ValueError as exc:  # flags the graph cannot be built from (e.g. globs matching nothing)
         raise UsageError(str(exc)) from exc
     result = p.run()

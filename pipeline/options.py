@@ -72,6 +72,15 @@ class JobOptions(PipelineOptions):
         g.add_argument("--write_all_scores", action="store_true", default=False,
                        help="Also write all 21,843 sigmoid scores per image (float16 column "
                             "'scores', ~44 KB a row).")
+        g.add_argument("--no_categories", action="store_true", default=False,
+                       help="Do not write the 'categories' column (the tags rolled up the "
+                            "WordNet 3.0 noun hierarchy, for keyword search).")
+        g.add_argument("--categories_min_depth", type=_non_negative, default=0,
+                       help="Drop categories shallower than this (depth: longest hypernym path "
+                            "from 'entity' = 0; e.g. 5 drops entity ... living_thing).")
+        g.add_argument("--pca_basis", default=None,
+                       help="PCA basis file from './run.sh fit_pca' (local or gs://): also write "
+                            "'embedding_reduced' (centred, projected, L2-normalised).")
         g.add_argument("--max_failure_rate", type=_fraction, default=1.0,
                        help="Exit non-zero when failures / inputs exceeds this (for alerting). "
                             "The outputs are written either way.")

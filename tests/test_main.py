@@ -87,7 +87,7 @@ def test_schema_tags_and_footer_follow_the_design(images, models, tmp_path):
     run(job_args(images / "files" / "*", tmp_path, models, "--top_k", "7"), save_main_session=False)
     table = read_rows(tmp_path)
     schema = table.schema
-    assert schema.names == ["key", "source", "width", "height", "tags", "embedding"]
+    assert schema.names == ["key", "source", "width", "height", "tags", "categories", "embedding"]
     assert not schema.field("key").nullable
     assert schema.field("width").type == pa.int32() and schema.field("height").type == pa.int32()
     assert schema.field("tags").type == pa.list_(pa.struct([
@@ -101,8 +101,14 @@ def test_schema_tags_and_footer_follow_the_design(images, models, tmp_path):
         assert all(0.0 <= s <= 1.0 for s in scores)  # random weights saturate some sigmoids
         for t in row["tags"]:
             assert (t["wnid"], t["label"]) == labels.lookup(t["index"])
+        # Categories: every tag and its ancestors, each at least as high as the tag below it.
+        categories = {c["wnid"]: c["score"] for c in row["categories"]}
+        assert len(categories) == len(row["categories"]) and "n00001740" in categories  # entity
+        assert all(categories[t["wnid"]] >= t["score"] for t in row["tags"])
+        assert row["categories"][0]["score"] == scores[0]
     footer = pq.read_metadata(next(tmp_path.glob("results-*.parquet"))).metadata
     assert footer[b"image_size"] == b"64"
+    assert footer[b"categories"] == b"wordnet-3.0" and footer[b"categories_min_depth"] == b"0"
     assert footer[b"label_set"].decode() == labels.version
     assert b"tags_model" in b" ".join(footer)  # model sources and sha256 recorded
     failures = read_rows(tmp_path, "failures")
@@ -138,9 +144,11 @@ def test_same_model_for_tags_and_embedding(images, models, tmp_path):
 def test_output_options(images, models, tmp_path):
     run(job_args(images / "*.tfrecord", tmp_path, models, "--embedding_dtype", "float16",
                  "--normalize_embeddings", "--write_all_scores", "--min_score", "0.5",
-                 "--num_shards", "2"), save_main_session=False)
+                 "--num_shards", "2", "--no_categories"), save_main_session=False)
     assert len(list(tmp_path.glob("results-*-of-00002.parquet"))) == 2
     table = read_rows(tmp_path)
+    assert "categories" not in table.schema.names
+    assert table.schema.metadata[b"categories"] == b"none"
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), 2048)
     assert table.schema.field("scores").type == pa.list_(pa.float16(), 21843)
     for row in table.to_pylist():
@@ -220,6 +228,39 @@ def test_model_fault_fails_before_any_image(images, models, tmp_path, caplog, fa
     assert code == 2
     assert phrase in caplog.text
     assert not out.exists() or not list(out.glob("results-*"))
+
+
+@pytest.mark.parametrize("dim,phrase", [(16, "reduces 16-d embeddings, but the embed model"),
+                                        (None, "not an .npz file")])
+def test_pca_basis_that_cannot_serve_fails_before_any_image(images, models, tmp_path, caplog,
+                                                            dim, phrase):
+    from model.pca import fit_basis, save_basis
+    basis = tmp_path / "basis.npz"
+    if dim:
+        vectors = np.random.default_rng(0).standard_normal((40, dim))
+        save_basis(fit_basis([vectors], dims=4), str(basis))
+    else:
+        basis.write_text("not a basis")
+    out = tmp_path / "out"
+    assert main(job_args(images / "*.tfrecord", out, models, "--pca_basis", str(basis))) == 2
+    assert phrase in caplog.text
+    assert not list(out.glob("results-*"))
+
+
+def test_inference_config_is_built_from_the_flags_in_one_place():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipeline.options import JobOptions
+    from transforms.infer import InferenceConfig
+    opts = PipelineOptions(["--tags_model", "t.npz", "--embed_model", "e.npz", "--batch_size", "8",
+                            "--xla", "--top_k", "3", "--no_categories", "--categories_min_depth",
+                            "4", "--pca_basis", "b.npz", "--model_cache_dir", "/c"]
+                           ).view_as(JobOptions)
+    config = InferenceConfig.from_options(opts)
+    assert config.schema is None
+    assert (config.tags_model, config.embed_model, config.batch_size, config.jit_compile,
+            config.cache_dir, config.top_k) == ("t.npz", "e.npz", 8, True, "/c", 3)
+    assert (config.categories, config.categories_min_depth, config.pca_basis) == (False, 4, "b.npz")
+    assert InferenceConfig.from_options(PipelineOptions([]).view_as(JobOptions)).categories
 
 
 def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):

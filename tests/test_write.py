@@ -308,3 +308,57 @@ def test_readers_pyarrow_pandas_duckdb(tmp_path, labels):
     dim, = con.execute(
         f"SELECT len(embedding) FROM read_parquet('{pattern}') LIMIT 1").fetchone()
     assert dim == D
+
+
+# ------------------------------------------------------------------ categories, reduced embeddings
+
+def toy_hierarchy(labels):
+    """root <- even / odd <- class i (by parity); class 0 is also under "odd" (two parents)."""
+    from model.wordnet import Hierarchy
+    wnids = ["n99999990", "n99999991", "n99999992"] + list(labels.wnids)
+    names = ["root", "even", "odd"] + list(labels.labels)
+    parents = [[], [0], [0]] + [[1 + i % 2] + ([2] if i == 0 else []) for i in range(K)]
+    depths = [0, 1, 1] + [2] * K
+    return Hierarchy(wnids, names, depths, parents, list(labels.wnids))
+
+
+def test_categories_and_reduced_columns(labels):
+    schema = results_schema(D, categories=True, reduced_dim=3, write_all_scores=True,
+                            num_classes=K)
+    assert schema.names == ["key", "source", "width", "height", "tags", "categories",
+                            "embedding", "embedding_reduced", "scores"]
+    assert schema.field("categories").type == pa.list_(pa.field("element", pa.struct([
+        ("wnid", pa.string()), ("label", pa.string()), ("score", pa.float32())])))
+    assert schema.field("embedding_reduced").type == pa.list_(pa.field("element", pa.float32()), 3)
+    idx = np.array([[4, 0, 7], [3, 5, 9]])
+    top = np.array([[0.9, 0.6, 0.1], [0.2, 0.1, 0.05]], np.float32)
+    reduced = np.arange(6, dtype=np.float32).reshape(2, 3)
+    batch = results_batch(["a", "b"], ["s"] * 2, [1] * 2, [1] * 2, idx, top, labels,
+                          np.zeros((2, D), np.float32), schema, min_score=0.5,
+                          all_scores=np.zeros((2, K), np.float32), hierarchy=toy_hierarchy(labels),
+                          embeddings_reduced=reduced)
+    batch.validate(full=True)
+    cats = [[(c["label"], c["score"]) for c in row]
+            for row in batch.column("categories").to_pylist()]
+    # Row a keeps tags 4 (0.9) and 0 (0.6; under even and odd); tag 7 is below min_score.
+    assert cats[0] == [("label 4", pytest.approx(0.9)), ("even", pytest.approx(0.9)),
+                       ("root", pytest.approx(0.9)), ("label 0", pytest.approx(0.6)),
+                       ("odd", pytest.approx(0.6))]
+    assert cats[1] == []  # no kept tag, no category
+    np.testing.assert_array_equal(
+        batch.column("embedding_reduced").values.to_numpy().reshape(2, 3), reduced)
+
+
+def test_categories_min_depth_and_missing_inputs(labels):
+    schema = results_schema(D, categories=True)
+    args = (["a"], ["s"], [1], [1], np.array([[1]]), np.array([[0.5]], np.float32), labels,
+            np.zeros((1, D), np.float32), schema)
+    batch = results_batch(*args, hierarchy=toy_hierarchy(labels), categories_min_depth=1)
+    assert [c["label"] for c in batch.column("categories")[0].as_py()] == ["label 1", "odd"]
+    with pytest.raises(ValueError, match="hierarchy"):
+        results_batch(*args)
+    with pytest.raises(ValueError, match="embedding_reduced"):
+        results_batch(*args, hierarchy=toy_hierarchy(labels),
+                      embeddings_reduced=np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="reduced_dim"):
+        results_schema(D, reduced_dim=0)

@@ -27,7 +27,9 @@ _LOG = logging.getLogger(__name__)
 
 
 class InferenceConfig(NamedTuple):
-    """Everything a worker needs to load the model and shape its output rows (picklable)."""
+    """Everything a worker needs to load the model and shape its output rows (picklable).
+
+    Built from the job's flags by `from_options`, the one place that maps flags to it."""
     tags_model: str
     embed_model: str
     schema: pa.Schema
@@ -41,6 +43,22 @@ class InferenceConfig(NamedTuple):
     normalize_embeddings: bool = False
     write_all_scores: bool = False
     log_every_secs: float = 30.0
+    categories: bool = False
+    categories_min_depth: int = 0
+    pca_basis: Optional[str] = None
+
+    @classmethod
+    def from_options(cls, opts, schema: Optional[pa.Schema] = None) -> "InferenceConfig":
+        """The config for the job's flags (`pipeline.options.JobOptions`); `schema` None is
+        enough to load and check the models before the output schema is known."""
+        return cls(
+            tags_model=opts.tags_model, embed_model=opts.embed_model, schema=schema,
+            batch_size=opts.batch_size, precision=opts.precision, jit_compile=opts.xla,
+            cache_dir=opts.model_cache_dir, top_k=opts.top_k, min_score=opts.min_score,
+            embedding_dtype=opts.embedding_dtype, normalize_embeddings=opts.normalize_embeddings,
+            write_all_scores=opts.write_all_scores, log_every_secs=opts.log_every_secs,
+            categories=not opts.no_categories, categories_min_depth=opts.categories_min_depth,
+            pca_basis=opts.pca_basis)
 
 
 class ModelError(RuntimeError):
@@ -101,6 +119,27 @@ def check_models(config: InferenceConfig, keep_loaded: bool = True) -> ModelInfo
     return info
 
 
+_BASES = {}
+
+
+def load_pca_basis(config: InferenceConfig):
+    """The config's PCA basis (None without one), read once per process. A worker that reads a
+    file other than the one the launcher checked (sha256 in the footer metadata) raises
+    `ModelError` instead of mixing bases in one output."""
+    if not config.pca_basis:
+        return None
+    from model.pca import load_basis
+    with _LOADED_LOCK:
+        if config.pca_basis not in _BASES:
+            _BASES[config.pca_basis] = load_basis(config.pca_basis)
+        basis = _BASES[config.pca_basis]
+    want = (config.schema.metadata or {}).get(b"pca_basis_sha256") if config.schema else None
+    if want is not None and basis.sha256 != want.decode():
+        raise ModelError(f"the PCA basis {config.pca_basis} changed since the job started "
+                         f"(sha256 {basis.sha256}, expected {want.decode()})")
+    return basis
+
+
 def library_versions() -> dict:
     """Versions of the numerical libraries, for summary.json."""
     import PIL
@@ -130,12 +169,19 @@ class _Progress:
 
 
 def postprocess(batch: Sequence[Decoded], scores: np.ndarray, embeddings: np.ndarray,
-                config: InferenceConfig, labels) -> pa.RecordBatch:
-    """Model outputs of one batch -> one Arrow record batch of result rows (ARCHITECTURE.md, "Outputs")."""
+                config: InferenceConfig, labels, hierarchy=None, basis=None) -> pa.RecordBatch:
+    """Model outputs of one batch -> one Arrow record batch of result rows (ARCHITECTURE.md, "Outputs").
+
+    `hierarchy` (`model.wordnet.Hierarchy`) gives the categories column, `basis`
+    (`model.pca.PcaBasis`) the reduced embeddings: the projection of the embedding as written
+    (normalised and cast as configured), so readers can reproduce it from the file."""
     indices, top_scores = top_k(scores, config.top_k)
     if config.normalize_embeddings:
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         embeddings = embeddings / np.maximum(norms, 1e-12)
+    reduced = None
+    if basis is not None:
+        reduced = basis.project(embeddings.astype(config.embedding_dtype).astype(np.float32))
     return results_batch(
         keys=[d.key for d in batch],
         sources=[d.source for d in batch],
@@ -148,6 +194,9 @@ def postprocess(batch: Sequence[Decoded], scores: np.ndarray, embeddings: np.nda
         schema=config.schema,
         min_score=config.min_score,
         all_scores=scores if config.write_all_scores else None,
+        hierarchy=hierarchy,
+        categories_min_depth=config.categories_min_depth,
+        embeddings_reduced=reduced,
     )
 
 
@@ -159,25 +208,35 @@ class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]
                          model_copies=model_copies)
         self._config = config
         self._labels = None
+        self._hierarchy = None
+        self._basis = None
         self._progress = None
 
-    def load_model(self):
+    def _load_shaping_data(self):
+        """Labels, WordNet hierarchy and PCA basis of this process (a model shared across
+        processes is loaded by one of them only, so run_inference calls this too)."""
         from model.labels import imagenet21k
         self._labels = imagenet21k()
+        if self._config.categories:
+            from model.wordnet import imagenet21k_hierarchy
+            self._hierarchy = imagenet21k_hierarchy()
+        self._basis = load_pca_basis(self._config)
+
+    def load_model(self):
+        self._load_shaping_data()
         return load_model(self._config)
 
     def run_inference(self, batch: Sequence[Decoded], model, inference_args=None
                       ) -> Iterable[Union[pa.RecordBatch, Failure]]:
-        if self._labels is None:  # model shared across processes: this process has no labels yet
-            from model.labels import imagenet21k
-            self._labels = imagenet21k()
+        if self._labels is None:
+            self._load_shaping_data()
         if self._progress is None:
             self._progress = _Progress(self._config.log_every_secs)
         try:
             images = np.stack([d.pixels for d in batch])
             outputs = model(images)
             rows = postprocess(batch, outputs.scores, outputs.embeddings, self._config,
-                               self._labels)
+                               self._labels, self._hierarchy, self._basis)
         except Exception as exc:  # noqa: BLE001
             # One failure row per image: the job goes on and the user learns why.
             _LOG.warning("inference failed for a batch of %d images: %s", len(batch), exc)

@@ -31,7 +31,8 @@ from transforms.records import Failure
 
 __all__ = [
     "CODEC", "ROW_GROUP_BYTES", "SHARD_NAME_TEMPLATE", "FILE_NAME_SUFFIX", "KINDS",
-    "tag_type", "results_schema", "failures_schema", "top_k", "results_batch", "failures_batch",
+    "tag_type", "category_type", "results_schema", "failures_schema", "top_k", "results_batch",
+    "failures_batch",
     "RebatchTables", "WriteParquet", "BatchFailures",
 ]
 
@@ -57,6 +58,15 @@ def tag_type() -> pa.StructType:
     ])
 
 
+def category_type() -> pa.StructType:
+    """struct<wnid: string, label: string, score: float32>, one WordNet category of an image."""
+    return pa.struct([
+        pa.field("wnid", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float32()),
+    ])
+
+
 def _list(value_type: pa.DataType, size: int = -1) -> pa.DataType:
     """list / fixed_size_list with items named "element", the compliant Parquet list layout's
     name, so the schema read back from a file equals the schema written (pyarrow's "item" does not).
@@ -75,8 +85,13 @@ def _metadata(metadata: Optional[Mapping[str, str]]) -> Optional[dict]:
 
 def results_schema(embedding_dim: int, embedding_dtype: str = "float32",
                    write_all_scores: bool = False, num_classes: int = 21843,
-                   metadata: Optional[Mapping[str, str]] = None) -> pa.Schema:
+                   metadata: Optional[Mapping[str, str]] = None, categories: bool = False,
+                   reduced_dim: Optional[int] = None) -> pa.Schema:
     """Schema of `results-*.parquet` (ARCHITECTURE.md, "Outputs").
+
+    Columns: key, source, width, height, tags, categories (with `categories`), embedding,
+    embedding_reduced (`fixed_size_list<float32>[reduced_dim]`, with a PCA basis), scores (with
+    `write_all_scores`).
 
     `metadata` (models, sha256, image size, preprocessing, label set; str -> str) becomes the
     schema metadata, which pyarrow writes into the Parquet footer's key-value metadata.
@@ -92,8 +107,15 @@ def results_schema(embedding_dim: int, embedding_dtype: str = "float32",
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("tags", _list(tag_type())),
-        pa.field("embedding", _list(_EMBEDDING_TYPES[embedding_dtype], int(embedding_dim))),
     ]
+    if categories:
+        fields.append(pa.field("categories", _list(category_type())))
+    fields.append(
+        pa.field("embedding", _list(_EMBEDDING_TYPES[embedding_dtype], int(embedding_dim))))
+    if reduced_dim is not None:
+        if int(reduced_dim) <= 0:
+            raise ValueError(f"reduced_dim must be positive, got {reduced_dim}")
+        fields.append(pa.field("embedding_reduced", _list(pa.float32(), int(reduced_dim))))
     if write_all_scores:
         if int(num_classes) <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -194,10 +216,23 @@ def _is_descending(scores: np.ndarray) -> bool:
     return scores.shape[1] < 2 or bool(np.all(scores[:, 1:] <= scores[:, :-1]))
 
 
+def _categories(hierarchy, offsets, classes, scores, min_depth, typ) -> pa.Array:
+    """The `categories` list column of a batch (see `model.wordnet.Hierarchy.roll_up`)."""
+    rolled = hierarchy.roll_up(offsets, classes, scores, min_depth=min_depth)
+    wnids, names = _label_arrays(hierarchy)
+    take = pa.array(rolled.ids)
+    values = pa.StructArray.from_arrays(
+        [wnids.take(take), names.take(take), pa.array(rolled.scores)],
+        fields=list(typ.value_type))
+    return pa.ListArray.from_arrays(pa.array(rolled.offsets), values, type=typ)
+
+
 def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
                   top_indices: np.ndarray, top_scores: np.ndarray, labels,
                   embeddings: np.ndarray, schema: pa.Schema, min_score: float = 0.0,
-                  all_scores: Optional[np.ndarray] = None) -> pa.RecordBatch:
+                  all_scores: Optional[np.ndarray] = None, hierarchy=None,
+                  categories_min_depth: int = 0,
+                  embeddings_reduced: Optional[np.ndarray] = None) -> pa.RecordBatch:
     """One `results` record batch of B rows, built column-wise from NumPy arrays.
 
     top_indices int [B, k] and top_scores float32 [B, k] are the top-k tags (as from `top_k`);
@@ -205,6 +240,10 @@ def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
     are re-sorted (score descending, index ascending) if the caller's are not. `labels` has
     `.wnids` / `.labels` indexable by class index. embeddings [B, D] are cast to the schema's
     dtype; all_scores [B, K] is required iff the schema has a `scores` column.
+    `hierarchy` (a `model.wordnet.Hierarchy` over the same label set) is required iff the schema
+    has a `categories` column: the kept tags rolled up the WordNet hierarchy, dropping synsets
+    shallower than `categories_min_depth`; embeddings_reduced [B, N] iff it has
+    `embedding_reduced`.
     """
     b = len(keys)
     top_indices = np.asarray(top_indices)
@@ -241,8 +280,20 @@ def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
         pa.array(np.asarray(widths, dtype=np.int32)),
         pa.array(np.asarray(heights, dtype=np.int32)),
         tags,
-        _fixed_size_list(embeddings, schema.field("embedding"), "embeddings", b),
     ]
+    if "categories" in schema.names:
+        if hierarchy is None:
+            raise ValueError("schema has a 'categories' column: pass the WordNet hierarchy")
+        columns.append(_categories(hierarchy, offsets, flat_index, flat_score,
+                                   categories_min_depth, schema.field("categories").type))
+    columns.append(_fixed_size_list(embeddings, schema.field("embedding"), "embeddings", b))
+    if "embedding_reduced" in schema.names:
+        if embeddings_reduced is None:
+            raise ValueError("schema has an 'embedding_reduced' column: pass embeddings_reduced")
+        columns.append(_fixed_size_list(embeddings_reduced, schema.field("embedding_reduced"),
+                                        "embeddings_reduced", b))
+    elif embeddings_reduced is not None:
+        raise ValueError("embeddings_reduced given, but the schema has no 'embedding_reduced'")
     if "scores" in schema.names:
         if all_scores is None:
             raise ValueError("schema has a 'scores' column (write_all_scores): pass all_scores")

@@ -1,0 +1,97 @@
+"""Cost of the `categories` column (WordNet roll-up) against the model's CPU time per batch.
+
+    .venv/bin/python bench/categories.py [--batches 200 --model_batches 3]
+
+- "categories": `transforms.write.results_batch` with the categories column minus the same call
+  without it (roll-up through `model.wordnet.Hierarchy` + the Arrow list column), CPU seconds per
+  batch of 16 images, for top_k 10 (the default) and 50. Tags are random classes (little sharing of
+  ancestors between tags: a pessimistic case) with random scores.
+- "model": a random BiT R50x1 with the 21,843-class head, the cheapest job (tags and embeddings from
+  one forward pass), batch 16, 224x224, float32, CPU seconds per batch. The default job also runs
+  R101x3 (~17 times the CPU), so its share is ~17 times smaller than the one printed.
+- the one-time cost per worker process of building the hierarchy (file read, sha256, ancestor CSR).
+Target: categories < 5% of the job's CPU (R50x1 alone).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from bench.common import R50X1, load_note, result_line, write_checkpoint  # noqa: E402
+
+BATCH = 16
+TARGET = 0.05
+
+
+def batch_cpu(hierarchy, labels, top_k: int, batches: int, categories: bool) -> float:
+    """Median CPU seconds of results_batch over `batches` random batches."""
+    from transforms.write import results_batch, results_schema, top_k as top_k_of
+    rng = np.random.default_rng(top_k)
+    schema = results_schema(6144, categories=categories)
+    emb = rng.standard_normal((BATCH, 6144)).astype(np.float32)
+    times = []
+    for _ in range(batches):
+        scores = rng.random((BATCH, len(labels)), dtype=np.float32)
+        idx, top = top_k_of(scores, top_k)
+        started = time.process_time()
+        results_batch([f"k{i}" for i in range(BATCH)], ["s"] * BATCH, [1] * BATCH, [1] * BATCH,
+                      idx, top, labels, emb, schema,
+                      hierarchy=hierarchy if categories else None)
+        times.append(time.process_time() - started)
+    return statistics.median(times)
+
+
+def model_cpu(batches: int) -> float:
+    from model.bit import TagAndEmbedModel
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_checkpoint(os.path.join(tmp, "r50.npz"), **R50X1)
+        model = TagAndEmbedModel.load(ckpt, ckpt, batch_size=BATCH)
+    images = np.random.default_rng(0).integers(0, 256, (BATCH, 224, 224, 3), dtype=np.uint8)
+    model(images)  # trace
+    times = []
+    for _ in range(batches):
+        started = time.process_time()
+        model(images)
+        times.append(time.process_time() - started)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--model_batches", type=int, default=3)
+    args = parser.parse_args(argv)
+    print(f"categories: {load_note()}", flush=True)
+    from model.labels import imagenet21k
+    from model.wordnet import imagenet21k_hierarchy
+    labels = imagenet21k()
+    started = time.process_time()
+    hierarchy = imagenet21k_hierarchy()
+    load = time.process_time() - started
+    rows = {}
+    for k in (10, 50):
+        rows[k] = (batch_cpu(hierarchy, labels, k, args.batches, True)
+                   - batch_cpu(hierarchy, labels, k, args.batches, False))
+    model = model_cpu(args.model_batches)
+    print("\n| what | CPU ms per batch of 16 | share of the R50x1 job's CPU |")
+    print("| --- | ---: | ---: |")
+    print(f"| R50x1 model (tags + embeddings, one pass) | {model * 1e3:.0f} | |")
+    for k, cost in rows.items():
+        print(f"| categories, top_k {k} | {cost * 1e3:.2f} | {cost / (model + cost):.3%} |")
+    print(f"| hierarchy load (once per worker process) | {load * 1e3:.0f} | |")
+    share = rows[10] / (model + rows[10])
+    result_line("categories", share, TARGET, higher_is_better=False, share=f"{share:.4%}",
+                categories_ms=f"{rows[10] * 1e3:.2f}", model_ms=f"{model * 1e3:.0f}")
+
+
+if __name__ == "__main__":
+    main()

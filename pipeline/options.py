@@ -40,8 +40,10 @@ class JobOptions(PipelineOptions):
     def _add_argparse_args(cls, parser):
         g = parser.add_argument_group("inputs")
         g.add_argument("--input", default=None,
-                       help="Comma-separated globs of inputs, local or gs:// "
-                            "(e.g. 'gs://bucket/shards/*.tfrecord,/data/more/*.jpg').")
+                       help="Comma-separated globs or folders of inputs, local or gs:// "
+                            "(e.g. 'gs://bucket/shards/*.tfrecord,~/photos/'). A folder means "
+                            "its files, recursively, whose extension --input_format reads; "
+                            "other files there (.txt, .json sidecars) are skipped and counted.")
         g.add_argument("--input_format", default="auto",
                        choices=["auto", "tfrecord", "webdataset", "images"],
                        help="Input format; 'auto' decides by file extension (.tfrecord/.tfrec, "

@@ -28,6 +28,8 @@ Choices:
 """
 from __future__ import annotations
 
+import logging
+import os
 import posixpath
 import re
 import struct
@@ -53,6 +55,7 @@ _WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _MAX_TFRECORD_LENGTH = 1 << 31
 _CHUNK = 1 << 20
 _NAMESPACE = "read"
+_LOG = logging.getLogger(__name__)
 
 
 class CorruptShardError(Exception):
@@ -405,15 +408,80 @@ def match_files(pattern: str) -> list:
             if not m.path.endswith("/")]
 
 
+# ---------------------------------------------------------------------------------------- input forms
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class Expansion(NamedTuple):
+    """What one `--input` item stands for: the files to read, and the folder files left out."""
+    files: list    # URIs to read (a glob's matches, or a folder's accepted files)
+    skipped: list  # files in a folder whose extension --input_format does not accept
+
+
+def normalize_pattern(pattern: str) -> str:
+    """A local glob or folder as an absolute path (`~` expanded, `.`/`..` resolved), so a bare
+    glob in the current folder matches, and every spelling of a file gives the same key.
+    URIs (gs://...) are returned unchanged."""
+    if "://" in pattern:
+        return pattern
+    trailing = "/" if pattern.endswith("/") else ""
+    return os.path.abspath(os.path.expanduser(pattern)) + trailing
+
+
+def is_folder(pattern: str) -> bool:
+    """True when a (normalized) pattern without glob characters names a folder: a local
+    directory, or an object-store prefix with objects under it and no object of its own name."""
+    if _GLOB_CHARS.search(pattern):
+        return False
+    if "://" not in pattern:
+        return os.path.isdir(pattern)
+    if not pattern.endswith("/") and FileSystems.exists(pattern):
+        return False
+    prefix = pattern.rstrip("/") + "/"
+    return bool(FileSystems.match([prefix + "**"], limits=[1])[0].metadata_list)
+
+
+def folder_accepts(uri: str, input_format: str = "auto") -> bool:
+    """Whether a file found in a folder is an input: its extension names a format that
+    `input_format` reads (`auto`: any known format). Sidecars (.txt, .json ...) are not."""
+    found = detect_format(uri, "auto")
+    return found is not None and input_format in ("auto", found)
+
+
+def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
+    """The files one `--input` item stands for: a glob's matches (every match is an input; one
+    that cannot be read becomes a failure), or every file under a folder, recursively, that
+    `folder_accepts` (the others are returned as `skipped`, not failures)."""
+    pattern = normalize_pattern(pattern)
+    if not is_folder(pattern):
+        return Expansion(match_files(pattern), [])
+    files, skipped = [], []
+    for uri in match_files(pattern.rstrip("/") + "/**"):
+        (files if folder_accepts(uri, input_format) else skipped).append(uri)
+    return Expansion(files, skipped)
+
+
 # ---------------------------------------------------------------------------------------- Beam
 
 class _MatchFiles(beam.DoFn):
-    """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors)."""
+    """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors).
+
+    Folder files with extensions no reader accepts are counted (`read_skipped_files`) and logged."""
+
+    def __init__(self, input_format: str = "auto"):
+        self._format = input_format
 
     def process(self, pattern: str):
-        paths = match_files(pattern)
+        paths, skipped = expand_input(pattern, self._format)
+        if skipped:
+            beam.metrics.Metrics.counter(_NAMESPACE, "read_skipped_files").inc(len(skipped))
+            examples = ", ".join(posixpath.basename(s) for s in skipped[:3])
+            _LOG.info("%s: skipped %d file(s) that --input_format %s does not read (e.g. %s)",
+                      pattern, len(skipped), self._format, examples)
         if not paths:
-            raise ValueError(f"input pattern {pattern!r} matched no files")
+            raise ValueError(f"input pattern {pattern!r} matched no files"
+                             + (f" that --input_format {self._format} reads" if skipped else ""))
         beam.metrics.Metrics.counter(_NAMESPACE, "read_files").inc(len(paths))
         yield from paths
 
@@ -466,14 +534,17 @@ class _ReadShard(beam.DoFn):
 class ReadImages(beam.PTransform):
     """Read every input image: `p | ReadImages(patterns)` -> `ReadResult(records, failures)`.
 
-    patterns: globs (local or gs://, already split on commas by the caller; a str is one glob).
+    patterns: globs or folders (local or gs://, already split on commas by the caller; a str is
+      one). Local ones may be relative or start with `~`; a folder means its files, recursively,
+      whose extension `input_format` reads (see `expand_input`).
     input_format: "auto" (by extension, per file), "tfrecord", "webdataset" or "images".
     key_feature: the tf.train.Example bytes feature holding the encoded image.
     validate: check at construction that every pattern matches at least one file (a typo must not
       give an empty, successful run); the runtime match checks again.
     Returns `ReadResult(records: PCollection[ImageRecord], failures: PCollection[Failure])`; it
     unpacks as `records, failures = p | ReadImages(...)`.
-    Counters (namespace "read"): read_images, read_failures, read_files, read_ignored_members.
+    Counters (namespace "read"): read_images, read_failures, read_files, read_ignored_members,
+      read_skipped_files (folder files with an extension no reader accepts).
     """
 
     def __init__(self, patterns, input_format: str = "auto", key_feature: str = "image/encoded",
@@ -481,7 +552,7 @@ class ReadImages(beam.PTransform):
         super().__init__()
         if isinstance(patterns, str):
             patterns = [patterns]
-        self._patterns = [p.strip() for p in patterns if p and p.strip()]
+        self._patterns = [normalize_pattern(p.strip()) for p in patterns if p and p.strip()]
         if not self._patterns:
             raise ValueError("no input patterns given")
         if input_format not in INPUT_FORMATS:
@@ -501,7 +572,7 @@ class ReadImages(beam.PTransform):
     def expand(self, pbegin):
         uris = (pbegin
                 | "Patterns" >> beam.Create(self._patterns)
-                | "Match" >> beam.ParDo(_MatchFiles())
+                | "Match" >> beam.ParDo(_MatchFiles(self._format))
                 | "DistinctFiles" >> beam.Distinct()
                 | "SpreadFiles" >> beam.Reshuffle())
         losers = None
@@ -519,10 +590,15 @@ class ReadImages(beam.PTransform):
 
 
 def check_patterns(patterns: list[str]) -> None:
-    """Raise ValueError naming every pattern that matches no file (or cannot be listed)."""
+    """Raise ValueError naming every pattern that matches no file (or cannot be listed).
+
+    Cheap (one listed file per pattern); a folder with files but none the format reads fails at
+    run time, in the match."""
     problems = []
     try:
-        results = FileSystems.match(patterns, limits=[1] * len(patterns))
+        listed = [normalize_pattern(p) for p in patterns]
+        listed = [p.rstrip("/") + "/**" if is_folder(p) else p for p in listed]
+        results = FileSystems.match(listed, limits=[1] * len(listed))
     except Exception as exc:  # noqa: BLE001 - BeamIOError lists the failing patterns
         raise ValueError(f"cannot list input files: {error_text(exc)}") from None
     for pattern, result in zip(patterns, results):

@@ -96,8 +96,8 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
         "failures_by_stage": by_stage,
         "failures_by_type": by_type,
         "counters": {name: _counter(metrics, name) for name in (
-            "read_files", "read_skipped_files", "read_images", "read_failures", "decoded_images", "decode_failures",
-            "inferred_images", "inference_failures", "skipped_images")},
+            "read_files", "read_skipped_files", "read_images", "read_failures", "decoded_images",
+            "decode_failures", "inferred_images", "inference_failures", "skipped_images")},
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(results / wall_seconds, 3) if wall_seconds else 0.0,
     }

@@ -1,6 +1,7 @@
 """The job's Beam graph: read -> decode -> infer -> write (DESIGN.md section 1)."""
 import apache_beam as beam
 
+from transforms import progress
 from transforms.decode import DecodeAndResize
 from transforms.prefetch import PrefetchDecodeAndResize
 from transforms.infer import InferenceConfig, InferTagsAndEmbeddings, ModelInfo
@@ -57,9 +58,14 @@ def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo):
     results, inference_failures = decoded.decoded | "Infer" >> InferTagsAndEmbeddings(
         config, model_copies=opts.model_copies)
 
-    failures = ((read_failures, decoded[FAILURES], inference_failures)
-                | "AllFailures" >> beam.Flatten()
-                | "FailureBatches" >> BatchFailures())
+    all_failures = ((read_failures, decoded[FAILURES], inference_failures)
+                    | "AllFailures" >> beam.Flatten())
+    failures = all_failures | "FailureBatches" >> BatchFailures()
+    # Live progress of an in-process run (no-ops elsewhere): see transforms/progress.py.
+    _ = records | "ProgressRead" >> beam.ParDo(progress.Tap(progress.READ))
+    _ = read_failures | "ProgressReadFailures" >> beam.ParDo(progress.Tap(progress.READ))
+    _ = results | "ProgressDone" >> beam.ParDo(progress.Tap(progress.DONE, rows=True))
+    _ = all_failures | "ProgressFailed" >> beam.ParDo(progress.Tap(progress.FAILED))
     written_results = results | "WriteResults" >> WriteParquet(
         output, "results", schema, num_shards=opts.num_shards)
     written_failures = failures | "WriteFailures" >> WriteParquet(

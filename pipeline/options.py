@@ -111,7 +111,13 @@ class JobOptions(PipelineOptions):
                        help="Exact number of model copies per machine, shared across its "
                             "processes (default: one per worker process).")
         g.add_argument("--log_every_secs", type=float, default=30.0,
-                       help="Interval of the progress log line (images done, images/s).")
+                       help="Interval of the progress line when stderr is not a terminal (a live "
+                            "bar is shown when it is); 0 turns the periodic line off.")
+        g.add_argument("--log_level", default=None, type=str.upper,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="Show every log line at this level, third-party ones included "
+                            "(-v = INFO, -vv = DEBUG). Default: the job's own lines and all "
+                            "warnings, without TensorFlow/Beam start-up noise.")
 
 
 def job_flags(options: PipelineOptions) -> dict:

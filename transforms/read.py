@@ -41,6 +41,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import progress
 from transforms.records import FAILURES, STAGE_READ, Failure, ImageRecord, error_text
 
 INPUT_FORMATS = ("auto", "tfrecord", "webdataset", "images")
@@ -483,6 +484,7 @@ class _MatchFiles(beam.DoFn):
             raise ValueError(f"input pattern {pattern!r} matched no files"
                              + (f" that --input_format {self._format} reads" if skipped else ""))
         beam.metrics.Metrics.counter(_NAMESPACE, "read_files").inc(len(paths))
+        progress.matched(len(paths), sum(detect_format(u, self._format) != "images" for u in paths))
         yield from paths
 
 
@@ -529,6 +531,7 @@ class _ReadShard(beam.DoFn):
             else:
                 self._records.inc()
                 yield ImageRecord(entry.key, entry.source, entry.data)
+        progress.add(progress.FILES_READ)  # the live total is known once every file is read
 
 
 class ReadImages(beam.PTransform):

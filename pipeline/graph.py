@@ -7,6 +7,7 @@ from transforms.prefetch import PrefetchDecodeAndResize
 from transforms.infer import InferenceConfig, InferTagsAndEmbeddings, ModelInfo
 from transforms.read import ReadImages, split_patterns
 from transforms.records import FAILURES
+from transforms.sample import SampleThumbnails
 from transforms.skip import SkipKnownKeys
 from transforms.write import BatchFailures, WriteParquet, failures_schema, results_schema
 from pipeline.options import JobOptions
@@ -55,6 +56,8 @@ def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo):
             opts.image_size, max_pixels=opts.max_image_pixels, resize=opts.resize)
         ).with_outputs(FAILURES, main="decoded")
     decoded = records | "Decode" >> decode
+    # ~48 thumbnails for report.html, chosen by key hash from the decoded pixels.
+    _ = decoded.decoded | "Sample" >> SampleThumbnails(output, resize=opts.resize)
     results, inference_failures = decoded.decoded | "Infer" >> InferTagsAndEmbeddings(
         config, model_copies=opts.model_copies)
 

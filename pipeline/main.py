@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SetupOptions,
                                                   StandardOptions)
 
-from pipeline import console
+from pipeline import console, report
 from pipeline.graph import build
 from pipeline.options import JobOptions, job_flags
 from transforms import gcs, infer, outputs, progress
@@ -116,6 +116,10 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
                      **infer.library_versions()},
     })
     outputs.write_summary(output, summary)
+    try:
+        report.write_report(output)
+    except Exception as exc:  # pylint: disable=broad-except  (the outputs are complete without it)
+        _LOG.warning("could not write %s/report.html: %s", output, exc)
     console.summary(summary, output)
     if summary["failure_rate"] > opts.max_failure_rate:
         raise JobFailed(f"{summary['failures']} of {summary['inputs']} images failed "

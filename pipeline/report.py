@@ -123,7 +123,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #e2e2e2;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#f0f0f0}td.n{text-align:right}
 .muted{color:#777}.cards{display:flex;flex-wrap:wrap;gap:10px}
-.card{width:172px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}
+.card{width:172px;margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}
 .card img{display:block;margin:0 auto 4px;max-width:160px;max-height:160px}
 .card ol{margin:0;padding-left:18px;font-size:12px}.card li span{color:#777}
 .kv td:first-child{font-weight:600}.err{font-family:monospace;font-size:12px;word-break:break-all}
@@ -161,7 +161,8 @@ def bar_chart(items, width=640, bar=16) -> str:
     for i, (label, count) in enumerate(items):
         y = i * (bar + gap)
         w = max(1.0, (width - label_w - 60) * count / top)
-        short = label if len(label) <= 30 else label[:29] + "\u2026"
+        short = label.split(",")[0]  # the first lemma; the full label on hover
+        short = short if len(short) <= 28 else short[:27] + "\u2026"
         parts.append(f'<text x="{label_w - 6}" y="{y + bar - 4}" text-anchor="end" '
                      f'font-size="12">{_e(short)}<title>{_e(label)}</title></text>'
                      f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar}" '

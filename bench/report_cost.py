@@ -133,7 +133,8 @@ def main() -> None:
             image = image.crop((0, 0, image.width, min(image.height, 2200)))
             image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
             image.save(args.screenshot, optimize=True)
-            print(f"screenshot: {args.screenshot} ({os.path.getsize(args.screenshot) / 1e3:.0f} KB)")
+            size = os.path.getsize(args.screenshot) / 1e3
+            print(f"screenshot: {args.screenshot} ({size:.0f} KB)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

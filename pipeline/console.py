@@ -1,6 +1,6 @@
-"""What a person sees while the job runs: quiet logging, a header, live progress, a final summary.
+"""What a person sees while a job runs: quiet logging, a header, live progress, a final summary.
 
-At the default verbosity only the job's own INFO lines and everybody's real warnings and errors show.
+At the default verbosity only the job's own INFO lines and all real warnings and errors show.
 Hidden, unless `--log_level INFO/DEBUG` (or `-v`, `-vv`) asks for them:
 - TensorFlow's C++ start-up lines (glog/absl `I0000 ...` lines, "All log messages before
   absl::InitializeLog()", the CPU-feature note) and, on a machine without an NVIDIA device, the CUDA
@@ -160,11 +160,11 @@ class NativeStderrFilter:
 
 
 def native_noise() -> list:
-    """The C++ lines to hide on this machine (the CUDA probe only where there is no NVIDIA device)."""
+    """The C++ lines to hide here (the CUDA probe only where there is no NVIDIA device)."""
     return NATIVE_NOISE + ([] if has_nvidia_device() else [CUDA_PROBE])
 
 
-# ------------------------------------------------------------------------------------ header / summary
+# -------------------------------------------------------------------------------- header / summary
 
 def _short_sha(value) -> str:
     return f" (sha256 {str(value)[:12]})" if value else ""
@@ -211,7 +211,7 @@ def summary(result: dict, output: str) -> None:
               output)
 
 
-# ------------------------------------------------------------------------------------ live progress
+# -------------------------------------------------------------------------------- live progress
 
 class LiveProgress:
     """Context manager around a blocking `p.run()`: shows the sink's counts until the run ends."""

@@ -10,7 +10,6 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from tests import corpus
 from transforms.read import ReadImages, expand_input, folder_accepts, normalize_pattern
-from transforms.records import FAILURES
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from transforms.sample import SampleThumbnails, key_hash, thumbnail
 # Every <img> has loaded and has pixels; the count the page claims in the contact-sheet heading.
 _PAGE_CHECK = """(() => {
   const imgs = [...document.querySelectorAll('.card img')];
-  const heading = [...document.querySelectorAll('h2')].find(h => h.textContent.startsWith('Contact'));
+  const heading = [...document.querySelectorAll('h2')]
+    .find(h => h.textContent.startsWith('Contact'));
   return {claimed: parseInt(heading.textContent.match(/(\\d+) sample/)[1]), imgs: imgs.length,
           loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
           svgs: document.querySelectorAll('svg').length};

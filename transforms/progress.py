@@ -1,4 +1,4 @@
-"""A process-wide progress sink: DoFns of an in-process run report counts the launcher can show live.
+"""A process-wide progress sink: the DoFns of an in-process run count what the launcher shows live.
 
 Beam's counters of a run are only readable when `p.run()` returns, and the in-process runner blocks
 until then. So the launcher `activate()`s a `ProgressSink` before the run, a thread of its own reads
@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import apache_beam as beam
 
 FILES = "files"              # files matched (inputs)
-SHARD_FILES = "shard_files"  # of which TFRecord / tar shards (their image count comes with the read)
+SHARD_FILES = "shard_files"  # of which TFRecord / tar shards (image count known after the read)
 FILES_READ = "files_read"    # files and shards read to the end
 READ = "read"                # images read (after skipping known keys)
 DONE = "done"                # images with a result row

@@ -27,8 +27,8 @@ def test_default_console_of_a_small_run_is_short_and_quiet(models):
         assert not re.search(pattern, text), f"noise {pattern!r} in:\n{text}"
     assert re.search(r"tags model: .*tags\.npz \(sha256 [0-9a-f]{12}\)", text)
     assert "GroupNorm: " in text and "runner: in-process" in text
-    assert "skipped 1 file(s)" in text and "notes.txt" in text
     images = len(PHOTOS) + 1  # and the broken one
+    assert f"{images} file(s); skipped 1 file(s)" in text and "notes.txt" in text
     assert f"{images} inputs, {len(PHOTOS)} results, 1 failures (1 decode)" in lines[-2]
     assert str(output) in lines[-1] and "report.html" in lines[-1]
 

@@ -475,16 +475,19 @@ class _MatchFiles(beam.DoFn):
 
     def process(self, pattern: str):
         paths, skipped = expand_input(pattern, self._format)
+        shards = sum(detect_format(u, self._format) != "images" for u in paths)
+        note = f" ({shards} TFRecord/tar shards)" if shards else ""
         if skipped:
             beam.metrics.Metrics.counter(_NAMESPACE, "read_skipped_files").inc(len(skipped))
             examples = ", ".join(posixpath.basename(s) for s in skipped[:3])
-            _LOG.info("%s: skipped %d file(s) that --input_format %s does not read (e.g. %s)",
-                      pattern, len(skipped), self._format, examples)
+            note += (f"; skipped {len(skipped)} file(s) that --input_format {self._format} "
+                     f"does not read (e.g. {examples})")
+        _LOG.info("input %s: %d file(s)%s", pattern, len(paths), note)
         if not paths:
             raise ValueError(f"input pattern {pattern!r} matched no files"
                              + (f" that --input_format {self._format} reads" if skipped else ""))
         beam.metrics.Metrics.counter(_NAMESPACE, "read_files").inc(len(paths))
-        progress.matched(len(paths), sum(detect_format(u, self._format) != "images" for u in paths))
+        progress.matched(len(paths), shards)
         yield from paths
 
 

@@ -13,6 +13,7 @@
 # file or setup.py changed. requirements*.txt hold the human-edited ranges the locks come from.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER="$PWD"  # the job runs here, so relative --input/--output mean what the user typed
 cd "$HERE"
 VENV="${BIT_TAGGER_VENV:-$HERE/.venv}"
 
@@ -79,11 +80,13 @@ case "${1:-}" in
   dataflow)
     shift
     ensure_venv requirements.lock
+    cd "$CALLER"
     exec "$VENV/bin/python" -m pipeline.dataflow "$@"
     ;;
   report)
     shift
     ensure_venv requirements.lock
+    cd "$CALLER"
     exec "$VENV/bin/python" -m pipeline.report "$@"
     ;;
   lock)
@@ -92,6 +95,7 @@ case "${1:-}" in
     ;;
   *)
     ensure_venv requirements.lock
+    cd "$CALLER"
     exec "$VENV/bin/python" -m pipeline "$@"
     ;;
 esac

@@ -2,8 +2,10 @@
 by the console and report tests: a folder of scikit-image sample photos, a broken JPEG, a text
 sidecar, tiny random models (so the tags mean nothing; the page and the console are what is tested).
 """
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,7 @@ def first_run(tags_model: str, embed_model: str):
     """(output dir, console text, exit code) of `python -m pipeline --input FOLDER --output OUT`,
     run once per test session."""
     root = Path(tempfile.mkdtemp(prefix="first-run-"))
+    atexit.register(shutil.rmtree, root, True)  # shared by several tests: removed at exit
     photos = root / "photos"
     write_photos(photos)
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")

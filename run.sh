@@ -8,10 +8,15 @@
 #                                                 submit the job to Google Cloud Dataflow
 #   ./run.sh fit_pca OUTPUT --dims N --to BASIS.npz [--max_samples M]
 #                                                 fit a shared PCA basis on an output's embeddings
-# The first use creates .venv/ next to this script and installs the project into it; later uses
-# reinstall only when requirements*.txt or setup.py changed.
+#   ./run.sh report OUTPUT                       (re)write OUTPUT/report.html from a finished run
+#   ./run.sh lock [--upgrade | --upgrade-package NAME]
+#                                                 regenerate requirements.lock / requirements-dev.lock
+# The first use creates .venv/ next to this script and installs the exact versions (with hashes) of
+# requirements.lock (requirements-dev.lock for tests) into it; later uses reinstall only when a lock
+# file or setup.py changed. requirements*.txt hold the human-edited ranges the locks come from.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER="$PWD"  # the job runs here, so relative --input/--output mean what the user typed
 cd "$HERE"
 VENV="${BIT_TAGGER_VENV:-$HERE/.venv}"
 
@@ -23,21 +28,47 @@ pick_python() {
   exit 1
 }
 
-ensure_venv() {  # $1 = requirements file
-  local requirements="$1"
-  local stamp="$VENV/.installed-$(cat "$requirements" requirements.txt setup.py | sha256sum | cut -c1-16)"
-  if [ -f "$stamp" ]; then return; fi
+UV_VERSION="0.13.9"  # the lock tool (https://docs.astral.sh/uv/), installed on demand by `lock`
+LOCK_FLAGS=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes
+            --index-url https://pypi.org/simple --quiet)
+
+make_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     echo "run.sh: creating $VENV (first run; installing TensorFlow and Beam takes a few minutes)" >&2
     "$(pick_python)" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-  "$VENV/bin/python" -m pip install --quiet -r "$requirements" >&2
+}
+
+stamp_of() {  # $1 = lock file -> the stamp that says the venv holds exactly it
+  echo "$VENV/.installed-$(cat "$1" setup.py | sha256sum | cut -c1-16)"
+}
+
+ensure_venv() {  # $1 = lock file (exact versions with hashes)
+  local lock="$1"
+  local stamp
+  stamp="$(stamp_of "$lock")"
+  if [ -f "$stamp" ]; then return; fi
+  # The test lock is constrained by the runtime lock: a venv installed from it runs the job too.
+  if [ "$lock" = requirements.lock ] && [ -f "$(stamp_of requirements-dev.lock)" ]; then return; fi
+  make_venv
+  # Exact versions, every file checked against its hash; --no-deps: the lock lists every package.
+  "$VENV/bin/python" -m pip install --quiet --require-hashes --no-deps -r "$lock" >&2
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . >&2
   # The fused CPU GroupNorm kernel (~20 s to compile; without a C++ compiler the job uses TF ops).
   "$VENV/bin/python" -m model.kernels >&2 || true
   rm -f "$VENV"/.installed-*
   touch "$stamp"
+}
+
+lock() {  # regenerate both locks for Linux x86_64, Python 3.11 (what CI and Dataflow run)
+  make_venv
+  "$VENV/bin/python" -m pip install --quiet "uv==$UV_VERSION" >&2
+  "$VENV/bin/python" -m uv pip compile requirements.txt "${LOCK_FLAGS[@]}" "$@" \
+    -o requirements.lock
+  # The test lock is constrained by the runtime lock, so both install the same runtime versions.
+  "$VENV/bin/python" -m uv pip compile requirements-dev.txt -c requirements.lock \
+    "${LOCK_FLAGS[@]}" "$@" -o requirements-dev.lock
+  echo "run.sh: wrote requirements.lock and requirements-dev.lock" >&2
 }
 
 # Offline-safe defaults: no metadata-server probe, no gcsfs gRPC bucket-type call.
@@ -47,7 +78,7 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 case "${1:-}" in
   test)
     shift
-    ensure_venv requirements-dev.txt
+    ensure_venv requirements-dev.lock
     export NO_GCE_CHECK=true
     set +e
     "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
@@ -58,22 +89,35 @@ case "${1:-}" in
     ;;
   lint)
     shift
-    ensure_venv requirements-dev.txt
+    ensure_venv requirements-dev.lock
     "$VENV/bin/python" -m ruff check . "$@"
     exec "$VENV/bin/python" -m ruff format --check .
     ;;
   dataflow)
     shift
-    ensure_venv requirements.txt
+    ensure_venv requirements.lock
+    cd "$CALLER"
     exec "$VENV/bin/python" -m pipeline.dataflow "$@"
     ;;
   fit_pca)
     shift
-    ensure_venv requirements.txt
+    ensure_venv requirements.lock
+    cd "$CALLER"
     exec "$VENV/bin/python" -m pipeline.fit_pca "$@"
     ;;
+  report)
+    shift
+    ensure_venv requirements.lock
+    cd "$CALLER"
+    exec "$VENV/bin/python" -m pipeline.report "$@"
+    ;;
+  lock)
+    shift
+    lock "$@"
+    ;;
   *)
-    ensure_venv requirements.txt
+    ensure_venv requirements.lock
+    cd "$CALLER"
     exec "$VENV/bin/python" -m pipeline "$@"
     ;;
 esac

@@ -1,11 +1,13 @@
 """The job's Beam graph: read -> decode -> infer -> write (ARCHITECTURE.md, "Data flow")."""
 import apache_beam as beam
 
+from transforms import progress
 from transforms.decode import DecodeAndResize
 from transforms.prefetch import PrefetchDecodeAndResize
 from transforms.infer import InferenceConfig, InferTagsAndEmbeddings, ModelInfo
 from transforms.read import ReadImages, split_patterns
 from transforms.records import FAILURES
+from transforms.sample import SampleThumbnails
 from transforms.skip import SkipKnownKeys
 from transforms.write import BatchFailures, WriteParquet, failures_schema, results_schema
 from model.wordnet import VERSION_NAME as WORDNET_VERSION
@@ -68,12 +70,19 @@ def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None):
             opts.image_size, max_pixels=opts.max_image_pixels, resize=opts.resize)
         ).with_outputs(FAILURES, main="decoded")
     decoded = records | "Decode" >> decode
+    # ~48 thumbnails for report.html, chosen by key hash from the decoded pixels.
+    _ = decoded.decoded | "Sample" >> SampleThumbnails(output, resize=opts.resize)
     results, inference_failures = decoded.decoded | "Infer" >> InferTagsAndEmbeddings(
         config, model_copies=opts.model_copies)
 
-    failures = ((read_failures, decoded[FAILURES], inference_failures)
-                | "AllFailures" >> beam.Flatten()
-                | "FailureBatches" >> BatchFailures())
+    all_failures = ((read_failures, decoded[FAILURES], inference_failures)
+                    | "AllFailures" >> beam.Flatten())
+    failures = all_failures | "FailureBatches" >> BatchFailures()
+    # Live progress of an in-process run (no-ops elsewhere): see transforms/progress.py.
+    _ = records | "ProgressRead" >> beam.ParDo(progress.Tap(progress.READ))
+    _ = read_failures | "ProgressReadFailures" >> beam.ParDo(progress.Tap(progress.READ))
+    _ = results | "ProgressDone" >> beam.ParDo(progress.Tap(progress.DONE, rows=True))
+    _ = all_failures | "ProgressFailed" >> beam.ParDo(progress.Tap(progress.FAILED))
     written_results = results | "WriteResults" >> WriteParquet(
         output, "results", schema, num_shards=opts.num_shards)
     written_failures = failures | "WriteFailures" >> WriteParquet(

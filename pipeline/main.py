@@ -4,7 +4,9 @@
 tests run the real graph; `main()` turns the run's outcome into the process exit code.
 """
 import argparse
+import contextlib
 import logging
+import os
 import platform
 import sys
 import time
@@ -15,9 +17,11 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
                                                   StandardOptions)
 
 from pipeline.errors import JobFailed, UsageError, exit_code
+from pipeline import console, report
 from pipeline.graph import build
 from pipeline.options import JobOptions, job_flags
-from transforms import gcs, infer, outputs
+from transforms import gcs, infer, outputs, progress
+from transforms.read import split_patterns
 
 _LOG = logging.getLogger("pipeline")
 
@@ -71,8 +75,10 @@ def check_pca_basis(opts: JobOptions, model: infer.ModelInfo):
     return basis
 
 
-def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
-    """Runs the job to completion and returns its summary (also written to OUTPUT/summary.json)."""
+def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=None) -> dict:
+    """Runs the job to completion and returns its summary (also written to OUTPUT/summary.json).
+
+    console_stream: where the live progress bar goes (default stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(_help_text())
@@ -90,29 +96,40 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
     outputs.prepare_output_dir(output, overwrite=opts.overwrite)
     started = time.time()
     model = describe_models(opts, keep_loaded=test_pipeline is not None or _in_process(options))
-    _LOG.info("models ready: %s", model.metadata)
-    basis = check_pca_basis(opts, model)
+    _LOG.debug("models ready: %s", model.metadata)
+    flags = job_flags(options)
+    console.header(split_patterns(opts.input), output, flags["runner"], model.metadata,
+                   model.group_norm)
 
     p = _make_pipeline(options, test_pipeline)
+    basis = check_pca_basis(opts, model)
     try:
         build(p, opts, model, basis)
     except ValueError as exc:  # flags the graph cannot be built from (e.g. globs matching nothing)
         raise UsageError(str(exc)) from exc
-    result = p.run()
-    result.wait_until_finish()
+    sink = progress.activate(skipping=bool(opts.skip_keys_from)) if _in_process(options) else None
+    try:
+        with (console.LiveProgress(sink, opts.log_every_secs, console_stream) if sink
+              else contextlib.nullcontext()):
+            result = p.run()
+            result.wait_until_finish()
+    finally:
+        progress.deactivate()
     wall = time.time() - started
 
     summary = outputs.summarize(output, result.metrics(), wall_seconds=wall)
     summary.update({
-        "options": job_flags(options),
+        "options": flags,
         "models": model.metadata,
         "versions": {"python": platform.python_version(), "apache_beam": beam.__version__,
                      **infer.library_versions()},
     })
     outputs.write_summary(output, summary)
-    _LOG.info("done: %d inputs, %d results, %d failures in %.1f s (%.2f images/s)",
-              summary["inputs"], summary["results"], summary["failures"], wall,
-              summary["images_per_second"])
+    try:
+        report.write_report(output)
+    except Exception as exc:  # pylint: disable=broad-except  (the outputs are complete without it)
+        _LOG.warning("could not write %s/report.html: %s", output, exc)
+    console.summary(summary, output)
     if summary["failure_rate"] > opts.max_failure_rate:
         raise JobFailed(f"{summary['failures']} of {summary['inputs']} images failed "
                         f"({summary['failure_rate']:.1%}), over --max_failure_rate "
@@ -122,6 +139,30 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> dict:
 
 def main(argv: Optional[list] = None) -> int:
     """Console entry point; returns the exit code (`pipeline.errors`: 0 ok, 2 usage/set-up error,
-    3 too many failures; anything else raises: traceback, exit 1)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return exit_code(lambda: run(argv))
+    3 too many failures; anything else raises: traceback, exit 1).
+
+    Sets up the console (pipeline/console.py) before TensorFlow is imported: at the default
+    verbosity its C++ start-up lines are filtered out of stderr."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        level, argv = console.split_verbosity(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if level in ("DEBUG", "INFO"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if level is not None:
+        console.configure_logging(level)
+        return _main(argv, None)
+    with console.NativeStderrFilter(console.native_noise()) as native:
+        console.configure_logging(None, native.stream)
+        try:
+            return _main(argv, native.stream)
+        finally:
+            console.configure_logging(None)  # the filtered stream closes with the filter
+
+
+def _main(argv: list, console_stream) -> int:
+    return exit_code(lambda: run(argv, console_stream=console_stream))

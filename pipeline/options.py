@@ -40,8 +40,10 @@ class JobOptions(PipelineOptions):
     def _add_argparse_args(cls, parser):
         g = parser.add_argument_group("inputs")
         g.add_argument("--input", default=None,
-                       help="Comma-separated globs of inputs, local or gs:// "
-                            "(e.g. 'gs://bucket/shards/*.tfrecord,/data/more/*.jpg').")
+                       help="Comma-separated globs or folders of inputs, local or gs:// "
+                            "(e.g. 'gs://bucket/shards/*.tfrecord,~/photos/'). A folder means "
+                            "its files, recursively, whose extension --input_format reads; "
+                            "other files there (.txt, .json sidecars) are skipped and counted.")
         g.add_argument("--input_format", default="auto",
                        choices=["auto", "tfrecord", "webdataset", "images"],
                        help="Input format; 'auto' decides by file extension (.tfrecord/.tfrec, "
@@ -118,7 +120,13 @@ class JobOptions(PipelineOptions):
                        help="Exact number of model copies per machine, shared across its "
                             "processes (default: one per worker process).")
         g.add_argument("--log_every_secs", type=float, default=30.0,
-                       help="Interval of the progress log line (images done, images/s).")
+                       help="Interval of the progress line when stderr is not a terminal (a live "
+                            "bar is shown when it is); 0 turns the periodic line off.")
+        g.add_argument("--log_level", default=None, type=str.upper,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="Show every log line at this level, third-party ones included "
+                            "(-v = INFO, -vv = DEBUG). Default: the job's own lines and all "
+                            "warnings, without TensorFlow/Beam start-up noise.")
 
 
 def job_flags(options: PipelineOptions) -> dict:

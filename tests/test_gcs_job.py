@@ -68,11 +68,13 @@ def delete_object(emulator, gs_path: str) -> None:
 
 
 def check_gcs_output(emulator, output: str, summary: dict) -> dict:
-    """The gs:// output holds exactly results, failures and summary.json (no temp files left), the
-    summary there is the one run() returned, and accounting holds; returns results by stem."""
+    """The gs:// output holds exactly results, failures, summary.json, report.html and
+    samples.parquet (no temp files left), the summary there is the one run() returned, and
+    accounting holds; returns results by stem."""
     names = [f[len(output) + 1:] for f in emulator.list(f"{output}/")]
-    assert "summary.json" in names
-    assert all(n == "summary.json" or (n.startswith(("results-", "failures-"))
+    assert {"summary.json", "report.html", "samples.parquet"} <= set(names)
+    singles = ("summary.json", "report.html", "samples.parquet")
+    assert all(n in singles or (n.startswith(("results-", "failures-"))
                                        and n.endswith(".parquet") and "/" not in n)
                for n in names), names
     written = json.loads(emulator.read(f"{output}/summary.json"))

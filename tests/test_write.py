@@ -362,3 +362,34 @@ def test_categories_min_depth_and_missing_inputs(labels):
                       embeddings_reduced=np.zeros((1, 3), np.float32))
     with pytest.raises(ValueError, match="reduced_dim"):
         results_schema(D, reduced_dim=0)
+
+
+def test_results_batch_needs_no_pandas():
+    """The runtime lock has no pandas (only the test lock does): building rows must not import it."""
+    import subprocess
+    import sys
+    code = """
+import sys
+
+
+class NoPandas:  # any `import pandas` fails, as in the runtime environment
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pandas":
+            raise ModuleNotFoundError("No module named 'pandas'")
+
+
+sys.meta_path.insert(0, NoPandas())
+from types import SimpleNamespace
+import numpy as np
+from transforms.write import results_batch, results_schema
+labels = SimpleNamespace(wnids=np.array(["n0", "n1"]), labels=np.array(["a", "b"]))
+for dtype in ("float32", "float16"):
+    batch = results_batch(["k"], ["s"], [1], [1], np.array([[1, 0]]),
+                          np.array([[0.9, 0.1]], np.float32), labels, np.ones((1, 4), np.float32),
+                          results_schema(4, embedding_dtype=dtype))
+    assert batch.num_rows == 1
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -22,6 +22,7 @@ class Counter(NamedTuple):
 
 
 READ_FILES = Counter("read", "read_files")  # files the input globs matched
+READ_SKIPPED_FILES = Counter("read", "read_skipped_files")  # folder files no reader accepts
 READ_IMAGES = Counter("read", "read_images")  # image records read
 READ_FAILURES = Counter("read", "read_failures")  # inputs that could not be read (failure rows)
 READ_IGNORED_MEMBERS = Counter("read", "read_ignored_members")  # tar members that are no image
@@ -34,6 +35,7 @@ SKIPPED_IMAGES = Counter(JOB_NAMESPACE, "skipped_images")  # already in --skip_k
 # The counters summary.json reports, in its order.
 SUMMARY = (
     READ_FILES,
+    READ_SKIPPED_FILES,
     READ_IMAGES,
     READ_FAILURES,
     DECODED_IMAGES,

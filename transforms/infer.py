@@ -19,6 +19,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from model import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL  # noqa: F401 (re-exported)
 from transforms import counters
+from transforms import progress
 from transforms.records import FAILURES, STAGE_INFERENCE, Decoded, Failure, error_text
 from transforms.write import results_batch, top_k
 
@@ -69,6 +70,7 @@ class ModelInfo(NamedTuple):
     num_classes: int
     embedding_dim: int
     metadata: dict
+    group_norm: str = ""  # which GroupNorm the launcher's process runs (for the console header)
 
 
 # Models loaded in this process, by (sources, precision, ...): the launcher's fail-fast check and an
@@ -112,7 +114,7 @@ def check_models(config: InferenceConfig, keep_loaded: bool = True) -> ModelInfo
         raise ModelError(f"the tags model {config.tags_model} has {model.num_classes} classes; "
                          f"the job tags with the {len(labels)} ImageNet-21k classes (a BiT-M model)")
     info = ModelInfo(model.num_classes, model.embedding_dim,
-                     {**model.metadata(), "label_set": labels.version})
+                     {**model.metadata(), "label_set": labels.version}, str(model.group_norm()))
     if not keep_loaded:
         with _LOADED_LOCK:
             _LOADED.pop(_model_key(config), None)
@@ -149,7 +151,8 @@ def library_versions() -> dict:
 
 
 class _Progress:
-    """Per-process progress: logs images done and images/s at a steady interval."""
+    """Per-process progress: logs images done and images/s at a steady interval (worker processes;
+    an in-process run's launcher shows the job's progress itself, see `transforms.progress`)."""
 
     def __init__(self, every_secs: float):
         self._every = every_secs
@@ -161,7 +164,7 @@ class _Progress:
         with self._lock:
             self._done += n
             now = time.monotonic()
-            if self._every > 0 and now - self._last >= self._every:
+            if self._every > 0 and now - self._last >= self._every and not progress.active():
                 self._last = now
                 elapsed = now - self._start
                 _LOG.info("inference progress: %d images done, %.1f images/s (this worker)",

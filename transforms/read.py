@@ -28,6 +28,8 @@ Choices:
 """
 from __future__ import annotations
 
+import logging
+import os
 import posixpath
 import re
 import struct
@@ -41,6 +43,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import counters
 from transforms.gcs import GcsDoFn
+from transforms import progress
 from transforms.records import FAILURES, STAGE_READ, Failure, ImageRecord, error_text
 
 INPUT_FORMATS = ("auto", "tfrecord", "webdataset", "images")
@@ -54,6 +57,7 @@ _COMPRESSION_EXTS = (".gz", ".bz2", ".deflate", ".zst", ".xz", ".lzma")
 _WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _MAX_TFRECORD_LENGTH = 1 << 31
 _CHUNK = 1 << 20
+_LOG = logging.getLogger(__name__)
 
 
 class CorruptShardError(Exception):
@@ -399,16 +403,85 @@ def match_files(pattern: str) -> list:
             if not m.path.endswith("/")]
 
 
+# ---------------------------------------------------------------------------------- input forms
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class Expansion(NamedTuple):
+    """What one `--input` item stands for: the files to read, and the folder files left out."""
+    files: list    # URIs to read (a glob's matches, or a folder's accepted files)
+    skipped: list  # files in a folder whose extension --input_format does not accept
+
+
+def normalize_pattern(pattern: str) -> str:
+    """A local glob or folder as an absolute path (`~` expanded, `.`/`..` resolved), so a bare
+    glob in the current folder matches, and every spelling of a file gives the same key.
+    URIs (gs://...) are returned unchanged."""
+    if "://" in pattern:
+        return pattern
+    trailing = "/" if pattern.endswith("/") else ""
+    return os.path.abspath(os.path.expanduser(pattern)) + trailing
+
+
+def is_folder(pattern: str) -> bool:
+    """True when a (normalized) pattern without glob characters names a folder: a local
+    directory, or an object-store prefix with objects under it and no object of its own name."""
+    if _GLOB_CHARS.search(pattern):
+        return False
+    if "://" not in pattern:
+        return os.path.isdir(pattern)
+    if not pattern.endswith("/") and FileSystems.exists(pattern):
+        return False
+    prefix = pattern.rstrip("/") + "/"
+    return bool(FileSystems.match([prefix + "**"], limits=[1])[0].metadata_list)
+
+
+def folder_accepts(uri: str, input_format: str = "auto") -> bool:
+    """Whether a file found in a folder is an input: its extension names a format that
+    `input_format` reads (`auto`: any known format). Sidecars (.txt, .json ...) are not."""
+    found = detect_format(uri, "auto")
+    return found is not None and input_format in ("auto", found)
+
+
+def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
+    """The files one `--input` item stands for: a glob's matches (every match is an input; one
+    that cannot be read becomes a failure), or every file under a folder, recursively, that
+    `folder_accepts` (the others are returned as `skipped`, not failures)."""
+    pattern = normalize_pattern(pattern)
+    if not is_folder(pattern):
+        return Expansion(match_files(pattern), [])
+    files, skipped = [], []
+    for uri in match_files(pattern.rstrip("/") + "/**"):
+        (files if folder_accepts(uri, input_format) else skipped).append(uri)
+    return Expansion(files, skipped)
+
+
 # ---------------------------------------------------------------------------------------- Beam
 
 class _MatchFiles(GcsDoFn):
-    """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors)."""
+    """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors).
+
+    Folder files with extensions no reader accepts are counted (`read_skipped_files`) and logged."""
+
+    def __init__(self, input_format: str = "auto"):
+        self._format = input_format
 
     def process(self, pattern: str):
-        paths = match_files(pattern)
+        paths, skipped = expand_input(pattern, self._format)
+        shards = sum(detect_format(u, self._format) != "images" for u in paths)
+        note = f" ({shards} TFRecord/tar shards)" if shards else ""
+        if skipped:
+            counters.READ_SKIPPED_FILES.metric().inc(len(skipped))
+            examples = ", ".join(posixpath.basename(s) for s in skipped[:3])
+            note += (f"; skipped {len(skipped)} file(s) that --input_format {self._format} "
+                     f"does not read (e.g. {examples})")
+        _LOG.info("input %s: %d file(s)%s", pattern, len(paths), note)
         if not paths:
-            raise ValueError(f"input pattern {pattern!r} matched no files")
+            raise ValueError(f"input pattern {pattern!r} matched no files"
+                             + (f" that --input_format {self._format} reads" if skipped else ""))
         counters.READ_FILES.metric().inc(len(paths))
+        progress.matched(len(paths), shards)
         yield from paths
 
 
@@ -455,25 +528,30 @@ class _ReadShard(GcsDoFn):
             else:
                 self._records.inc()
                 yield ImageRecord(entry.key, entry.source, entry.data)
+        progress.add(progress.FILES_READ)  # the live total is known once every file is read
 
 
 class ReadImages(beam.PTransform):
     """Read every input image: `p | ReadImages(patterns)` -> `ReadResult(records, failures)`.
 
-    patterns: globs (local or gs://, already split on commas by the caller; a str is one glob).
+    patterns: globs or folders (local or gs://, already split on commas by the caller; a str is
+      one). Local ones may be relative or start with `~`; a folder means its files, recursively,
+      whose extension `input_format` reads (see `expand_input`).
     input_format: "auto" (by extension, per file), "tfrecord", "webdataset" or "images".
     key_feature: the tf.train.Example bytes feature holding the encoded image.
     validate: check at construction that every pattern matches at least one file (a typo must not
       give an empty, successful run); the runtime match checks again.
     Returns `ReadResult(records: PCollection[ImageRecord], failures: PCollection[Failure])`; it
     unpacks as `records, failures = p | ReadImages(...)`.
-    Counters (namespace "read"): read_images, read_failures, read_files, read_ignored_members.
+    Counters (namespace "read"): read_images, read_failures, read_files, read_ignored_members,
+      read_skipped_files (folder files with an extension no reader accepts).
     """
 
     def __init__(self, patterns, input_format: str = "auto", key_feature: str = "image/encoded",
                  validate: bool = True):
         super().__init__()
-        self._patterns = split_patterns([patterns] if isinstance(patterns, str) else patterns)
+        self._patterns = [normalize_pattern(p) for p in
+                          split_patterns([patterns] if isinstance(patterns, str) else patterns)]
         if not self._patterns:
             raise ValueError("no input patterns given")
         if input_format not in INPUT_FORMATS:
@@ -493,7 +571,7 @@ class ReadImages(beam.PTransform):
     def expand(self, pbegin):
         uris = (pbegin
                 | "Patterns" >> beam.Create(self._patterns)
-                | "Match" >> beam.ParDo(_MatchFiles())
+                | "Match" >> beam.ParDo(_MatchFiles(self._format))
                 | "DistinctFiles" >> beam.Distinct()
                 | "SpreadFiles" >> beam.Reshuffle())
         losers = None
@@ -511,10 +589,15 @@ class ReadImages(beam.PTransform):
 
 
 def check_patterns(patterns: list[str]) -> None:
-    """Raise ValueError naming every pattern that matches no file (or cannot be listed)."""
+    """Raise ValueError naming every pattern that matches no file (or cannot be listed).
+
+    Cheap (one listed file per pattern); a folder with files but none the format reads fails at
+    run time, in the match."""
     problems = []
     try:
-        results = FileSystems.match(patterns, limits=[1] * len(patterns))
+        listed = [normalize_pattern(p) for p in patterns]
+        listed = [p.rstrip("/") + "/**" if is_folder(p) else p for p in listed]
+        results = FileSystems.match(listed, limits=[1] * len(listed))
     except Exception as exc:  # noqa: BLE001 - BeamIOError lists the failing patterns
         raise ValueError(f"cannot list input files: {error_text(exc)}") from None
     for pattern, result in zip(patterns, results):

@@ -208,7 +208,10 @@ def _fixed_size_list(values: np.ndarray, field: pa.Field, what: str, rows: int) 
     values = np.asarray(values)
     if values.shape != (rows, width):
         raise ValueError(f"{what} must be [{rows}, {width}], got {values.shape}")
-    flat = np.ascontiguousarray(values, dtype=value_type.to_pandas_dtype()).reshape(-1)
+    # The NumPy dtype of an Arrow type without pandas (to_pandas_dtype imports pandas, which the
+    # runtime lock does not install).
+    dtype = pa.array([], type=value_type).to_numpy(zero_copy_only=False).dtype
+    flat = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), type=typ)
 
 

@@ -1,0 +1,126 @@
+"""report.html: written by every run, re-rendered by `python -m pipeline.report OUTPUT` (local and
+gs://), self-contained, and it loads in headless Chromium with every thumbnail it claims."""
+import io
+import os
+import re
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from PIL import Image
+
+from pipeline import report
+from tests.browser import inspect_page
+from tests.first_run import PHOTOS, first_run
+from transforms.records import Decoded
+from transforms.sample import SampleThumbnails, key_hash, thumbnail
+
+# Every <img> has loaded and has pixels; the count the page claims in the contact-sheet heading.
+_PAGE_CHECK = """(() => {
+  const imgs = [...document.querySelectorAll('.card img')];
+  const heading = [...document.querySelectorAll('h2')]
+    .find(h => h.textContent.startsWith('Contact'));
+  return {claimed: parseInt(heading.textContent.match(/(\\d+) sample/)[1]), imgs: imgs.length,
+          loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+          svgs: document.querySelectorAll('svg').length};
+})()"""
+
+
+def test_every_run_writes_a_self_contained_report(models):
+    output, text, code = first_run(*models)
+    assert code == 0, text
+    page = (output / "report.html").read_text()
+    assert len(page.encode()) < 2_000_000
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # nothing from the network
+    assert page.count('src="data:image/jpeg;base64,') == len(PHOTOS)  # fewer than 48: all shown
+    assert "broken.jpg" in page and "decode" in page  # the failure, with its example row
+    assert page.count("<svg") == 2  # tag bar chart and top-1 histogram
+
+
+def test_sample_thumbnails_come_from_decoded_pixels_with_their_aspect(models):
+    output, _, _ = first_run(*models)
+    samples = pq.read_table(output / "samples.parquet").to_pylist()
+    keys = set(pq.ParquetDataset(
+        [str(p) for p in output.glob("results-*.parquet")]).read(columns=["key"])
+        .column("key").to_pylist())
+    assert {s["key"] for s in samples} == keys
+    assert [s["key"] for s in samples] == sorted(keys, key=key_hash)
+    chelsea = next(s for s in samples if s["key"].endswith("chelsea.jpg"))
+    image = Image.open(io.BytesIO(chelsea["thumbnail"]))
+    assert (image.format, image.size) == ("JPEG", (160, 106))  # 451x300 photo, aspect restored
+
+
+def test_report_command_renders_the_same_page_again(models, tmp_path):
+    output, _, _ = first_run(*models)
+    before = (output / "report.html").read_bytes()
+    os.remove(output / "report.html")
+    assert report.main([str(output)]) == 0
+    assert (output / "report.html").read_bytes() == before
+    assert report.main([str(tmp_path / "no-run-here")]) == 2
+
+
+def test_report_command_on_gcs(models, beam_gcs):
+    output, _, _ = first_run(*models)
+    root = f"gs://{beam_gcs.new_bucket()}/run"
+    for path in output.iterdir():
+        if path.name != "report.html":
+            beam_gcs.upload_file(f"{root}/{path.name}", path)
+    assert report.main([root]) == 0
+    page = beam_gcs.read(f"{root}/report.html").decode()
+    assert page.count("data:image/jpeg;base64,") == len(PHOTOS)
+
+
+def test_report_loads_in_chromium_with_every_thumbnail(models, tmp_path):
+    output, _, _ = first_run(*models)
+    png = tmp_path / "report.png"
+    errors, seen = inspect_page(str(output / "report.html"), _PAGE_CHECK, str(png))
+    assert errors == []
+    assert seen == {"claimed": len(PHOTOS), "imgs": len(PHOTOS), "loaded": len(PHOTOS),
+                    "svgs": 2}
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    assert pixels.shape[0] > 600 and pixels.std() > 10  # not blank
+
+
+def _decoded(key: str) -> Decoded:
+    pixels = np.full((8, 8, 3), key_hash(key) % 256, np.uint8)
+    return Decoded(key, key, 16, 8, pixels)
+
+
+def test_sample_is_the_smallest_key_hashes_whatever_the_order(tmp_path):
+    keys = [f"img-{i:03d}" for i in range(100)]
+    chosen = []
+    for run, order in enumerate((keys, keys[::-1])):
+        out = tmp_path / f"run{run}"
+        out.mkdir()
+        with BeamTestPipeline() as p:
+            _ = p | beam.Create([_decoded(k) for k in order]) | SampleThumbnails(str(out), n=48)
+        chosen.append(pq.read_table(out / "samples.parquet").column("key").to_pylist())
+    assert chosen[0] == chosen[1] == sorted(keys, key=key_hash)[:48]
+
+
+def test_empty_run_writes_an_empty_sample(tmp_path):
+    with BeamTestPipeline() as p:
+        _ = p | beam.Create([], reshuffle=False).with_output_types(Decoded) | SampleThumbnails(
+            str(tmp_path))
+    assert pq.read_table(tmp_path / "samples.parquet").num_rows == 0
+
+
+def test_thumbnail_restores_the_aspect_of_a_squashed_image():
+    square = np.zeros((224, 224, 3), np.uint8)
+    wide = Image.open(io.BytesIO(thumbnail(square, width=800, height=400)))
+    assert wide.size == (160, 80)
+    cropped = Image.open(io.BytesIO(thumbnail(square, 800, 400, resize="center_crop")))
+    assert cropped.size == (160, 160)
+
+
+def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text("<!DOCTYPE html><html><head><meta http-equiv='Content-Security-Policy' "
+                    "content=\"default-src 'none'; img-src data:\"></head><body>"
+                    "<h2>Contact sheet: 1 sample image</h2><div class='card'>"
+                    "<img src='data:image/jpeg;base64,AAAA'></div>"
+                    "<img src='http://127.0.0.1:9/x.png'></body></html>")
+    errors, seen = inspect_page(str(page), _PAGE_CHECK, str(tmp_path / "bad.png"))
+    assert errors  # the blocked network image
+    assert seen["claimed"] == 1 and seen["loaded"] == 0

@@ -63,6 +63,11 @@ def test_default_graph(inputs, tmp_path):
         "FailureBatches",
         "WriteResults",
         "WriteFailures",
+        "Sample",  # report.html's contact sheet
+        "ProgressRead",  # live progress of an in-process run
+        "ProgressReadFailures",
+        "ProgressDone",
+        "ProgressFailed",
     }
     decode_steps = [t for label, t in nodes.items() if label.startswith("Decode/")]
     assert any(isinstance(getattr(t, "fn", None), DecodeAndResize) for t in decode_steps)

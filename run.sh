@@ -5,6 +5,8 @@
 #   ./run.sh test [pytest args]                  run the test suite
 #   ./run.sh dataflow --project P --region R --bucket gs://B --input ... --output ...
 #                                                 submit the job to Google Cloud Dataflow
+#   ./run.sh index OUTPUT [--index_dir DIR]      index a run's results (appends to DIR)
+#   ./run.sh search INDEX_OR_OUTPUT --image F | --key K | --tag T [--k 10] [--json]
 # The first use creates .venv/ next to this script and installs the project into it; later uses
 # reinstall only when requirements*.txt or setup.py changed.
 set -euo pipefail
@@ -57,6 +59,10 @@ case "${1:-}" in
     shift
     ensure_venv requirements.txt
     exec "$VENV/bin/python" -m pipeline.dataflow "$@"
+    ;;
+  index|search)
+    ensure_venv requirements.txt
+    exec "$VENV/bin/python" -m search "$@"
     ;;
   *)
     ensure_venv requirements.txt

@@ -16,7 +16,7 @@ setuptools.setup(
     version="0.1.0",
     description="Tag and embed millions of images with BiT in an Apache Beam batch job",
     python_requires=">=3.11",
-    packages=["pipeline", "transforms", "model", "model.data", "model.kernels"],
+    packages=["pipeline", "transforms", "model", "model.data", "model.kernels", "search"],
     package_data={"model.data": ["*.txt"], "model.kernels": ["*.cc"]},
     install_requires=requirements(),
     entry_points={"console_scripts": ["bit-tagger=pipeline.main:main"]},

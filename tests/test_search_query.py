@@ -85,6 +85,23 @@ def test_wnids_and_spaced_lemmas_resolve(tagged):
                         k=5) == []
 
 
+def test_without_categories_tags_match_only_the_tagged_classes(job_output, tmp_path):
+    """A `--no_categories` output: the tags are the categories, hypernyms match nothing."""
+    output, _ = job_output
+    tags_only = so.retag(output, str(tmp_path / "out"), categories=False)
+    build_index(tags_only)
+    index = open_index(tags_only)
+    assert index.settings["tag_column"] == "tags"
+    hits = query.by_tag(index, [w for w, _ in query.resolve_tag(index, "golden retriever")], k=10)
+    table = so.results(tags_only)
+    expected = sorted(((t["score"], row["key"]) for row in table.to_pylist() for t in row["tags"]
+                       if t["wnid"] == so.GOLDEN[0]), reverse=True)
+    assert [(pytest.approx(h.score), h.key) for h in hits] == [(s, k) for s, k in expected]
+    dogs = query.resolve_tag(index, "dog")  # known classes (the animal, the andiron) ...
+    assert so.DOG in dogs and len(dogs) == 2
+    assert query.by_tag(index, [w for w, _ in dogs], k=10) == []  # ... no image is tagged with
+
+
 def test_image_within_a_tag_only_returns_images_of_that_tag(tagged, model):
     index, table, photos = tagged
     vector = query.embed_image(index, open(photos[1], "rb").read(), model)

@@ -296,7 +296,7 @@ def build_index(output: str, index_dir: str | None = None, *,
             vector_index is None or rows > 2 * vector_index["trained_rows"]):
         _LOG.info("training the vector index on %d vectors of %d-d", rows, settings["dim"])
         vector_index = ann.create_vector_index(table, rows, settings["dim"])
-    if meta is None:
+    if rows and "wnids_idx" not in {i.name for i in table.list_indices()}:
         import lancedb.index
         table.create_index("wnids", config=lancedb.index.LabelList())
     elif added:
@@ -339,7 +339,10 @@ class Index:
 def open_index(index_or_output: str) -> Index:
     """The index at INDEX_OR_OUTPUT, or at the default index directory of that OUTPUT."""
     path = index_or_output.rstrip("/")
-    for candidate in dict.fromkeys([path, default_index_dir(path)]):
+    candidates = [path, default_index_dir(path)]
+    if is_gcs(path):  # a gs:// OUTPUT's index is local by default: look there first
+        candidates.reverse()
+    for candidate in dict.fromkeys(candidates):
         meta = read_meta(candidate)
         if meta is not None:
             return Index(candidate, meta)

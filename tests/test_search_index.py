@@ -138,3 +138,14 @@ def test_index_json_is_plain_json(job_output, tmp_path):
     build_index(output, str(tmp_path / "ix"))
     meta = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert set(meta) >= {"settings", "runs", "rows", "bytes", "bytes_per_image", "vector_index"}
+
+
+def test_a_run_without_results_rows_makes_an_empty_index_that_later_runs_fill(tmp_path):
+    index_dir = str(tmp_path / "ix")
+    empty = build_index(so.synthetic_output(str(tmp_path / "a"), np.zeros((0, 8))), index_dir)
+    assert empty["rows"] == 0
+    filled = build_index(so.synthetic_output(str(tmp_path / "b"), so.clustered(10, 8)), index_dir)
+    assert filled["rows_added"] == 10
+    index = open_index(index_dir)
+    assert "wnids_idx" in {i.name for i in index.images.list_indices()}
+    assert len(query.by_tag(index, [so.GOLDEN[0]], k=20)) == 10

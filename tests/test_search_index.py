@@ -98,6 +98,9 @@ def test_gcs_output_is_indexed_locally_and_searched(job_output, gcs_emulator, tm
     index = open_index(gcs_output)  # the OUTPUT finds its default index
     hits = query.by_tag(index, [so.DOG[0]], k=2)
     assert [h.wnid for h in hits] == [so.DOG[0]] * 2
+    photo = (local / "results-00000-of-00001.parquet").read_bytes()[:100]
+    gcs_emulator.upload(f"gs://{bucket}/query.bin", photo)
+    assert query.read_image(f"gs://{bucket}/query.bin") == photo  # --image reads gs:// too
     with pytest.raises(SearchError, match="LanceDB cannot use the GCS emulator"):
         build_index(gcs_output, f"gs://{bucket}/index")
 

@@ -107,6 +107,8 @@ def main(argv=None):
     print(f"# data + exact truth: {time.perf_counter() - t0:.1f} s")
 
     root = args.dir or tempfile.mkdtemp(prefix="search_recall-")
+    if args.dir:
+        shutil.rmtree(root, ignore_errors=True)  # a scratch dir: older versions would count
     try:
         db = lancedb.connect(root)
         schema = next(table_batches(vectors[:1])).schema

@@ -1,4 +1,4 @@
-"""recall@10, latency, build time and size of the search index (`search/ann.py`) against exact search.
+"""recall@10, latency, build time and size of the search index (`search/ann.py`) vs exact search.
 
     python bench/search_recall.py                      # 50,000 x 6144-d, the default settings
     python bench/search_recall.py --rows 20000 --nprobes 8,16,32 --refine_factors 1,10

@@ -25,7 +25,8 @@ def test_index_holds_every_result_row_with_its_embedding(job_output, tmp_path, c
     assert rows.column("key").to_pylist() == written.column("key").to_pylist()
     assert rows.column("source").to_pylist() == written.column("source").to_pylist()
     np.testing.assert_array_equal(
-        np.stack(rows.column("vector").to_pylist()), np.stack(written.column("embedding").to_pylist()))
+        np.stack(rows.column("vector").to_pylist()),
+        np.stack(written.column("embedding").to_pylist()))
     # Without a categories column, the tags are what a tag query matches.
     first = written.column("tags")[0].as_py()
     assert rows.column("wnids")[0].as_py() == [t["wnid"] for t in first]
@@ -93,7 +94,8 @@ def test_gcs_output_is_indexed_locally_and_searched(job_output, gcs_emulator, tm
     for f in local.glob("results-*.parquet"):
         gcs_emulator.upload(f"{gcs_output}/{f.name}", f.read_bytes())
     report = build_index(gcs_output)
-    assert report["index_dir"] == str(tmp_path / "cache" / "index" / "gs" / bucket / "tags" / "run1")
+    expected_dir = tmp_path / "cache" / "index" / "gs" / bucket / "tags" / "run1"
+    assert report["index_dir"] == str(expected_dir)
     assert report["rows"] == so.NUM_PHOTOS
     index = open_index(gcs_output)  # the OUTPUT finds its default index
     hits = query.by_tag(index, [so.DOG[0]], k=2)

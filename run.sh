@@ -11,6 +11,8 @@
 #   ./run.sh report OUTPUT                       (re)write OUTPUT/report.html from a finished run
 #   ./run.sh lock [--upgrade | --upgrade-package NAME]
 #                                                 regenerate requirements.lock / requirements-dev.lock
+#   ./run.sh index OUTPUT [--index_dir DIR]      index a run's results (appends to DIR)
+#   ./run.sh search INDEX_OR_OUTPUT --image F | --key K | --tag T [--k 10] [--json]
 # The first use creates .venv/ next to this script and installs the exact versions (with hashes) of
 # requirements.lock (requirements-dev.lock for tests) into it; later uses reinstall only when a lock
 # file or setup.py changed. requirements*.txt hold the human-edited ranges the locks come from.
@@ -114,6 +116,11 @@ case "${1:-}" in
   lock)
     shift
     lock "$@"
+    ;;
+  index|search)
+    ensure_venv requirements.lock
+    cd "$CALLER"
+    exec "$VENV/bin/python" -m search "$@"
     ;;
   *)
     ensure_venv requirements.lock

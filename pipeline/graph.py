@@ -20,6 +20,7 @@ def footer_metadata(opts: JobOptions, model: ModelInfo, basis=None) -> dict:
     metadata = dict(model.metadata)
     metadata.update({
         "image_size": str(opts.image_size),
+        "resize": opts.resize,
         "preprocessing": f"decode RGB (EXIF-rotated, alpha on white), {opts.resize} bilinear "
                          f"resize to {opts.image_size}x{opts.image_size}, uint8",
         "embedding_dtype": opts.embedding_dtype,

@@ -33,3 +33,10 @@ def beam_gcs(gcs_emulator):  # noqa: F811
     assert configure_beam_gcs()
     yield gcs_emulator
     auth._Credentials._credentials, auth._Credentials._credentials_init = saved
+
+
+@pytest.fixture(scope="session")
+def job_output(models, tmp_path_factory):
+    """One small local run of the job (tests/search_outputs.py): (OUTPUT, photo paths)."""
+    from tests.search_outputs import run_job
+    return run_job(tmp_path_factory.mktemp("search-job"), models)

@@ -1,0 +1,179 @@
+"""The three queries of `./run.sh search`: by image, by key, by tag (and image within a tag).
+
+- `by_vector` (used by `--image` and `--key`): approximate candidates from the index, re-ranked by
+  exact cosine (`search/ann.py`), optionally only among images carrying some synsets.
+- `by_tag`: the images whose `categories` contain one of the synsets, by that category's score.
+- `embed_image`: a query image embedded as the job embedded the indexed ones: the embed model,
+  precision, image size and resize recorded in the results' footer, then the PCA basis when the
+  index holds `embedding_reduced`. A model whose sha256 is not the index's is refused.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from model import storage
+from search import SearchError, ann, terms
+from search.index import Index
+
+_LOG = logging.getLogger(__name__)
+
+DISPLAY_COLUMNS = ["key", "source", "tags"]
+
+
+@dataclass
+class Hit:
+    """One result: `score` is the cosine similarity (image/key queries) or the category score
+    (tag-only queries); `wnid` is the matching synset of a tag query."""
+    key: str
+    source: str
+    score: float
+    tags: list[str] = field(default_factory=list)
+    wnid: str | None = None
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        if out["wnid"] is None:
+            del out["wnid"]
+        return out
+
+
+def _wnid_filter(wnids) -> str | None:
+    return None if wnids is None else f"array_has_any(wnids, {terms.sql_list(wnids)})"
+
+
+def by_vector(index: Index, vector: np.ndarray, k: int = 10, wnids: list[str] | None = None,
+              exclude_key: str | None = None, nprobes: int = ann.DEFAULT_NPROBES,
+              refine_factor: int = ann.DEFAULT_REFINE_FACTOR) -> list[Hit]:
+    """The `k` images nearest to `vector` (exact cosine), within `wnids` when given."""
+    vector = np.asarray(vector, np.float32).reshape(-1)
+    if vector.shape[0] != index.settings["dim"]:
+        raise SearchError(f"query vector has {vector.shape[0]} dimensions, the index "
+                          f"{index.settings['dim']}")
+    limit = k + (exclude_key is not None)
+    columns = DISPLAY_COLUMNS + (["categories"] if wnids else [])
+    candidates = ann.nearest(index.images, vector, limit, columns, where=_wnid_filter(wnids),
+                             nprobes=nprobes, refine_factor=refine_factor)
+    rows, sims = ann.exact_rerank(vector, candidates, limit)
+    hits = []
+    for row, sim in zip(rows.to_pylist(), sims):
+        if row["key"] == exclude_key:
+            continue
+        match = _best_category(row["categories"], wnids)[0] if wnids else None
+        hits.append(Hit(row["key"], row["source"], float(sim), row["tags"] or [], match))
+    return hits[:k]
+
+
+def vector_of(index: Index, key: str) -> np.ndarray:
+    """The indexed vector of `key`; SearchError when the key is not in the index."""
+    quoted = "'" + key.replace("'", "''") + "'"
+    found = (index.images.search().where(f"key = {quoted}").select([ann.VECTOR_COLUMN])
+             .limit(1).to_arrow())
+    if found.num_rows == 0:
+        raise SearchError(f"key {key!r} is not in the index {index.dir}")
+    return np.asarray(found.column(ann.VECTOR_COLUMN)[0].as_py(), np.float32)
+
+
+def by_key(index: Index, key: str, k: int = 10, **kwargs) -> list[Hit]:
+    """The `k` nearest neighbours of an indexed image (itself excluded)."""
+    return by_vector(index, vector_of(index, key), k, exclude_key=key, **kwargs)
+
+
+def resolve_tag(index: Index, term: str) -> list[tuple[str, str]]:
+    """(wnid, label) of every synset `term` names in the index's vocabulary, else in the model's
+    label set (a known tag no indexed image has); SearchError for an unknown term."""
+    normalised = terms.normalise(term)
+    if not normalised:
+        raise SearchError("--tag is empty")
+    quoted = "'" + normalised.replace("'", "''") + "'"
+    found = index.vocabulary.search().where(f"term = {quoted}").limit(None).to_arrow()
+    synsets = list(dict.fromkeys(zip(found.column("wnid").to_pylist(),
+                                     found.column("label").to_pylist())))
+    if not synsets:
+        synsets = terms.label_set_synsets(normalised)
+    if not synsets:
+        raise SearchError(f"unknown tag {term!r}: no wnid or lemma of that name in the index "
+                          "or in the ImageNet-21k label set")
+    return synsets
+
+
+def _best_category(categories, wnids) -> tuple[str | None, float]:
+    best = (None, float("-inf"))
+    for item in categories or []:
+        if item["wnid"] in wnids and item["score"] > best[1]:
+            best = (item["wnid"], float(item["score"]))
+    return best
+
+
+def by_tag(index: Index, wnids: list[str], k: int = 10) -> list[Hit]:
+    """The `k` images whose categories contain one of `wnids`, by that category's score."""
+    found = (index.images.search().where(_wnid_filter(wnids))
+             .select(DISPLAY_COLUMNS + ["categories"]).limit(None).to_arrow())
+    hits = []
+    for row in found.to_pylist():
+        wnid, score = _best_category(row["categories"], set(wnids))
+        hits.append(Hit(row["key"], row["source"], score, row["tags"] or [], wnid))
+    hits.sort(key=lambda h: (-h.score, h.key))
+    return hits[:k]
+
+
+# ------------------------------------------------------------------------- query images
+
+def load_model(index: Index, embed_model: str | None = None, tags_model: str | None = None,
+               cache_dir: str | None = None):
+    """The job's model as the index's footer records it (sources overridable), checked to be the
+    same embed model (sha256) as the indexed vectors'."""
+    from model.bit import TagAndEmbedModel
+
+    s = index.settings
+    embed_source, tags_source = embed_model or s["embed_model"], tags_model or s["tags_model"]
+    try:
+        model = TagAndEmbedModel.load(tags_source, embed_source, precision=s["precision"] or
+                                      "float32", cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        raise SearchError(f"cannot load the model to embed the query image: "
+                          f"{type(e).__name__}: {e}") from None
+    got = model.metadata()["embed_model_sha256"]
+    if s["embed_model_sha256"] and got != s["embed_model_sha256"]:
+        raise SearchError(
+            f"the query would be embedded by a different model: {embed_source} has sha256 "
+            f"{got[:16]}..., the index was built from {s['embed_model']} "
+            f"({s['embed_model_sha256'][:16]}...)")
+    return model
+
+
+def read_image(path: str) -> bytes:
+    try:
+        with storage.open_file(path, "rb") as f:
+            return f.read()
+    except (OSError, ValueError) as e:
+        raise SearchError(f"cannot read --image {path}: {type(e).__name__}: {e}") from None
+
+
+def embed_image(index: Index, data: bytes, model, what: str = "image") -> np.ndarray:
+    """The index-space vector of an encoded image, preprocessed as the indexed images were."""
+    from transforms.decode import DecodeError, decode_image
+
+    s = index.settings
+    try:
+        pixels, _, _ = decode_image(data, int(s["image_size"]), resize=s["resize"])
+    except DecodeError as e:
+        raise SearchError(f"{what} cannot be decoded: {e}") from None
+    embedding = model(pixels[None]).embeddings
+    if s.get("embedding_dtype") == "float16":  # round as the indexed vectors were
+        embedding = embedding.astype(np.float16).astype(np.float32)
+    if s["vector_column"] == "embedding_reduced":
+        embedding = _project(s, embedding)
+    return embedding[0]
+
+
+def _project(settings: dict, embeddings: np.ndarray) -> np.ndarray:
+    from model.pca import load_basis
+
+    basis = load_basis(settings["pca_basis"])
+    if settings["pca_basis_sha256"] and basis.sha256 != settings["pca_basis_sha256"]:
+        raise SearchError(f"PCA basis {settings['pca_basis']} has changed since the results were "
+                          "written (sha256 differs): the query cannot be projected like them")
+    return basis.project(embeddings)

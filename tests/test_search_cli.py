@@ -1,0 +1,106 @@
+"""`python -m search` (./run.sh index / search): output formats and exit codes, in process."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from search.cli import main
+from tests import search_outputs as so
+from tests.bit_checkpoints import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def indexed(job_output, tmp_path_factory):
+    """(OUTPUT indexed at its default place, photos)."""
+    output, photos = job_output
+    tagged = so.retag(output, str(tmp_path_factory.mktemp("cli") / "out"))
+    assert main(["index", tagged]) == 0
+    return tagged, photos
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_index_reports_what_it_did(indexed, capsys):
+    output, _ = indexed
+    rc, out, _ = run(capsys, "index", output)
+    assert rc == 0
+    assert f"indexed 0 new images of {so.NUM_PHOTOS} read from 1 files of {output}" in out
+    assert f"{output}/index holds {so.NUM_PHOTOS} images" in out and "bytes/image" in out
+
+
+def test_json_is_an_array_of_key_source_score_tags_best_first(indexed, capsys):
+    output, photos = indexed
+    rc, out, _ = run(capsys, "search", output, "--image", photos[2], "--k", "3", "--json")
+    assert rc == 0
+    hits = json.loads(out)
+    assert len(hits) == 3 and set(hits[0]) == {"key", "source", "score", "tags"}
+    assert hits[0]["key"] == hits[0]["source"] == photos[2] and hits[0]["score"] >= 0.999
+    assert hits[0]["tags"] == ["golden_retriever", "crane"]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_tag_query_prints_a_table_and_lists_the_synsets_of_a_homonym(indexed, capsys):
+    output, _ = indexed
+    rc, out, err = run(capsys, "search", str(output) + "/index", "--tag", "crane", "--k", "3")
+    assert rc == 0
+    assert f"names 2 synsets, all matched: {so.CRANE_BIRD[0]} (crane), {so.CRANE_MACHINE[0]} " \
+           "(crane)" in err
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["#", "score", "key", "tags"] and len(lines) == 4
+    assert lines[1].split()[0] == "1" and "[n0" in lines[1]
+
+
+def test_key_query_with_k(indexed, capsys):
+    output, photos = indexed
+    rc, out, _ = run(capsys, "search", output, "--key", photos[0], "--k", "2", "--json")
+    assert rc == 0
+    assert [h["key"] for h in json.loads(out)] != [] and photos[0] not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tag", "no such tag"], "unknown tag 'no such tag'"),
+    (["--key", "missing-key"], "key 'missing-key' is not in the index"),
+    (["--key", "a", "--tag", "dog"], "give one of --image, --key or --tag"),
+    ([], "give one of --image, --key or --tag"),
+    (["--tag", "dog", "--k", "0"], "--k must be at least 1"),
+])
+def test_bad_queries_exit_2_with_one_line(indexed, capsys, argv, message):
+    output, _ = indexed
+    rc, out, err = run(capsys, "search", output, *argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1
+    assert lines[0].startswith(f"run.sh search: error: {message}")
+
+
+def test_bad_images_and_models_exit_2(indexed, capsys, tmp_path):
+    output, photos = indexed
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"<html>404</html>")
+    rc, _, err = run(capsys, "search", output, "--image", str(broken))
+    assert rc == 2 and f"--image {broken} cannot be decoded" in err
+    other = tmp_path / "other.npz"
+    write_checkpoint(other, units=(1, 1, 1, 1), width=1, num_classes=None, seed=9)
+    rc, _, err = run(capsys, "search", output, "--image", photos[0], "--embed_model", str(other))
+    assert rc == 2 and "embedded by a different model" in err
+
+
+def test_missing_index_and_usage_errors_exit_2(tmp_path, capsys):
+    rc, _, err = run(capsys, "search", str(tmp_path), "--tag", "dog")
+    assert rc == 2 and err.startswith(f"run.sh search: error: no index at {tmp_path}")
+    rc, _, err = run(capsys, "index", str(tmp_path))
+    assert rc == 2 and "no results-*.parquet in" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_module_entry_point_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "search", "search", str(tmp_path), "--tag", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no index at" in done.stderr

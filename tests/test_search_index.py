@@ -1,0 +1,156 @@
+"""`search.index`: an index built from a real job output holds its rows as written; runs append;
+runs with another model, basis or preprocessing are refused; gs:// outputs are read from the GCS
+emulator into a local index; the IVF-PQ path is trained and kept up to date on append."""
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+
+from search import SearchError, ann, query
+from search.index import build_index, default_index_dir, open_index, read_meta
+from tests import search_outputs as so
+
+
+def test_index_holds_every_result_row_with_its_embedding(job_output, tmp_path, caplog):
+    output, _ = job_output
+    with caplog.at_level(logging.INFO, logger="search.index"):
+        report = build_index(output, str(tmp_path / "ix"), log_every_secs=1e-9)
+    assert any("indexing: 1/1 files, 8 images read" in r.getMessage() for r in caplog.records)
+    written = so.results(output)
+    index = open_index(str(tmp_path / "ix"))
+    rows = index.images.to_arrow().sort_by("key")
+    assert report["rows_added"] == report["rows"] == written.num_rows == rows.num_rows
+    assert rows.column("key").to_pylist() == written.column("key").to_pylist()
+    assert rows.column("source").to_pylist() == written.column("source").to_pylist()
+    np.testing.assert_array_equal(
+        np.stack(rows.column("vector").to_pylist()),
+        np.stack(written.column("embedding").to_pylist()))
+    # Without a categories column, the tags are what a tag query matches.
+    first = written.column("tags")[0].as_py()
+    assert rows.column("wnids")[0].as_py() == [t["wnid"] for t in first]
+    assert rows.column("tags")[0].as_py() == [t["label"].split(",")[0] for t in first[:3]]
+    meta = read_meta(str(tmp_path / "ix"))
+    footer = so.footer(output)
+    assert meta["settings"]["embed_model_sha256"] == footer["embed_model_sha256"]
+    assert meta["settings"]["resize"] == footer["resize"] == "squash"
+    assert meta["settings"]["tag_column"] == "tags"
+    assert meta["bytes_per_image"] == report["bytes_per_image"] > 0
+    assert meta["runs"][0]["output"] == output and meta["runs"][0]["seconds"] > 0
+
+
+def test_default_index_dir_is_next_to_a_local_output_and_local_for_gcs(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIT_CACHE_DIR", str(tmp_path))
+    assert default_index_dir("/data/out/") == "/data/out/index"
+    assert default_index_dir("gs://b/tags/2024") == str(tmp_path / "index" / "gs" / "b" / "tags"
+                                                        / "2024")
+
+
+def test_runs_append_and_reindexing_adds_nothing(job_output, tmp_path):
+    output, _ = job_output
+    second = so.retag(output, str(tmp_path / "second"), key_prefix="night2/")
+    index_dir = str(tmp_path / "ix")
+    build_index(output, index_dir)
+    report = build_index(second, index_dir)
+    assert report["rows_added"] == so.NUM_PHOTOS and report["rows"] == 2 * so.NUM_PHOTOS
+    again = build_index(second, index_dir)
+    assert again["rows_added"] == 0 and again["rows"] == 2 * so.NUM_PHOTOS
+    meta = read_meta(index_dir)
+    assert [r["output"] for r in meta["runs"]] == [output, second, second]
+    assert [r["tag_column"] for r in meta["runs"]] == ["tags", "categories", "categories"]
+    index = open_index(index_dir)
+    assert index.images.count_rows("key LIKE 'night2/%'") == so.NUM_PHOTOS
+    # The appended run's categories are searchable: its hypernyms joined the vocabulary.
+    assert [w for w, _ in query.resolve_tag(index, "domestic cat")] == [so.CAT[0]]
+
+
+@pytest.mark.parametrize("key, value", [
+    ("embed_model_sha256", "f" * 64), ("pca_basis_sha256", "e" * 64), ("image_size", "224")])
+def test_a_run_with_other_vectors_is_refused(job_output, tmp_path, key, value):
+    output, _ = job_output
+    index_dir = str(tmp_path / "ix")
+    build_index(output, index_dir)
+    other = so.retag(output, str(tmp_path / "other"), key_prefix="x/", metadata={key: value})
+    with pytest.raises(SearchError, match=f"not comparable: {key} '{value}'"):
+        build_index(other, index_dir)
+    assert open_index(index_dir).images.count_rows() == so.NUM_PHOTOS
+
+
+def test_missing_results_are_a_clear_error(tmp_path):
+    with pytest.raises(SearchError, match="no results-\\*.parquet in"):
+        build_index(str(tmp_path), str(tmp_path / "ix"))
+    with pytest.raises(SearchError, match="no index at"):
+        open_index(str(tmp_path))
+
+
+def test_gcs_output_is_indexed_locally_and_searched(job_output, gcs_emulator, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.setenv("BIT_CACHE_DIR", str(tmp_path / "cache"))
+    output, _ = job_output
+    local = pathlib.Path(so.retag(output, str(tmp_path / "tagged")))
+    bucket = gcs_emulator.new_bucket()
+    gcs_output = f"gs://{bucket}/tags/run1"
+    for f in local.glob("results-*.parquet"):
+        gcs_emulator.upload(f"{gcs_output}/{f.name}", f.read_bytes())
+    report = build_index(gcs_output)
+    expected_dir = tmp_path / "cache" / "index" / "gs" / bucket / "tags" / "run1"
+    assert report["index_dir"] == str(expected_dir)
+    assert report["rows"] == so.NUM_PHOTOS
+    index = open_index(gcs_output)  # the OUTPUT finds its default index
+    hits = query.by_tag(index, [so.DOG[0]], k=2)
+    assert [h.wnid for h in hits] == [so.DOG[0]] * 2
+    photo = (local / "results-00000-of-00001.parquet").read_bytes()[:100]
+    gcs_emulator.upload(f"gs://{bucket}/query.bin", photo)
+    assert query.read_image(f"gs://{bucket}/query.bin") == photo  # --image reads gs:// too
+    with pytest.raises(SearchError, match="LanceDB cannot use the GCS emulator"):
+        build_index(gcs_output, f"gs://{bucket}/index")
+
+
+def test_ivf_pq_index_is_trained_used_and_updated_on_append(tmp_path):
+    vectors = so.clustered(600, 32)
+    index_dir = str(tmp_path / "ix")
+    report = build_index(so.synthetic_output(str(tmp_path / "a"), vectors), index_dir,
+                         ann_min_rows=500)
+    assert report["vector_index"] == "ivf_pq"
+    meta = read_meta(index_dir)["vector_index"]
+    assert meta["num_partitions"] == ann.num_partitions(600) == 2
+    assert meta["num_sub_vectors"] == ann.num_sub_vectors(32) == 2
+    index = open_index(index_dir)
+    # Exact re-ranking: each stored vector finds itself first with cosine 1, and the rest of the
+    # top 10 is (nearly) the exact top 10.
+    recall = []
+    for i in range(0, 600, 60):
+        hits = query.by_vector(index, vectors[i], k=10)
+        assert hits[0].key == f"s{i}" and hits[0].score == pytest.approx(1.0, abs=1e-6)
+        exact = np.argsort(-ann.cosine(vectors[i], vectors))[:10]
+        recall.append(len({h.key for h in hits} & {f"s{j}" for j in exact}) / 10)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert np.mean(recall) >= 0.9
+    # An append below twice the trained size goes into the existing index (no retraining).
+    more = so.clustered(100, 32, seed=5)
+    report = build_index(so.synthetic_output(str(tmp_path / "b"), more, prefix="t"), index_dir,
+                         ann_min_rows=500)
+    assert report["rows"] == 700 and read_meta(index_dir)["vector_index"] == meta
+    index = open_index(index_dir)
+    assert index.images.index_stats("vector_idx").num_unindexed_rows == 0
+    # (k=10: 100 PQ candidates re-ranked; 2 PQ codes per 32-d vector are too coarse for k=1.)
+    assert query.by_vector(index, more[7], k=10)[0].key == "t7"
+
+
+def test_index_json_is_plain_json(job_output, tmp_path):
+    output, _ = job_output
+    build_index(output, str(tmp_path / "ix"))
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert set(meta) >= {"settings", "runs", "rows", "bytes", "bytes_per_image", "vector_index"}
+
+
+def test_a_run_without_results_rows_makes_an_empty_index_that_later_runs_fill(tmp_path):
+    index_dir = str(tmp_path / "ix")
+    empty = build_index(so.synthetic_output(str(tmp_path / "a"), np.zeros((0, 8))), index_dir)
+    assert empty["rows"] == 0
+    filled = build_index(so.synthetic_output(str(tmp_path / "b"), so.clustered(10, 8)), index_dir)
+    assert filled["rows_added"] == 10
+    index = open_index(index_dir)
+    assert "wnids_idx" in {i.name for i in index.images.list_indices()}
+    assert len(query.by_tag(index, [so.GOLDEN[0]], k=20)) == 10

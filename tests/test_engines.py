@@ -136,3 +136,25 @@ def test_duckdb_exports_vertex_ai_json(job, tmp_path):
         np.testing.assert_array_equal(np.float32(record["embedding"]), expected[record["id"]])
         assert record["restricts"] == [{"namespace": "category",
                                         "allow": [c["wnid"] for c in categories[record["id"]]]}]
+
+
+def test_search_finds_wordnet_categories_and_reduced_vectors(job, tmp_path, capsys):
+    """`./run.sh index` + `search` on a default run: WordNet hypernyms match, vectors reduced."""
+    import json
+
+    from search.cli import main as search_main
+
+    out, table, _ = job
+    index_dir = str(tmp_path / "ix")
+    assert search_main(["index", str(out), "--index_dir", index_dir]) == 0
+    capsys.readouterr()
+    # `entity` is above every class: every image is in it, with its top score.
+    assert search_main(["search", index_dir, "--tag", "entity", "--k", "50", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert sorted(h["key"] for h in hits) == sorted(table.column("key").to_pylist())
+    top = {r["key"]: r["tags"][0]["score"] for r in table.select(["key", "tags"]).to_pylist()}
+    assert all(h["score"] == pytest.approx(top[h["key"]]) for h in hits)
+    # The index holds embedding_reduced; an image's own row is its nearest neighbour.
+    key = table.column("key")[0].as_py()
+    assert search_main(["search", index_dir, "--key", key, "--k", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1

@@ -24,7 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, TINY, load_note, result_line, small_jpegs, write_checkpoint  # noqa: E402
+from bench.common import (REPO, TINY, load_note, result_line, small_jpegs,  # noqa: E402
+                          write_checkpoint)
 
 TARGET = 100.0  # bytes of peak RSS a known key
 OUT = os.path.join(REPO, "bench", "out", "skip_memory")
@@ -77,7 +78,8 @@ def prepare(args) -> dict:
         images = small_jpegs(args.inputs)
         shards = 4
         for s in range(shards):
-            write_tfrecord(os.path.join(inputs + ".tmp/inputs", f"in-{s:05d}-of-{shards:05d}.tfrecord"),
+            name = f"in-{s:05d}-of-{shards:05d}.tfrecord"
+            write_tfrecord(os.path.join(inputs + ".tmp/inputs", name),
                            [(input_key(i), images[i]) for i in range(s, args.inputs, shards)])
         os.rename(inputs + ".tmp", inputs)
     known_inputs = [input_key(i) for i in range(0, args.inputs, 2)]  # even inputs are known

@@ -2,10 +2,12 @@
 
 The job tests run the real graph on the in-process runner with tiny images and checkpoints.
 """
+import hashlib
 import io
 import pathlib
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,16 +17,13 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.main import run
 from tests import corpus
 from transforms.records import ImageRecord
-from transforms.skip import KnownKeys, SkipKnownKeys, read_keys, split_patterns
+from transforms.skip import (KnownKeys, MergeDigests, SkipKnownKeys, contains, key_digests,
+                             read_keys, sorted_unique, split_patterns)
 
 FIRST, ADDED = 20, 5
 
 
-# ------------------------------------------------------------------------------------ fixtures
-
-
-
-
+# ------------------------------------------------------------------------------------ helpers
 
 def image_bytes(i: int) -> bytes:
     return corpus.make_jpeg(64 + (i % 4) * 8, 56 + (i % 3) * 8, seed=100 + i)
@@ -135,12 +134,57 @@ def test_skip_known_keys_from_gcs(beam_gcs):
     assert run_skip(records("a", "b", "c", "z"), f"{root}/*/results-*.parquet", ["z"]) == 3
 
 
-def test_known_keys_is_one_frozenset(tmp_path):
+def test_known_keys_is_one_sorted_digest_array(tmp_path):
     write_parquet(keys_table(["a", "b"]), tmp_path / "results-00000-of-00002.parquet")
     write_parquet(keys_table(["b", "c"]), tmp_path / "results-00001-of-00002.parquet")
     with beam.Pipeline(runner=FnApiRunner()) as p:
         known = p | KnownKeys(f"{tmp_path}/results-*.parquet, {tmp_path}/results-0000[01]-*")
-        assert_that(known, equal_to([frozenset({"a", "b", "c"})]))
+        assert_that(known | beam.Map(lambda a: (a.dtype.str, a.tolist())),
+                    equal_to([("|S16", sorted(key_digests(["a", "b", "c"]).tolist()))]))
+
+
+def test_key_digests_are_16_bytes_of_blake2b():
+    digests = key_digests(["a", "é/x.jpg"])
+    assert digests.dtype.itemsize == 16 and len(digests) == 2
+    assert digests[1].tobytes() == hashlib.blake2b("é/x.jpg".encode(), digest_size=16).digest()
+
+
+def test_contains_is_exact_around_every_known_digest():
+    known_keys = [f"known-{i}" for i in range(3000)]
+    known = sorted_unique(np.concatenate([key_digests(known_keys), key_digests(known_keys[:10])]))
+    assert len(known) == 3000 and np.all(known[1:] > known[:-1])
+    queries = known_keys[::7] + [f"new-{i}" for i in range(500)] + [""]
+    expected = [q.startswith("known-") for q in queries]
+    assert contains(known, queries).tolist() == expected
+    assert not contains(sorted_unique(key_digests([])), ["a"]).any()
+
+
+def test_digests_with_trailing_zero_bytes_stay_distinct():
+    a = np.array([b"\x01" * 15 + b"\x00", b"\x01" * 15 + b"\x02"], dtype="S16")
+    known = sorted_unique(a[:1].copy())
+    # S16 compares the full 16 bytes: b"...\x01\x00" and b"...\x01\x02" differ
+    assert np.searchsorted(known, a[1:]).tolist() == [1]
+    assert (known == a[:1]).all() and not (known == a[1:]).any()
+
+
+def test_merge_digests_unions_sorted_arrays():
+    merge = MergeDigests()
+    parts = [sorted_unique(key_digests(k)) for k in (["a", "b"], ["b", "c"], [])]
+    accs = [merge.add_input(merge.create_accumulator(), part) for part in parts]
+    merged = merge.extract_output(merge.compact(merge.merge_accumulators(accs)))
+    assert merged.tolist() == sorted(key_digests(["a", "b", "c"]).tolist())
+    assert len(merge.extract_output(merge.create_accumulator())) == 0
+
+
+def test_skip_is_exact_over_many_records_and_files(tmp_path):
+    """More records than one lookup batch, known keys spread over files with row groups."""
+    known = [f"k{i:05d}" for i in range(0, 4000, 2)]
+    for part in range(3):
+        pq.write_table(keys_table(known[part::3]),
+                       str(tmp_path / f"results-{part:05d}-of-00003.parquet"), row_group_size=100)
+    inputs = [f"k{i:05d}" for i in range(1500)]
+    kept = [k for k in inputs if int(k[1:]) % 2]
+    assert run_skip(records(*inputs), f"{tmp_path}/results-*.parquet", kept) == 750
 
 
 def test_skip_keeps_records_whole():

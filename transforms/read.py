@@ -10,7 +10,11 @@ Each shard or file is one unit of work, read by a DoFn that yields one record at
 at one sample. Keys must be unique: when a key occurs more than once, the occurrence with the smallest
 (shard URI, index in shard) is kept and the others become read failures "DuplicateKey: key also read
 from <winning source>". The key pass reads the shards once more but keeps no image bytes; it is skipped
-when every input is an image file (keys are then file URIs, unique by construction).
+when every input is an image file (keys are then file URIs, unique by construction). Measured with a
+tiny model (bench/scale.py, 100k records in 100 TFRecord shards) it costs ~1% of the job's wall time
+on local disk and ~4% on the GCS emulator, under the 10% that would justify a one-pass key plan; its
+shuffle holds one small tuple per record and the side input only the duplicates, so on Dataflow a
+worker's memory does not depend on the number of keys.
 
 Choices:
 - A zero-byte image file becomes a record (decode fails it with "empty file (0 bytes)").

@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from transforms.gcs import configure_beam_gcs
+from transforms import counters
+from transforms.gcs import GcsDoFn
 from transforms.read import match_files, split_patterns  # noqa: F401 (split_patterns re-exported)
 from transforms.records import ImageRecord
 
-NAMESPACE = "bit_tagger"
 DIGEST_BYTES = 16
 DIGEST_DTYPE = np.dtype(f"S{DIGEST_BYTES}")  # fixed width: compares as raw bytes (memcmp)
 KEY_BATCH_ROWS = 65_536  # keys hashed at a time while reading a results file
@@ -120,11 +120,8 @@ class MergeDigests(beam.CombineFn):
         return sorted_unique(merged)
 
 
-class _ExpandGlob(beam.DoFn):
+class _ExpandGlob(GcsDoFn):
     """Glob -> the Parquet files it matches (none is fine: nothing to skip)."""
-
-    def setup(self):
-        configure_beam_gcs()  # worker processes touching gs:// with the emulator
 
     def process(self, pattern: str):
         paths = match_files(pattern)
@@ -133,9 +130,8 @@ class _ExpandGlob(beam.DoFn):
         yield from paths
 
 
-class _FileDigests(beam.DoFn):
-    def setup(self):
-        configure_beam_gcs()
+class _FileDigests(GcsDoFn):
+    """Results file -> its keys' digests, one sorted array."""
 
     def process(self, path: str):
         yield file_digests(path)
@@ -145,7 +141,7 @@ class _DropKnown(beam.DoFn):
     """Looks records up LOOKUP_BATCH at a time; yields the unknown ones in their order."""
 
     def __init__(self):
-        self._skipped = beam.metrics.Metrics.counter(NAMESPACE, "skipped_images")
+        self._skipped = counters.SKIPPED_IMAGES.metric()
 
     def start_bundle(self):
         self._pending = []

@@ -1,4 +1,5 @@
 """Packages `pipeline`, `transforms` and `model` for local installs and Dataflow workers."""
+
 import pathlib
 
 import setuptools
@@ -16,10 +17,11 @@ setuptools.setup(
     version="0.1.0",
     description="Tag and embed millions of images with BiT in an Apache Beam batch job",
     python_requires=">=3.11",
-    packages=["pipeline", "transforms", "model", "model.data", "model.kernels",
-              "search"],
-    package_data={"model.data": ["*.txt", "*.tsv.gz", "WORDNET_LICENSE"],
-                  "model.kernels": ["*.cc"]},
+    packages=["pipeline", "transforms", "model", "model.data", "model.kernels", "search"],
+    package_data={
+        "model.data": ["*.txt", "*.tsv.gz", "WORDNET_LICENSE"],
+        "model.kernels": ["*.cc"],
+    },
     install_requires=requirements(),
     entry_points={"console_scripts": ["bit-tagger=pipeline.main:main"]},
 )

@@ -12,6 +12,7 @@
 - the one-time cost per worker process of building the hierarchy (file read, sha256, ancestor CSR).
 Target: categories < 5% of the job's CPU (R50x1 alone).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ TARGET = 0.05
 
 def batch_cpu(hierarchy, labels, top_k: int, batches: int, categories: bool) -> float:
     """Median CPU seconds of results_batch over `batches` random batches."""
-    from transforms.write import results_batch, results_schema, top_k as top_k_of
+    from transforms.write import results_batch, results_schema
+    from transforms.write import top_k as top_k_of
+
     rng = np.random.default_rng(top_k)
     schema = results_schema(6144, categories=categories)
     emb = rng.standard_normal((BATCH, 6144)).astype(np.float32)
@@ -43,15 +46,25 @@ def batch_cpu(hierarchy, labels, top_k: int, batches: int, categories: bool) -> 
         scores = rng.random((BATCH, len(labels)), dtype=np.float32)
         idx, top = top_k_of(scores, top_k)
         started = time.process_time()
-        results_batch([f"k{i}" for i in range(BATCH)], ["s"] * BATCH, [1] * BATCH, [1] * BATCH,
-                      idx, top, labels, emb, schema,
-                      hierarchy=hierarchy if categories else None)
+        results_batch(
+            [f"k{i}" for i in range(BATCH)],
+            ["s"] * BATCH,
+            [1] * BATCH,
+            [1] * BATCH,
+            idx,
+            top,
+            labels,
+            emb,
+            schema,
+            hierarchy=hierarchy if categories else None,
+        )
         times.append(time.process_time() - started)
     return statistics.median(times)
 
 
 def model_cpu(batches: int) -> float:
     from model.bit import TagAndEmbedModel
+
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(os.path.join(tmp, "r50.npz"), **R50X1)
         model = TagAndEmbedModel.load(ckpt, ckpt, batch_size=BATCH)
@@ -73,14 +86,16 @@ def main(argv=None):
     print(f"categories: {load_note()}", flush=True)
     from model.labels import imagenet21k
     from model.wordnet import imagenet21k_hierarchy
+
     labels = imagenet21k()
     started = time.process_time()
     hierarchy = imagenet21k_hierarchy()
     load = time.process_time() - started
     rows = {}
     for k in (10, 50):
-        rows[k] = (batch_cpu(hierarchy, labels, k, args.batches, True)
-                   - batch_cpu(hierarchy, labels, k, args.batches, False))
+        rows[k] = batch_cpu(hierarchy, labels, k, args.batches, True) - batch_cpu(
+            hierarchy, labels, k, args.batches, False
+        )
     model = model_cpu(args.model_batches)
     print("\n| what | CPU ms per batch of 16 | share of the R50x1 job's CPU |")
     print("| --- | ---: | ---: |")
@@ -89,8 +104,15 @@ def main(argv=None):
         print(f"| categories, top_k {k} | {cost * 1e3:.2f} | {cost / (model + cost):.3%} |")
     print(f"| hierarchy load (once per worker process) | {load * 1e3:.0f} | |")
     share = rows[10] / (model + rows[10])
-    result_line("categories", share, TARGET, higher_is_better=False, share=f"{share:.4%}",
-                categories_ms=f"{rows[10] * 1e3:.2f}", model_ms=f"{model * 1e3:.0f}")
+    result_line(
+        "categories",
+        share,
+        TARGET,
+        higher_is_better=False,
+        share=f"{share:.4%}",
+        categories_ms=f"{rows[10] * 1e3:.2f}",
+        model_ms=f"{model * 1e3:.0f}",
+    )
 
 
 if __name__ == "__main__":

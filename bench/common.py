@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: repo on sys.path, inputs on disk, random BiT checkpoints, the
 machine-readable result line that `bench/run_all.py` collects."""
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ TINY = dict(units=(1, 1, 1, 1), width=1, num_classes=21843)  # smallest net, rea
 def write_checkpoint(path: str, units, width: int, num_classes, seed: int = 0) -> str:
     """A random checkpoint in the official `.npz` layout at `path` (tests/bit_checkpoints.py)."""
     from tests.bit_checkpoints import write_checkpoint as write
+
     write(path, units=tuple(units), width=width, num_classes=num_classes, seed=seed)
     return path
 
@@ -36,6 +38,7 @@ def write_files(directory: str, images: list[bytes], ext: str = "jpg") -> list[s
 def small_jpegs(count: int, width: int = 64, height: int = 64, seed: int = 0) -> list[bytes]:
     """`count` small photo-like JPEGs (tests/corpus.py), cycling through 16 distinct ones."""
     from tests.corpus import make_jpeg
+
     distinct = [make_jpeg(width, height, seed=seed + i) for i in range(min(count, 16))]
     return [distinct[i % len(distinct)] for i in range(count)]
 
@@ -48,16 +51,21 @@ def load_note() -> str:
         return "load average unknown"
 
 
-def result_line(name: str, ratio: float, target: float, higher_is_better: bool = True,
-                **extra) -> str:
+def result_line(
+    name: str, ratio: float, target: float, higher_is_better: bool = True, **extra
+) -> str:
     """Print and return the one machine-readable line every benchmark ends with:
 
-        RESULT name=pipeline_overhead ratio=0.951 target=>=0.92 pass=yes [key=value ...]
+    RESULT name=pipeline_overhead ratio=0.951 target=>=0.92 pass=yes [key=value ...]
     """
     op = ">=" if higher_is_better else "<="
     ok = ratio >= target if higher_is_better else ratio <= target
-    fields = [f"name={name}", f"ratio={ratio:.3f}", f"target={op}{target:g}",
-              f"pass={'yes' if ok else 'no'}"]
+    fields = [
+        f"name={name}",
+        f"ratio={ratio:.3f}",
+        f"target={op}{target:g}",
+        f"pass={'yes' if ok else 'no'}",
+    ]
     fields += [f"{k}={str(v).replace(' ', '_')}" for k, v in extra.items()]
     line = "RESULT " + " ".join(fields)
     print(line, flush=True)

@@ -8,6 +8,7 @@ alternating rounds (order swapped each round); medians are reported, target rati
 same work on 2 cores through a thread pool and a process pool (workers return only the shape, so the
 pool numbers measure decoding, not pickling 150 kB arrays back).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,17 @@ _SIZE = 224
 def sample_photos() -> list[np.ndarray]:
     """scikit-image's bundled photos, upscaled where needed so 640x480 crops exist."""
     from skimage import data
+
     photos = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-                 "retina"):
+    for name in (
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "immunohistochemistry",
+        "hubble_deep_field",
+        "retina",
+    ):
         try:
             photo = getattr(data, name)()
         except Exception:  # noqa: BLE001 - a photo that needs a download is skipped
@@ -41,7 +50,9 @@ def sample_photos() -> list[np.ndarray]:
         im = Image.fromarray(photo[..., :3])
         scale = max(640 / im.width, 480 / im.height, 1.0)
         if scale > 1.0:
-            im = im.resize((round(im.width * scale) + 1, round(im.height * scale) + 1), Image.BICUBIC)
+            im = im.resize(
+                (round(im.width * scale) + 1, round(im.height * scale) + 1), Image.BICUBIC
+            )
         photos.append(np.asarray(im))
     return photos
 
@@ -51,13 +62,14 @@ def make_images(count: int, seed: int = 0) -> list[bytes]:
     photos = sample_photos()
     if not photos:
         from tests.corpus import photo_like
+
         photos = [photo_like(800, 600, seed=i) for i in range(4)]
     images = []
     for _ in range(count):
         photo = photos[rng.integers(len(photos))]
         y = rng.integers(0, photo.shape[0] - 480 + 1)
         x = rng.integers(0, photo.shape[1] - 640 + 1)
-        crop = photo[y:y + 480, x:x + 640]
+        crop = photo[y : y + 480, x : x + 640]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         buf = io.BytesIO()
@@ -90,7 +102,7 @@ def single_core(images, size, rounds):
     fns = [("baseline", baseline), ("ours", ours)]
     _rate(baseline, images[:50], size), _rate(ours, images[:50], size)  # warm up
     for r in range(rounds):
-        for name, fn in (fns if r % 2 == 0 else fns[::-1]):
+        for name, fn in fns if r % 2 == 0 else fns[::-1]:
             rates[name].append(_rate(fn, images, size))
     return rates
 
@@ -130,8 +142,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     images = make_images(args.images)
-    print(f"{len(images)} JPEGs 640x480 q90, mean {np.mean([len(d) for d in images]) / 1024:.0f} KiB; "
-          f"target {args.size}x{args.size}; Pillow {Image.__version__}")
+    print(
+        f"{len(images)} JPEGs 640x480 q90, mean {np.mean([len(d) for d in images]) / 1024:.0f} KiB; "
+        f"target {args.size}x{args.size}; Pillow {Image.__version__}"
+    )
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[-1]})
     rates = single_core(images, args.size, args.rounds)
@@ -142,7 +156,9 @@ def main(argv=None):
     print(f"{'Pillow draft + resize (baseline)':<34}{base:>10.1f}")
     print(f"{'decode_image':<34}{mine:>10.1f}")
     print(f"{'ratio (target >= 0.90)':<34}{mine / base:>10.2f}")
-    print(f"RESULT name=decode_throughput ratio={mine / base:.3f} target=>=0.9 pass={'yes' if mine / base >= 0.9 else 'no'}")
+    print(
+        f"RESULT name=decode_throughput ratio={mine / base:.3f} target=>=0.9 pass={'yes' if mine / base >= 0.9 else 'no'}"
+    )
 
     print(f"\n{args.workers} workers, decode_image, medians of {max(3, args.rounds // 2)} rounds")
     print(f"{'pool':<34}{'images/s':>10}")

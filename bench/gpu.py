@@ -15,6 +15,7 @@ Exits with status 2 and a clear message when TensorFlow sees no GPU, unless `--a
 run of this script on the CPU, e.g. `--allow_cpu --image_size 32 --batch_size 2 --seconds 0.2
 --rounds 1`: checks every configuration runs; its numbers mean nothing for GPUs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,12 +94,22 @@ def main(argv=None) -> int:
     ap.add_argument("--xla", default="off,on", help="'off', 'on' or 'off,on'")
     ap.add_argument("--seconds", type=float, default=10.0, help="per round and configuration")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--peak_tflops", type=float, default=None,
-                    help="dense peak of the GPU at the precision measured (default: by GPU name)")
-    ap.add_argument("--allow_cpu", action="store_true",
-                    help="run on the CPU when there is no GPU (smoke run of the script)")
-    ap.add_argument("--checkpoint_dir", default=None,
-                    help="reuse/write r50x1.npz and r101x3.npz here instead of a temp dir")
+    ap.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="dense peak of the GPU at the precision measured (default: by GPU name)",
+    )
+    ap.add_argument(
+        "--allow_cpu",
+        action="store_true",
+        help="run on the CPU when there is no GPU (smoke run of the script)",
+    )
+    ap.add_argument(
+        "--checkpoint_dir",
+        default=None,
+        help="reuse/write r50x1.npz and r101x3.npz here instead of a temp dir",
+    )
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -106,21 +117,31 @@ def main(argv=None) -> int:
 
     on_cpu = not tf.config.list_physical_devices("GPU")
     if on_cpu and not args.allow_cpu:
-        print("bench/gpu.py: no GPU visible to TensorFlow (tf.config.list_physical_devices('GPU') "
-              "is empty); run it on a machine with an NVIDIA GPU, CUDA drivers and a CUDA-enabled "
-              "TensorFlow (pip install 'tensorflow[and-cuda]'). Nothing measured.", file=sys.stderr)
+        print(
+            "bench/gpu.py: no GPU visible to TensorFlow (tf.config.list_physical_devices('GPU') "
+            "is empty); run it on a machine with an NVIDIA GPU, CUDA drivers and a CUDA-enabled "
+            "TensorFlow (pip install 'tensorflow[and-cuda]'). Nothing measured.",
+            file=sys.stderr,
+        )
         return 2
 
     from model.bit import TagAndEmbedModel
 
     name = "CPU (smoke run, --allow_cpu)" if on_cpu else gpu_name(tf)
-    tf32 = tf.config.experimental.tensor_float_32_execution_enabled() and \
-        os.environ.get("NVIDIA_TF32_OVERRIDE") != "0"
+    tf32 = (
+        tf.config.experimental.tensor_float_32_execution_enabled()
+        and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0"
+    )
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     xla_modes = [m.strip() == "on" for m in args.xla.split(",") if m.strip()]
-    gmacs = GMACS["R50x1"] * (args.image_size / 224) ** 2 + GMACS["R101x3"] * (args.image_size / 224) ** 2
+    gmacs = (
+        GMACS["R50x1"] * (args.image_size / 224) ** 2
+        + GMACS["R101x3"] * (args.image_size / 224) ** 2
+    )
 
-    tmp = args.checkpoint_dir or tempfile.mkdtemp(prefix="bench-gpu-", dir=os.environ.get("BENCH_TMP"))
+    tmp = args.checkpoint_dir or tempfile.mkdtemp(
+        prefix="bench-gpu-", dir=os.environ.get("BENCH_TMP")
+    )
     os.makedirs(tmp, exist_ok=True)
     try:
         paths = {}
@@ -130,15 +151,21 @@ def main(argv=None) -> int:
                 print(f"writing random {label} checkpoint ...", flush=True)
                 write_checkpoint(paths[label], **arch)
         images = np.random.default_rng(0).integers(
-            0, 256, (args.batch_size, args.image_size, args.image_size, 3), dtype=np.uint8)
+            0, 256, (args.batch_size, args.image_size, args.image_size, 3), dtype=np.uint8
+        )
 
         rows = []
         for precision in precisions:
             for xla in xla_modes:
                 label = f"{precision}{' + XLA' if xla else ''}"
                 try:
-                    model = TagAndEmbedModel.load(paths["r50x1"], paths["r101x3"], precision=precision,
-                                                  jit_compile=xla, batch_size=args.batch_size)
+                    model = TagAndEmbedModel.load(
+                        paths["r50x1"],
+                        paths["r101x3"],
+                        precision=precision,
+                        jit_compile=xla,
+                        batch_size=args.batch_size,
+                    )
                     finite = bool(np.isfinite(model(images).embeddings).all())
                     rates = images_per_second(model, images, args.seconds, args.rounds)
                 except Exception as exc:  # noqa: BLE001 - report the configuration, go on
@@ -151,18 +178,27 @@ def main(argv=None) -> int:
                 rate = statistics.median(rates)
                 tflops = rate * gmacs * 2 / 1e3
                 peak, what = peak_tflops(name, precision, tf32, args.peak_tflops)
-                rows.append((label, rate, (min(rates), max(rates)), tflops,
-                             tflops / peak if peak else None,
-                             what + ("" if finite else "; NON-FINITE outputs")))
+                rows.append(
+                    (
+                        label,
+                        rate,
+                        (min(rates), max(rates)),
+                        tflops,
+                        tflops / peak if peak else None,
+                        what + ("" if finite else "; NON-FINITE outputs"),
+                    )
+                )
                 print(f"  {label}: {rate:.1f} images/s", flush=True)
     finally:
         if not args.checkpoint_dir:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{name}, TF {tf.__version__}, BiT R50x1 tags + R101x3 embeddings (random weights, 21k "
-          f"heads), batch {args.batch_size}, {args.image_size}x{args.image_size} uint8 from host, "
-          f"{gmacs:.1f} GMACs/image; medians of {args.rounds} rounds of ~{args.seconds:g} s; "
-          f"TF32 {'on' if tf32 else 'off'}")
+    print(
+        f"\n{name}, TF {tf.__version__}, BiT R50x1 tags + R101x3 embeddings (random weights, 21k "
+        f"heads), batch {args.batch_size}, {args.image_size}x{args.image_size} uint8 from host, "
+        f"{gmacs:.1f} GMACs/image; medians of {args.rounds} rounds of ~{args.seconds:g} s; "
+        f"TF32 {'on' if tf32 else 'off'}"
+    )
     print("| precision | images/s | min-max | TFLOPS achieved | fraction of peak | peak used |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for label, rate, span, tflops, frac, what in rows:
@@ -170,8 +206,10 @@ def main(argv=None) -> int:
             print(f"| {label} | - | - | - | - | {what} |")
             continue
         frac_text = f"{frac:.1%}" if frac is not None else "n/a"
-        print(f"| {label} | {rate:.1f} | {span[0]:.1f}-{span[1]:.1f} | {tflops:.1f} | {frac_text} "
-              f"| {what} |")
+        print(
+            f"| {label} | {rate:.1f} | {span[0]:.1f}-{span[1]:.1f} | {tflops:.1f} | {frac_text} "
+            f"| {what} |"
+        )
     return 0
 
 

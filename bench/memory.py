@@ -8,6 +8,7 @@ head, in both slots) on 64x64 photo-like JPEG files. Peak RSS is taken two ways:
 `ru_maxrss` (exact, kernel-tracked) and the parent polling the child's RSS with psutil every 20 ms
 (a cross-check). Target: peak(large) / peak(small) <= 1.10.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,24 +32,53 @@ TARGET = 1.10
 def child(args) -> None:
     """Run the job once; print one JSON line with the peak RSS (MiB) and the summary counts."""
     import logging
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger().setLevel(logging.WARNING)
     from pipeline.main import run
+
     start = time.perf_counter()
-    summary = run(["--input", os.path.join(args.child, "*.jpg"), "--output", args.output,
-                   "--tags_model", args.checkpoint, "--embed_model", args.checkpoint,
-                   "--batch_size", str(args.batch_size), "--image_size", str(args.image_size),
-                   "--log_every_secs", "0", "--decode_threads", str(args.decode_threads)],
-                  save_main_session=False)
+    summary = run(
+        [
+            "--input",
+            os.path.join(args.child, "*.jpg"),
+            "--output",
+            args.output,
+            "--tags_model",
+            args.checkpoint,
+            "--embed_model",
+            args.checkpoint,
+            "--batch_size",
+            str(args.batch_size),
+            "--image_size",
+            str(args.image_size),
+            "--log_every_secs",
+            "0",
+            "--decode_threads",
+            str(args.decode_threads),
+        ],
+        save_main_session=False,
+    )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print("CHILD " + json.dumps({"maxrss_mib": own, "children_maxrss_mib": kids,
-                                 "results": summary["results"], "inputs": summary["inputs"],
-                                 "seconds": time.perf_counter() - start}), flush=True)
+    print(
+        "CHILD "
+        + json.dumps(
+            {
+                "maxrss_mib": own,
+                "children_maxrss_mib": kids,
+                "results": summary["results"],
+                "inputs": summary["inputs"],
+                "seconds": time.perf_counter() - start,
+            }
+        ),
+        flush=True,
+    )
 
 
 def _tree_rss(proc) -> int:
     import psutil
+
     total = 0
     for p in [proc] + proc.children(recursive=True):
         try:
@@ -61,9 +91,23 @@ def _tree_rss(proc) -> int:
 def measure(directory, output, args) -> dict:
     """One child run: its report plus the polled peak RSS of its process tree (MiB)."""
     import psutil
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", directory, "--output", output,
-           "--checkpoint", args.checkpoint, "--batch_size", str(args.batch_size),
-           "--image_size", str(args.image_size), "--decode_threads", str(args.decode_threads)]
+
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        directory,
+        "--output",
+        output,
+        "--checkpoint",
+        args.checkpoint,
+        "--batch_size",
+        str(args.batch_size),
+        "--image_size",
+        str(args.image_size),
+        "--decode_threads",
+        str(args.decode_threads),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
@@ -78,7 +122,7 @@ def measure(directory, output, args) -> dict:
     lines = [line for line in out.splitlines() if line.startswith("CHILD ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"job child failed (exit {proc.returncode}): {out[-2000:]}")
-    report = json.loads(lines[-1][len("CHILD "):])
+    report = json.loads(lines[-1][len("CHILD ") :])
     report["polled_peak_mib"] = peak / 2**20
     return report
 
@@ -107,13 +151,16 @@ def main(argv=None):
             write_files(d, images[:n])
         reports = {n: [] for n in dirs}
         for r in range(args.rounds):
-            for n in (sorted(dirs) if r % 2 == 0 else sorted(dirs, reverse=True)):
+            for n in sorted(dirs) if r % 2 == 0 else sorted(dirs, reverse=True):
                 rep = measure(dirs[n], os.path.join(tmp, "out"), args)
                 if rep["results"] != n:
                     raise RuntimeError(f"{rep['results']} results for {n} images")
                 reports[n].append(rep)
-                print(f"  round {r + 1}: {n:>6} images  ru_maxrss {rep['maxrss_mib']:7.1f} MiB  "
-                      f"polled {rep['polled_peak_mib']:7.1f} MiB  {rep['seconds']:6.1f} s", flush=True)
+                print(
+                    f"  round {r + 1}: {n:>6} images  ru_maxrss {rep['maxrss_mib']:7.1f} MiB  "
+                    f"polled {rep['polled_peak_mib']:7.1f} MiB  {rep['seconds']:6.1f} s",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -121,20 +168,29 @@ def main(argv=None):
         return statistics.median(rep[key] for rep in reports[n])
 
     small, large = args.small, args.large
-    print(f"\nwhole job in a child process, BiT units (1,1,1,1) width 1 + 21k head, 64x64 JPEGs -> "
-          f"{args.image_size}x{args.image_size}, batch {args.batch_size}, decode_threads "
-          f"{args.decode_threads}, medians of {args.rounds} run(s); {load_note()}")
+    print(
+        f"\nwhole job in a child process, BiT units (1,1,1,1) width 1 + 21k head, 64x64 JPEGs -> "
+        f"{args.image_size}x{args.image_size}, batch {args.batch_size}, decode_threads "
+        f"{args.decode_threads}, medians of {args.rounds} run(s); {load_note()}"
+    )
     print("| images | peak RSS, ru_maxrss (MiB) | peak RSS, polled (MiB) | job seconds |")
     print("| ---: | ---: | ---: | ---: |")
     for n in (small, large):
-        print(f"| {n} | {med(n, 'maxrss_mib'):.1f} | {med(n, 'polled_peak_mib'):.1f} "
-              f"| {med(n, 'seconds'):.1f} |")
+        print(
+            f"| {n} | {med(n, 'maxrss_mib'):.1f} | {med(n, 'polled_peak_mib'):.1f} "
+            f"| {med(n, 'seconds'):.1f} |"
+        )
     ratio = med(large, "maxrss_mib") / med(small, "maxrss_mib")
     polled = med(large, "polled_peak_mib") / med(small, "polled_peak_mib")
     print(f"ratio {large}/{small}: ru_maxrss {ratio:.3f}, polled {polled:.3f} (target <= {TARGET})")
-    return result_line("memory", ratio, TARGET, higher_is_better=False,
-                       small_mib=round(med(small, "maxrss_mib")),
-                       large_mib=round(med(large, "maxrss_mib")))
+    return result_line(
+        "memory",
+        ratio,
+        TARGET,
+        higher_is_better=False,
+        small_mib=round(med(small, "maxrss_mib")),
+        large_mib=round(med(large, "maxrss_mib")),
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ drift on a shared machine while same-run ratios hold (docs/performance.md). BiT 
     .venv/bin/python -m bench.model_throughput --model r101x3 --batch_size 4 --rounds 3
 (the second: the embedding model, fused kernel against TF ops; Keras stays as a yardstick)
 """
+
 import argparse
 import os
 import statistics
@@ -38,17 +39,27 @@ def build_models(model="r50x1", precision="float32"):
     weights = random_weights(units, width, 21843)
     bit = ResNetV2(units=units, width=width, num_classes=21843, dtype=precision)
     bit.load_weights(weights)
-    bit_tf = ResNetV2(units=units, width=width, num_classes=21843, dtype=precision,
-                      fused_group_norm=False)
+    bit_tf = ResNetV2(
+        units=units, width=width, num_classes=21843, dtype=precision, fused_group_norm=False
+    )
     bit_tf.load_weights(weights)
     del weights
     keras = tf.keras.applications.ResNet50V2(weights=None)
     names = f"BiT {label} (21k head)", f"BiT {label}, GN in TF ops", KERAS
-    return dict(zip(names, (
-        tf.function(lambda x: bit(x)[1], autograph=False),
-        tf.function(lambda x: bit_tf(x)[1], autograph=False),
-        tf.function(lambda x: keras(x, training=False), autograph=False),
-    ))), dict(zip(names, (gmacs, gmacs, 3.48))), (bit, bit_tf, keras)
+    return (
+        dict(
+            zip(
+                names,
+                (
+                    tf.function(lambda x: bit(x)[1], autograph=False),
+                    tf.function(lambda x: bit_tf(x)[1], autograph=False),
+                    tf.function(lambda x: keras(x, training=False), autograph=False),
+                ),
+            )
+        ),
+        dict(zip(names, (gmacs, gmacs, 3.48))),
+        (bit, bit_tf, keras),
+    )
 
 
 def time_batches(fn, x, batches):
@@ -61,9 +72,15 @@ def time_batches(fn, x, batches):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(ARCHS), default="r50x1",
-                        help="which BiT (the RESULT line's target is for r50x1)")
-    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (each model once per round)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(ARCHS),
+        default="r50x1",
+        help="which BiT (the RESULT line's target is for r50x1)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="measured rounds (each model once per round)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     parser.add_argument("--batches", type=int, default=2, help="batches per model per round")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -71,36 +88,49 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     fns, gmacs, _keep = build_models(args.model)
-    x = tf.constant(np.random.default_rng(0).uniform(
-        -1, 1, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32))
+    x = tf.constant(
+        np.random.default_rng(0)
+        .uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3))
+        .astype(np.float32)
+    )
     names = list(fns)
     rates = {name: [] for name in names}
     for r in range(args.warmup + args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for name in order:
             seconds = time_batches(fns[name], x, args.batches)
             if r >= args.warmup:
                 rates[name].append(args.batches * args.batch_size / seconds)
 
     med = {name: statistics.median(v) for name, v in rates.items()}
-    print(f"CPU, {os.cpu_count()} cores, TF {tf.__version__}, batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size}, float32, {args.rounds} rounds x {args.batches} batches "
-          f"after {args.warmup} warm-up rounds, medians; GroupNorm: {group_norm_implementation()}")
-    print("| model | GMACs/img | img/s (median) | img/s (min-max) | vs Keras | per FLOP | per-round median |")
+    print(
+        f"CPU, {os.cpu_count()} cores, TF {tf.__version__}, batch {args.batch_size}, "
+        f"{args.image_size}x{args.image_size}, float32, {args.rounds} rounds x {args.batches} batches "
+        f"after {args.warmup} warm-up rounds, medians; GroupNorm: {group_norm_implementation()}"
+    )
+    print(
+        "| model | GMACs/img | img/s (median) | img/s (min-max) | vs Keras | per FLOP | per-round median |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         ratio = med[name] / med[KERAS]
         paired = statistics.median(b / k for b, k in zip(rates[name], rates[KERAS]))
-        print(f"| {name} | {gmacs[name]:.2f} | {med[name]:.2f} | {min(rates[name]):.2f}-{max(rates[name]):.2f} "
-              f"| {ratio:.3f} | {ratio * gmacs[name] / gmacs[KERAS]:.3f} | {paired:.3f} |")
+        print(
+            f"| {name} | {gmacs[name]:.2f} | {med[name]:.2f} | {min(rates[name]):.2f}-{max(rates[name]):.2f} "
+            f"| {ratio:.3f} | {ratio * gmacs[name] / gmacs[KERAS]:.3f} | {paired:.3f} |"
+        )
     bit, bit_tf = names[0], names[1]
     ratio = med[bit] / med[KERAS]
     per_flop = ratio * gmacs[bit] / gmacs[KERAS]
     if args.model != "r50x1":
-        print(f"{bit}: fused kernel / TF ops = {med[bit] / med[bit_tf]:.3f}x; per FLOP vs Keras {per_flop:.3f}")
+        print(
+            f"{bit}: fused kernel / TF ops = {med[bit] / med[bit_tf]:.3f}x; per FLOP vs Keras {per_flop:.3f}"
+        )
         return ratio
-    print(f"RESULT name=model_throughput ratio={ratio:.3f} target=>=0.82 pass={'yes' if ratio >= 0.82 else 'no'} "
-          f"per_flop={per_flop:.3f} tf_ops_ratio={med[bit_tf] / med[KERAS]:.3f}")
+    print(
+        f"RESULT name=model_throughput ratio={ratio:.3f} target=>=0.82 pass={'yes' if ratio >= 0.82 else 'no'} "
+        f"per_flop={per_flop:.3f} tf_ops_ratio={med[bit_tf] / med[KERAS]:.3f}"
+    )
     return ratio
 
 

@@ -17,6 +17,7 @@ of the work done). Target: ratio >= 0.9.
 
     .venv/bin/python -m bench.parquet_write [--rows 10000] [--rounds 5] [--beam]
 """
+
 import argparse
 import os
 import statistics
@@ -28,7 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms.write import CODEC, RebatchTables, WriteParquet, results_batch, results_schema, top_k
+from transforms.write import (
+    CODEC,
+    RebatchTables,
+    WriteParquet,
+    results_batch,
+    results_schema,
+    top_k,
+)
 
 NUM_CLASSES = 21843
 DIM = 6144
@@ -39,8 +47,10 @@ BATCH = 64
 def make_inputs(rows: int, seed: int = 0):
     """Per-batch inputs as inference produces them (top-k precomputed: not part of writing)."""
     rng = np.random.default_rng(seed)
-    labels = SimpleNamespace(wnids=np.array([f"n{i:08d}" for i in range(NUM_CLASSES)]),
-                             labels=np.array([f"label number {i}" for i in range(NUM_CLASSES)]))
+    labels = SimpleNamespace(
+        wnids=np.array([f"n{i:08d}" for i in range(NUM_CLASSES)]),
+        labels=np.array([f"label number {i}" for i in range(NUM_CLASSES)]),
+    )
     batches = []
     for start in range(0, rows, BATCH):
         n = min(BATCH, rows - start)
@@ -73,6 +83,7 @@ def bare_path(path, table):
 
 def beam_round(out_dir, labels, inputs, schema):
     import apache_beam as beam
+
     batches = [results_batch(*i[:6], labels, i[6], schema) for i in inputs]
     t0 = time.perf_counter()
     with beam.Pipeline() as p:
@@ -91,12 +102,15 @@ def main(argv=None):
     schema = results_schema(DIM, metadata={"bench": "parquet_write"})
     labels, inputs = make_inputs(args.rows)
     table = pa.Table.from_batches(
-        [results_batch(*i[:6], labels, i[6], schema) for i in inputs]).combine_chunks()
+        [results_batch(*i[:6], labels, i[6], schema) for i in inputs]
+    ).combine_chunks()
     times = {"job path": [], "bare pyarrow": []}
     cpu = {"job path": [], "bare pyarrow": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        paths = {"job path": os.path.join(tmp, "job.parquet"),
-                 "bare pyarrow": os.path.join(tmp, "bare.parquet")}
+        paths = {
+            "job path": os.path.join(tmp, "job.parquet"),
+            "bare pyarrow": os.path.join(tmp, "bare.parquet"),
+        }
         for r in range(args.rounds + 1):  # round 0 warms up caches, not counted
             order = ["job path", "bare pyarrow"] if r % 2 else ["bare pyarrow", "job path"]
             for name in order:
@@ -114,28 +128,45 @@ def main(argv=None):
         assert pq.read_table(paths["job path"]).equals(pq.read_table(paths["bare pyarrow"]))
         info = {n: pq.read_metadata(p) for n, p in paths.items()}
         sizes = {n: os.path.getsize(p) for n, p in paths.items()}
-        beam_s = beam_round(os.path.join(tmp, "beam"), labels, inputs, schema) if args.beam else None
+        beam_s = (
+            beam_round(os.path.join(tmp, "beam"), labels, inputs, schema) if args.beam else None
+        )
 
     raw_mb = table.nbytes / 1e6
-    print(f"{args.rows} rows, {DIM}-d float32 embeddings, {TOP_K} tags/row, {raw_mb:.0f} MB in "
-          f"memory, codec={CODEC}, {args.rounds} alternating rounds, medians")
-    print("| path | wall s | rows/s (wall) | ratio (wall) | CPU s | rows/s (CPU) | ratio (CPU) "
-          "| row groups | file MB |")
+    print(
+        f"{args.rows} rows, {DIM}-d float32 embeddings, {TOP_K} tags/row, {raw_mb:.0f} MB in "
+        f"memory, codec={CODEC}, {args.rounds} alternating rounds, medians"
+    )
+    print(
+        "| path | wall s | rows/s (wall) | ratio (wall) | CPU s | rows/s (CPU) | ratio (CPU) "
+        "| row groups | file MB |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = statistics.median(times["bare pyarrow"])
     base_cpu = statistics.median(cpu["bare pyarrow"])
     for name in ("job path", "bare pyarrow"):
         med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
-        print(f"| {name} | {med:.3f} | {args.rows / med:,.0f} | {base / med:.2f} | {med_cpu:.3f} "
-              f"| {args.rows / med_cpu:,.0f} | {base_cpu / med_cpu:.2f} "
-              f"| {info[name].num_row_groups} | {sizes[name] / 1e6:.0f} |")
+        print(
+            f"| {name} | {med:.3f} | {args.rows / med:,.0f} | {base / med:.2f} | {med_cpu:.3f} "
+            f"| {args.rows / med_cpu:,.0f} | {base_cpu / med_cpu:.2f} "
+            f"| {info[name].num_row_groups} | {sizes[name] / 1e6:.0f} |"
+        )
     if beam_s is not None:
-        print(f"| DirectRunner pipeline (1 round, incl. start-up) | {beam_s:.3f} | "
-              f"{args.rows / beam_s:,.0f} | {base / beam_s:.2f} | | | | | |")
-    job_ratio, job_cpu_ratio = base / statistics.median(times["job path"]), base_cpu / statistics.median(cpu["job path"])
-    print(f"RESULT name=parquet_write ratio={job_ratio:.3f} target=>=0.9 pass={'yes' if job_ratio >= 0.9 else 'no'} cpu_ratio={job_cpu_ratio:.3f}")
-    print("ratio = bare pyarrow median / this path's median (target >= 0.9 for the job path); "
-          f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}")
+        print(
+            f"| DirectRunner pipeline (1 round, incl. start-up) | {beam_s:.3f} | "
+            f"{args.rows / beam_s:,.0f} | {base / beam_s:.2f} | | | | | |"
+        )
+    job_ratio, job_cpu_ratio = (
+        base / statistics.median(times["job path"]),
+        base_cpu / statistics.median(cpu["job path"]),
+    )
+    print(
+        f"RESULT name=parquet_write ratio={job_ratio:.3f} target=>=0.9 pass={'yes' if job_ratio >= 0.9 else 'no'} cpu_ratio={job_cpu_ratio:.3f}"
+    )
+    print(
+        "ratio = bare pyarrow median / this path's median (target >= 0.9 for the job path); "
+        f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

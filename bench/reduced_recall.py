@@ -16,6 +16,7 @@ centring alone changes cosine neighbours when the embeddings share a large mean 
 features do): the second recall column compares with full-dimension cosine AFTER centring, which
 isolates what the dropped dimensions cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,30 @@ K = 10
 def sample_photos() -> list:
     """skimage's sample photos that ship inside its wheel (no download), as uint8 RGB."""
     import skimage.data
+
     photos = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page",
-                 "text", "clock", "horse", "brick", "grass", "gravel", "hubble_deep_field",
-                 "immunohistochemistry", "retina", "logo", "colorwheel", "checkerboard"):
+    for name in (
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "camera",
+        "coins",
+        "moon",
+        "page",
+        "text",
+        "clock",
+        "horse",
+        "brick",
+        "grass",
+        "gravel",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "logo",
+        "colorwheel",
+        "checkerboard",
+    ):
         try:
             img = np.asarray(getattr(skimage.data, name)())
         except Exception:  # noqa: BLE001 (a photo that needs a download is skipped)
@@ -56,10 +77,11 @@ def sample_photos() -> list:
 def augment(photo: np.ndarray, rng, size: int = 64) -> np.ndarray:
     """A random crop (40-100% of the short side), flip, brightness and noise, resized to size."""
     from PIL import Image
+
     h, w = photo.shape[:2]
     side = int(min(h, w) * rng.uniform(0.4, 1.0))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+    crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
     out = np.asarray(crop, np.float32)
     if rng.random() < 0.5:
         out = out[:, ::-1]
@@ -69,13 +91,15 @@ def augment(photo: np.ndarray, rng, size: int = 64) -> np.ndarray:
 
 def photo_embeddings(n: int, tmp: str, seed: int = 0) -> tuple[np.ndarray, str]:
     from model.bit import TagAndEmbedModel
-    ckpt = write_checkpoint(os.path.join(tmp, "wide.npz"), units=(1, 1, 1, 1), width=3,
-                            num_classes=8, seed=seed)  # a small head: only embeddings are used
+
+    ckpt = write_checkpoint(
+        os.path.join(tmp, "wide.npz"), units=(1, 1, 1, 1), width=3, num_classes=8, seed=seed
+    )  # a small head: only embeddings are used
     model = TagAndEmbedModel.load(ckpt, ckpt, batch_size=32)
     photos = sample_photos()
     rng = np.random.default_rng(seed)
     images = np.stack([augment(photos[i % len(photos)], rng) for i in range(n)])
-    out = [model(images[i:i + 32]).embeddings for i in range(0, n, 32)]
+    out = [model(images[i : i + 32]).embeddings for i in range(0, n, 32)]
     return np.concatenate(out)[:n], f"{len(photos)} photos x {n // len(photos)} augmentations"
 
 
@@ -101,12 +125,13 @@ def recall(truth: np.ndarray, got: np.ndarray) -> float:
 
 def evaluate(name: str, x: np.ndarray, queries: int) -> list:
     from model.pca import fit_basis
+
     db, q = x[queries:], x[:queries]
     truth = top_k(q.astype(np.float64), db.astype(np.float64))
     rows = []
     half = top_k(q.astype(np.float16).astype(np.float32), db.astype(np.float16).astype(np.float32))
     started = time.process_time()
-    basis = fit_basis((db[i:i + 2048] for i in range(0, len(db), 2048)), dims=max(DIMS))
+    basis = fit_basis((db[i : i + 2048] for i in range(0, len(db), 2048)), dims=max(DIMS))
     fit_cpu = time.process_time() - started
     mean = basis.mean.astype(np.float64)
     centred = top_k(q - mean, db - mean)
@@ -117,12 +142,16 @@ def evaluate(name: str, x: np.ndarray, queries: int) -> list:
         got = top_k(sub.project(q), sub.project(db))
         var = f"{float(np.sum(basis.explained_variance_ratio[:n])):.3f}"
         rows.append((name, f"PCA {n}", recall(truth, got), recall(centred, got), var))
-        got16 = top_k(sub.project(q).astype(np.float16).astype(np.float32),
-                      sub.project(db).astype(np.float16).astype(np.float32))
-        rows.append((name, f"PCA {n}, float16", recall(truth, got16), recall(centred, got16),
-                     var))
-    print(f"  [{name}] {len(db)} database x {x.shape[1]}-d, {queries} queries; basis fit "
-          f"{fit_cpu:.1f} s CPU", flush=True)
+        got16 = top_k(
+            sub.project(q).astype(np.float16).astype(np.float32),
+            sub.project(db).astype(np.float16).astype(np.float32),
+        )
+        rows.append((name, f"PCA {n}, float16", recall(truth, got16), recall(centred, got16), var))
+    print(
+        f"  [{name}] {len(db)} database x {x.shape[1]}-d, {queries} queries; basis fit "
+        f"{fit_cpu:.1f} s CPU",
+        flush=True,
+    )
     return rows
 
 
@@ -133,17 +162,21 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=300)
     args = parser.parse_args(argv)
     import tempfile
+
     print(f"reduced_recall: {load_note()}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
         photos, what = photo_embeddings(args.images, tmp)
-        print(f"  embedded {len(photos)} images ({what}) in {time.time() - started:.0f} s",
-              flush=True)
+        print(
+            f"  embedded {len(photos)} images ({what}) in {time.time() - started:.0f} s", flush=True
+        )
         rows += evaluate("photos (random-weight net)", photos, args.queries)
     rows += evaluate("clusters (synthetic)", cluster_embeddings(args.synthetic), args.queries)
-    print(f"\n| test set | variant | recall@{K} vs full float32 | vs full float32, centred "
-          "| explained variance |")
+    print(
+        f"\n| test set | variant | recall@{K} vs full float32 | vs full float32, centred "
+        "| explained variance |"
+    )
     print("| --- | --- | ---: | ---: | ---: |")
     for name, variant, r, rc, var in rows:
         print(f"| {name} | {variant} | {r:.3f} | {rc:.3f} | {var} |")

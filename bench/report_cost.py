@@ -15,6 +15,7 @@
    is what the sample adds to a run.
 --screenshot PATH: a PNG of the page in headless Chromium (tests/browser.py), for the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,20 @@ def make_photos(folder: str, count: int, seed: int = 0) -> None:
     import numpy as np
     from PIL import Image
     from skimage import data
-    names = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-             "immunohistochemistry", "cat", "colorwheel", "motorcycle_left", "camera", "coins")
+
+    names = (
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "cat",
+        "colorwheel",
+        "motorcycle_left",
+        "camera",
+        "coins",
+    )
     photos = []
     for name in names:
         loader = getattr(data, name, None) or (lambda: data.stereo_motorcycle()[0])
@@ -96,13 +109,32 @@ def main() -> None:
         photos, output = os.path.join(root, "photos"), os.path.join(root, "out")
         make_photos(photos, args.images)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline", "--input", photos, "--output", output,
-                        "--tags_model", models, "--embed_model", models, "--image_size", "64",
-                        "--log_every_secs", "0"], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "--input",
+                photos,
+                "--output",
+                output,
+                "--tags_model",
+                models,
+                "--embed_model",
+                models,
+                "--image_size",
+                "64",
+                "--log_every_secs",
+                "0",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         job = time.perf_counter() - started
 
         from pipeline.report import write_report
+
         renders = []
         for _ in range(3):
             started = time.perf_counter()
@@ -119,16 +151,20 @@ def main() -> None:
         print(f"| report.html size | {page / 1e6:.2f} MB |")
         print(f"| samples.parquet size | {samples / 1e3:.0f} KB |")
         print(f"| report render at the end of the run (median of 3) | {render:.2f} s |")
-        print(f"| sample in the pipeline: SampleThumbnails vs hashing only | "
-              f"{with_sample:.2f} s vs {baseline:.2f} s (+{with_sample - baseline:.2f} s, "
-              f"{(with_sample - baseline) / args.images * 1e3:.2f} ms/image) |")
+        print(
+            f"| sample in the pipeline: SampleThumbnails vs hashing only | "
+            f"{with_sample:.2f} s vs {baseline:.2f} s (+{with_sample - baseline:.2f} s, "
+            f"{(with_sample - baseline) / args.images * 1e3:.2f} ms/image) |"
+        )
         if args.screenshot:
             from tests.browser import inspect_page
+
             shot = os.path.join(root, "page.png")
             errors, _ = inspect_page(os.path.join(output, "report.html"), "1", shot)
             if errors:
                 raise SystemExit(f"console errors: {errors}")
             from PIL import Image
+
             image = Image.open(shot).convert("RGB")
             image = image.crop((0, 0, image.width, min(image.height, 2200)))
             image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)

@@ -13,6 +13,7 @@ and much longer when other work loads the machine (everything here is measured i
 but the machine must not be loaded during a run for the wall-clock ones to mean much).
 GPU: bench/gpu.py is separate (needs a GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,15 @@ BASELINES = {
 
 def run_bench(name, extra, log_dir):
     cmd = [sys.executable, os.path.join(REPO, "bench", f"{name}.py"), *extra]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seconds = time.perf_counter() - start
     with open(os.path.join(log_dir, f"{name}.log"), "w") as f:
         f.write(" ".join(cmd) + "\n\n" + proc.stdout)
@@ -77,8 +82,9 @@ def decode_vs_model(outputs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="comma-separated subset of " +
-                    ", ".join(n for n, _ in BENCHES))
+    ap.add_argument(
+        "--only", default="", help="comma-separated subset of " + ", ".join(n for n, _ in BENCHES)
+    )
     ap.add_argument("--log_dir", default=None)
     args = ap.parse_args(argv)
     only = {n.strip() for n in args.only.split(",") if n.strip()}
@@ -95,26 +101,51 @@ def main(argv=None):
         outputs[name] = proc.stdout
         if proc.returncode != 0 or result is None:
             tail = proc.stdout.strip().splitlines()[-3:]
-            rows.append((name, "-", "-", "ERROR", seconds, f"exit {proc.returncode}: {' / '.join(tail)}"))
+            rows.append(
+                (name, "-", "-", "ERROR", seconds, f"exit {proc.returncode}: {' / '.join(tail)}")
+            )
         else:
-            extras = " ".join(f"{k}={v}" for k, v in result.items()
-                              if k not in ("name", "ratio", "target", "pass"))
-            rows.append((name, result["ratio"], result["target"],
-                         "pass" if result["pass"] == "yes" else "FAIL", seconds, extras))
-        print(f"  {name}: {rows[-1][1]} (target {rows[-1][2]}) {rows[-1][3]} in {seconds:.0f} s",
-              flush=True)
+            extras = " ".join(
+                f"{k}={v}"
+                for k, v in result.items()
+                if k not in ("name", "ratio", "target", "pass")
+            )
+            rows.append(
+                (
+                    name,
+                    result["ratio"],
+                    result["target"],
+                    "pass" if result["pass"] == "yes" else "FAIL",
+                    seconds,
+                    extras,
+                )
+            )
+        print(
+            f"  {name}: {rows[-1][1]} (target {rows[-1][2]}) {rows[-1][3]} in {seconds:.0f} s",
+            flush=True,
+        )
     derived = decode_vs_model(outputs)
     if derived:
         ratio, dec, mod = derived
-        rows.append(("decode_vs_model", f"{ratio:.3f}", ">=1", "pass" if ratio >= 1 else "FAIL", 0.0,
-                     f"decode_all_cores={dec:.1f} model={mod:.2f} (img/s, separate runs)"))
+        rows.append(
+            (
+                "decode_vs_model",
+                f"{ratio:.3f}",
+                ">=1",
+                "pass" if ratio >= 1 else "FAIL",
+                0.0,
+                f"decode_all_cores={dec:.1f} model={mod:.2f} (img/s, separate runs)",
+            )
+        )
 
     print(f"\n{load_note()} at end; total {time.perf_counter() - total:.0f} s")
     print("| benchmark | baseline | ratio | target | result | seconds | notes |")
     print("| --- | --- | ---: | ---: | --- | ---: | --- |")
     for name, ratio, target, verdict, seconds, notes in rows:
-        print(f"| {name} | {BASELINES.get(name, '')} | {ratio} | {target} | {verdict} "
-              f"| {seconds:.0f} | {notes} |")
+        print(
+            f"| {name} | {BASELINES.get(name, '')} | {ratio} | {target} | {verdict} "
+            f"| {seconds:.0f} | {notes} |"
+        )
     return 0 if all(r[3] == "pass" for r in rows) else 1
 
 

@@ -26,6 +26,7 @@ Generated inputs are cached under bench/out/scale/ (ignored by git). CPU time is
 + system time (all its threads). The machine is shared: the load average is printed with each
 number; compare ratios from one run, not absolute rates across runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ def input_key(i: int) -> str:
 
 # ------------------------------------------------------------------------------------- children
 
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -62,15 +64,21 @@ def _cpu() -> float:
 def child_job(spec: dict) -> dict:
     """The whole job on the in-process runner; wall, CPU and peak RSS of this process."""
     import logging
+
     logging.getLogger().setLevel(logging.WARNING)
     from transforms.gcs import configure_beam_gcs
+
     configure_beam_gcs()
     from pipeline.main import run
+
     start, cpu = time.perf_counter(), _cpu()
     summary = run(spec["argv"], save_main_session=False)
-    report = {"wall": time.perf_counter() - start, "cpu": _cpu() - cpu,
-              "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              **{k: summary[k] for k in ("inputs", "results", "failures", "skipped")}}
+    report = {
+        "wall": time.perf_counter() - start,
+        "cpu": _cpu() - cpu,
+        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **{k: summary[k] for k in ("inputs", "results", "failures", "skipped")},
+    }
     if spec.get("model_after"):  # the bare model right after, in this process: same conditions
         report["model"] = child_model(spec["model_after"])
     return report
@@ -82,14 +90,17 @@ def child_key_pass(spec: dict) -> dict:
     import apache_beam as beam
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from tensorflow.core.example import example_pb2  # noqa: F401 - imported before timing
+
     from transforms.gcs import configure_beam_gcs
     from transforms.read import _ExtractKeys, _losers, match_files
+
     configure_beam_gcs()
     uris = match_files(spec["pattern"])
     start, cpu = time.perf_counter(), _cpu()
     p = beam.Pipeline(runner=FnApiRunner())
-    keys = (p | beam.Create(uris) | beam.Reshuffle()
-            | beam.ParDo(_ExtractKeys("auto", "image/encoded")))
+    keys = (
+        p | beam.Create(uris) | beam.Reshuffle() | beam.ParDo(_ExtractKeys("auto", "image/encoded"))
+    )
     _ = keys | beam.GroupByKey() | beam.FlatMap(_losers)
     _ = keys | "Count" >> beam.combiners.Count.Globally()
     result = p.run()
@@ -100,19 +111,26 @@ def child_key_pass(spec: dict) -> dict:
 def child_model(spec: dict) -> dict:
     """CPU an image of the bare model (the job's own loader) on decoded images, after warm-up."""
     import numpy as np
+
     from transforms.decode import decode_image
     from transforms.infer import InferenceConfig, load_model
     from transforms.read import iter_entries
-    images = [e.data for e in iter_entries(spec["shard"], "tfrecord")][:spec["count"]]
+
+    images = [e.data for e in iter_entries(spec["shard"], "tfrecord")][: spec["count"]]
     pixels = np.stack([decode_image(d, spec["size"])[0] for d in images])
-    model = load_model(InferenceConfig(tags_model=spec["checkpoint"],
-                                       embed_model=spec["checkpoint"], schema=None,
-                                       batch_size=BATCH))
+    model = load_model(
+        InferenceConfig(
+            tags_model=spec["checkpoint"],
+            embed_model=spec["checkpoint"],
+            schema=None,
+            batch_size=BATCH,
+        )
+    )
     model(pixels[:BATCH])  # trace
     start, cpu = time.perf_counter(), _cpu()
     for _ in range(spec["repeat"]):
         for i in range(0, len(pixels), BATCH):
-            model(pixels[i:i + BATCH])
+            model(pixels[i : i + BATCH])
     n = spec["repeat"] * len(pixels)
     return {"cpu_ms": (_cpu() - cpu) * 1e3 / n, "wall_ms": (time.perf_counter() - start) * 1e3 / n}
 
@@ -121,6 +139,7 @@ def child_pillow(spec: dict) -> dict:
     """CPU an image of plain Pillow draft + bilinear resize on the same JPEGs."""
     from bench.decode_throughput import baseline
     from transforms.read import iter_entries
+
     images = [e.data for e in iter_entries(spec["shard"], "tfrecord")]
     for data in images[:20]:
         baseline(data, spec["size"])
@@ -131,26 +150,33 @@ def child_pillow(spec: dict) -> dict:
     return {"cpu_ms": (_cpu() - start) * 1e3 / (spec["repeat"] * len(images))}
 
 
-CHILDREN = {"job": child_job, "key_pass": child_key_pass, "model": child_model,
-            "pillow": child_pillow}
+CHILDREN = {
+    "job": child_job,
+    "key_pass": child_key_pass,
+    "model": child_model,
+    "pillow": child_pillow,
+}
 
 
 def in_child(kind: str, spec: dict, env: dict = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--spec", json.dumps(spec)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})))
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, **(env or {}))
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CHILD ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} child failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("CHILD "):])
+    return json.loads(lines[-1][len("CHILD ") :])
 
 
 # ----------------------------------------------------------------------------------------- inputs
+
 
 def write_shards(directory: str, images: list, count: int, shard_size: int) -> list:
     """`count` records keyed input_key(i), image images[i % len(images)], in TFRecord shards."""
     from tests.corpus import make_example
     from transforms.read import tfrecord_frame
+
     if os.path.isdir(directory):
         return sorted(os.path.join(directory, f) for f in os.listdir(directory))
     tmp = directory + ".tmp"
@@ -170,6 +196,7 @@ def write_skip_list(directory: str, known: int, inputs: int, files: int = 10) ->
     """`known` keys: every 10th input key, then old keys, in `files` Parquet files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     if not os.path.isdir(directory):
         tmp = directory + ".tmp"
         os.makedirs(tmp, exist_ok=True)
@@ -177,48 +204,86 @@ def write_skip_list(directory: str, known: int, inputs: int, files: int = 10) ->
         old = known - len(known_inputs)
         per_file = -(-old // files)
         for f in range(files):
-            keys = [f"gs://photos/archive/old-{i:09d}.jpg"
-                    for i in range(f * per_file, min(old, (f + 1) * per_file))]
+            keys = [
+                f"gs://photos/archive/old-{i:09d}.jpg"
+                for i in range(f * per_file, min(old, (f + 1) * per_file))
+            ]
             keys += [input_key(i) for i in known_inputs[f::files]]
-            pq.write_table(pa.table({"key": pa.array(keys, pa.string())}),
-                           os.path.join(tmp, f"results-{f:05d}-of-{files:05d}.parquet"))
+            pq.write_table(
+                pa.table({"key": pa.array(keys, pa.string())}),
+                os.path.join(tmp, f"results-{f:05d}-of-{files:05d}.parquet"),
+            )
         os.rename(tmp, directory)
     return os.path.join(directory, "results-*.parquet")
 
 
 def prepare(args) -> dict:
     from tests.corpus import make_jpeg
+
     os.makedirs(OUT, exist_ok=True)
     checkpoint = os.path.join(OUT, "tiny.npz")
     if not os.path.exists(checkpoint):
         write_checkpoint(checkpoint, **TINY)
     tiny = [make_jpeg(64, 64, seed=i) for i in range(DISTINCT)]
-    shards = write_shards(os.path.join(OUT, f"tiny{args.images}_{args.shard_size}"), tiny,
-                          args.images, args.shard_size)
-    skip = write_skip_list(os.path.join(OUT, f"known{args.known}_{args.images}"), args.known,
-                           args.images)
+    shards = write_shards(
+        os.path.join(OUT, f"tiny{args.images}_{args.shard_size}"),
+        tiny,
+        args.images,
+        args.shard_size,
+    )
+    skip = write_skip_list(
+        os.path.join(OUT, f"known{args.known}_{args.images}"), args.known, args.images
+    )
     prepared = {"checkpoint": checkpoint, "shards": shards, "skip": skip}
     if args.real:
         from bench.decode_throughput import make_images
+
         photos = make_images(min(args.real, 128))
-        prepared["real"] = write_shards(os.path.join(OUT, f"real{args.real}"), photos,
-                                        args.real, 250)
+        prepared["real"] = write_shards(
+            os.path.join(OUT, f"real{args.real}"), photos, args.real, 250
+        )
     return prepared
 
 
 def job_argv(inputs: str, output: str, checkpoint: str, size: int, skip: str = None) -> list:
-    argv = ["--input", inputs, "--output", output, "--tags_model", checkpoint,
-            "--embed_model", checkpoint, "--batch_size", str(BATCH), "--image_size", str(size),
-            "--log_every_secs", "0"]
+    argv = [
+        "--input",
+        inputs,
+        "--output",
+        output,
+        "--tags_model",
+        checkpoint,
+        "--embed_model",
+        checkpoint,
+        "--batch_size",
+        str(BATCH),
+        "--image_size",
+        str(size),
+        "--log_every_secs",
+        "0",
+    ]
     return argv + (["--skip_keys_from", skip] if skip else [])
 
 
-def run_job(inputs: str, args, prepared: dict, size: int, skip: str = None, env=None,
-            model_after: dict = None) -> dict:
+def run_job(
+    inputs: str,
+    args,
+    prepared: dict,
+    size: int,
+    skip: str = None,
+    env=None,
+    model_after: dict = None,
+) -> dict:
     output = os.path.join(OUT, "run-output")
     shutil.rmtree(output, ignore_errors=True)
-    report = in_child("job", {"argv": job_argv(inputs, output, prepared["checkpoint"], size, skip),
-                              "model_after": model_after}, env)
+    report = in_child(
+        "job",
+        {
+            "argv": job_argv(inputs, output, prepared["checkpoint"], size, skip),
+            "model_after": model_after,
+        },
+        env,
+    )
     shutil.rmtree(output, ignore_errors=True)
     report["load"] = load_note()
     return report
@@ -226,46 +291,71 @@ def run_job(inputs: str, args, prepared: dict, size: int, skip: str = None, env=
 
 # ------------------------------------------------------------------------------------------- main
 
+
 def measure_tiny(args, prepared: dict) -> dict:
     shards = prepared["shards"]
-    small_shards = shards[:max(1, args.small // args.shard_size)]
+    small_shards = shards[: max(1, args.small // args.shard_size)]
     small_n = min(args.images, len(small_shards) * args.shard_size)
     runs = {}
-    for n, inputs in ((small_n, ",".join(small_shards)),
-                      (args.images, os.path.join(os.path.dirname(shards[0]), "*.tfrecord"))):
+    for n, inputs in (
+        (small_n, ",".join(small_shards)),
+        (args.images, os.path.join(os.path.dirname(shards[0]), "*.tfrecord")),
+    ):
         rep = runs[n] = run_job(inputs, args, prepared, 32, skip=prepared["skip"])
         expected_skipped = -(-n // 10)
         if rep["skipped"] != expected_skipped or rep["results"] != n - expected_skipped:
             raise RuntimeError(f"inexact run at {n} images: {rep}")
-        print(f"  job, {n:>7,} images: {rep['wall']:7.1f} s wall, {rep['cpu']:7.1f} s CPU, peak "
-              f"{rep['maxrss_mib']:6.0f} MiB, {rep['results']:,} results, {rep['skipped']:,} "
-              f"skipped; {rep['load']}", flush=True)
-    key_pass = in_child("key_pass", {"pattern": os.path.join(os.path.dirname(shards[0]),
-                                                             "*.tfrecord")})
-    print(f"  key pass alone over {key_pass['shards']:,} shards: {key_pass['wall']:.1f} s wall, "
-          f"{key_pass['cpu']:.1f} s CPU; {load_note()}", flush=True)
-    model = in_child("model", {"shard": shards[0], "count": 512, "size": 32, "repeat": 4,
-                               "checkpoint": prepared["checkpoint"]})
+        print(
+            f"  job, {n:>7,} images: {rep['wall']:7.1f} s wall, {rep['cpu']:7.1f} s CPU, peak "
+            f"{rep['maxrss_mib']:6.0f} MiB, {rep['results']:,} results, {rep['skipped']:,} "
+            f"skipped; {rep['load']}",
+            flush=True,
+        )
+    key_pass = in_child(
+        "key_pass", {"pattern": os.path.join(os.path.dirname(shards[0]), "*.tfrecord")}
+    )
+    print(
+        f"  key pass alone over {key_pass['shards']:,} shards: {key_pass['wall']:.1f} s wall, "
+        f"{key_pass['cpu']:.1f} s CPU; {load_note()}",
+        flush=True,
+    )
+    model = in_child(
+        "model",
+        {
+            "shard": shards[0],
+            "count": 512,
+            "size": 32,
+            "repeat": 4,
+            "checkpoint": prepared["checkpoint"],
+        },
+    )
     return {"runs": runs, "small": small_n, "key_pass": key_pass, "model": model}
 
 
 def measure_gcs(args, prepared: dict) -> dict:
     from tests.gcs_emulator import start_emulator, stop_emulator
-    shards = prepared["shards"][:max(1, args.gcs_images // args.shard_size)]
+
+    shards = prepared["shards"][: max(1, args.gcs_images // args.shard_size)]
     emulator = start_emulator()
     try:
         bucket = emulator.new_bucket("scale")
         for path in shards:
             emulator.upload_file(f"gs://{bucket}/shards/{os.path.basename(path)}", path)
-        env = {"STORAGE_EMULATOR_HOST": emulator.endpoint, "NO_GCE_CHECK": "true",
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        env = {
+            "STORAGE_EMULATOR_HOST": emulator.endpoint,
+            "NO_GCE_CHECK": "true",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
         pattern = f"gs://{bucket}/shards/*.tfrecord"
         job = run_job(pattern, args, prepared, 32, env=env)
         key_pass = in_child("key_pass", {"pattern": pattern}, env)
     finally:
         stop_emulator(emulator)
-    print(f"  GCS emulator, {job['results']:,} images: job {job['wall']:.1f} s wall, key pass "
-          f"alone {key_pass['wall']:.1f} s wall; {load_note()}", flush=True)
+    print(
+        f"  GCS emulator, {job['results']:,} images: job {job['wall']:.1f} s wall, key pass "
+        f"alone {key_pass['wall']:.1f} s wall; {load_note()}",
+        flush=True,
+    )
     return {"job": job, "key_pass": key_pass, "images": job["results"]}
 
 
@@ -276,17 +366,33 @@ ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 def measure_real(args, prepared: dict) -> dict:
     shards = prepared["real"]
-    small_shards = shards[:max(1, args.real_small // 250)]
+    small_shards = shards[: max(1, args.real_small // 250)]
     runs = {}
-    for n, inputs in ((len(small_shards) * 250, ",".join(small_shards)),
-                      (args.real, os.path.join(os.path.dirname(shards[0]), "*.tfrecord"))):
-        rep = runs[n] = run_job(inputs, args, prepared, 224, env=ONE_THREAD, model_after={
-            "shard": shards[0], "count": 128, "size": 224, "repeat": 2,
-            "checkpoint": prepared["checkpoint"]})
+    for n, inputs in (
+        (len(small_shards) * 250, ",".join(small_shards)),
+        (args.real, os.path.join(os.path.dirname(shards[0]), "*.tfrecord")),
+    ):
+        rep = runs[n] = run_job(
+            inputs,
+            args,
+            prepared,
+            224,
+            env=ONE_THREAD,
+            model_after={
+                "shard": shards[0],
+                "count": 128,
+                "size": 224,
+                "repeat": 2,
+                "checkpoint": prepared["checkpoint"],
+            },
+        )
         if rep["results"] != n:
             raise RuntimeError(f"{rep['results']} results for {n} images")
-        print(f"  640x480 JPEGs at 224 px, {n:>5} images: {rep['wall']:6.1f} s wall, "
-              f"{rep['cpu']:6.1f} s CPU; {rep['load']}", flush=True)
+        print(
+            f"  640x480 JPEGs at 224 px, {n:>5} images: {rep['wall']:6.1f} s wall, "
+            f"{rep['cpu']:6.1f} s CPU; {rep['load']}",
+            flush=True,
+        )
     model = {"cpu_ms": sum(r["model"]["cpu_ms"] for r in runs.values()) / len(runs)}
     pillow = in_child("pillow", {"shard": shards[0], "size": 224, "repeat": 2})
     return {"runs": runs, "model": model, "pillow": pillow}
@@ -309,33 +415,48 @@ def report_tiny(args, tiny: dict, gcs: dict) -> dict:
     model_ms = tiny["model"]["cpu_ms"]
     outside = cpu_ms - model_ms
     big, small = tiny["runs"][args.images], tiny["runs"][tiny["small"]]
-    print(f"Tiny model at 32x32, TFRecord shards of {args.shard_size}, "
-          f"{args.known:,}-key skip list (every 10th input known):")
+    print(
+        f"Tiny model at 32x32, TFRecord shards of {args.shard_size}, "
+        f"{args.known:,}-key skip list (every 10th input known):"
+    )
     print("| measure | value |")
     print("| --- | ---: |")
-    print(f"| marginal images/s ({tiny['small']:,} -> {args.images:,} images, whole job) "
-          f"| {rate:.0f} |")
+    print(
+        f"| marginal images/s ({tiny['small']:,} -> {args.images:,} images, whole job) "
+        f"| {rate:.0f} |"
+    )
     print(f"| CPU ms an image, whole job (marginal) | {cpu_ms:.2f} |")
     print(f"| CPU ms an image, bare model | {model_ms:.2f} |")
     print(f"| CPU ms an image outside the model | {outside:.2f} |")
-    print(f"| peak RSS at {tiny['small']:,} / {args.images:,} images (MiB) "
-          f"| {small['maxrss_mib']:.0f} / {big['maxrss_mib']:.0f} "
-          f"(x{big['maxrss_mib'] / small['maxrss_mib']:.3f}) |")
+    print(
+        f"| peak RSS at {tiny['small']:,} / {args.images:,} images (MiB) "
+        f"| {small['maxrss_mib']:.0f} / {big['maxrss_mib']:.0f} "
+        f"(x{big['maxrss_mib'] / small['maxrss_mib']:.3f}) |"
+    )
     share = tiny["key_pass"]["wall"] / big["wall"]
-    print(f"| duplicate-key pass alone, local disk: wall / job wall | "
-          f"{tiny['key_pass']['wall']:.1f} / {big['wall']:.1f} s = {share:.1%} |")
+    print(
+        f"| duplicate-key pass alone, local disk: wall / job wall | "
+        f"{tiny['key_pass']['wall']:.1f} / {big['wall']:.1f} s = {share:.1%} |"
+    )
     if gcs:
         gshare = gcs["key_pass"]["wall"] / gcs["job"]["wall"]
-        print(f"| same on the GCS emulator, {gcs['images']:,} images (no skip list) | "
-              f"{gcs['key_pass']['wall']:.1f} / {gcs['job']['wall']:.1f} s = {gshare:.1%} |")
-    print("\nWhat one worker could feed a GPU (images/s, one SDK process a vCPU, CPU outside the "
-          "model only):")
+        print(
+            f"| same on the GCS emulator, {gcs['images']:,} images (no skip list) | "
+            f"{gcs['key_pass']['wall']:.1f} / {gcs['job']['wall']:.1f} s = {gshare:.1%} |"
+        )
+    print(
+        "\nWhat one worker could feed a GPU (images/s, one SDK process a vCPU, CPU outside the "
+        "model only):"
+    )
     print("| vCPUs | images/s |")
     print("| ---: | ---: |")
     for v in (4, 8, 16, 32):
         print(f"| {v} | {v * 1e3 / outside:,.0f} |")
-    return {"outside_ms_32px": round(outside, 3), "images_per_s_32px": round(rate),
-            "key_pass_share": round(share, 3)}
+    return {
+        "outside_ms_32px": round(outside, 3),
+        "images_per_s_32px": round(rate),
+        "key_pass_share": round(share, 3),
+    }
 
 
 def report_real(real: dict, extra: dict) -> None:
@@ -343,13 +464,17 @@ def report_real(real: dict, extra: dict) -> None:
     outside = cpu_ms - real["model"]["cpu_ms"]
     pillow = real["pillow"]["cpu_ms"]
     ratio = outside / pillow
-    print(f"\n640x480 JPEGs at 224x224 (tiny model, TensorFlow on one thread), marginal over "
-          f"{' -> '.join(str(n) for n in sorted(real['runs']))} images:")
+    print(
+        f"\n640x480 JPEGs at 224x224 (tiny model, TensorFlow on one thread), marginal over "
+        f"{' -> '.join(str(n) for n in sorted(real['runs']))} images:"
+    )
     print("| measure | CPU ms an image |")
     print("| --- | ---: |")
     print(f"| whole job | {cpu_ms:.2f} |")
-    print(f"| bare model (right after each job, in its process; mean) "
-          f"| {real['model']['cpu_ms']:.2f} |")
+    print(
+        f"| bare model (right after each job, in its process; mean) "
+        f"| {real['model']['cpu_ms']:.2f} |"
+    )
     print(f"| outside the model | {outside:.2f} |")
     print(f"| Pillow draft decode + bilinear resize alone | {pillow:.2f} |")
     print(f"| outside the model / Pillow | {ratio:.2f} (target <= {TARGET}) |")
@@ -366,8 +491,9 @@ def main(argv=None):
     ap.add_argument("--gcs_images", type=int, default=5_000, help="0: no GCS emulator run")
     ap.add_argument("--real", type=int, default=1000, help="0: no 640x480 run")
     ap.add_argument("--real_small", type=int, default=250)
-    ap.add_argument("--parts", default="tiny,gcs,real",
-                    help="comma-separated parts to run: tiny, gcs, real")
+    ap.add_argument(
+        "--parts", default="tiny,gcs,real", help="comma-separated parts to run: tiny, gcs, real"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

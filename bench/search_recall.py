@@ -15,6 +15,7 @@ Prints one row per (nprobes, refine_factor): recall@10, p50/p95 latency of one q
 query at a time, warm cache), plus build time and bytes per image; ends with a RESULT line for
 the default settings (target recall@10 >= 0.95 at p50 <= 50 ms).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,10 @@ import shutil
 import tempfile
 import time
 
+import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import pyarrow as pa
 
-import common  # noqa: F401  (puts the repository on sys.path)
 from search import ann
 
 INTRINSIC_DIM = 64
@@ -44,7 +45,7 @@ def make_vectors(rows: int, dim: int, seed: int = 0, basis_seed: int = 1) -> np.
         z = centres[rng.integers(0, CLUSTERS, n)] + 0.5 * rng.normal(size=(n, INTRINSIC_DIM))
         x = z.astype(np.float32) @ basis / np.sqrt(INTRINSIC_DIM)
         x += 0.3 * rng.normal(size=x.shape).astype(np.float32)
-        out[start:start + n] = np.maximum(x, 0.0)
+        out[start : start + n] = np.maximum(x, 0.0)
     return out
 
 
@@ -54,18 +55,22 @@ def exact_top_k(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     sims = np.empty((len(queries), len(db)), np.float32)
     for start in range(0, len(db), 8192):
-        block = db[start:start + 8192]
-        sims[:, start:start + len(block)] = (q @ block.T) / norms[start:start + len(block)]
+        block = db[start : start + 8192]
+        sims[:, start : start + len(block)] = (q @ block.T) / norms[start : start + len(block)]
     return np.argsort(-sims, axis=1)[:, :k]
 
 
 def table_batches(vectors: np.ndarray, batch: int = 4096):
     for start in range(0, len(vectors), batch):
-        chunk = vectors[start:start + batch]
-        yield pa.record_batch({
-            "row": pa.array(np.arange(start, start + len(chunk), dtype=np.int64)),
-            ann.VECTOR_COLUMN: pa.FixedSizeListArray.from_arrays(
-                pa.array(chunk.ravel()), vectors.shape[1])})
+        chunk = vectors[start : start + batch]
+        yield pa.record_batch(
+            {
+                "row": pa.array(np.arange(start, start + len(chunk), dtype=np.int64)),
+                ann.VECTOR_COLUMN: pa.FixedSizeListArray.from_arrays(
+                    pa.array(chunk.ravel()), vectors.shape[1]
+                ),
+            }
+        )
 
 
 def dir_bytes(path: str) -> int:
@@ -77,7 +82,8 @@ def measure(table, queries, truth, k, nprobes, refine):
     for q, expected in zip(queries, truth):
         t0 = time.perf_counter()
         rows, _ = ann.exact_rerank(
-            q, ann.nearest(table, q, k, ["row"], nprobes=nprobes, refine_factor=refine), k)
+            q, ann.nearest(table, q, k, ["row"], nprobes=nprobes, refine_factor=refine), k
+        )
         latencies.append(time.perf_counter() - t0)
         hits += len(set(rows.column("row").to_pylist()) & set(expected.tolist()))
     lat = np.array(latencies) * 1000
@@ -92,8 +98,12 @@ def main(argv=None):
     ap.add_argument("--nprobes", default=f"8,16,{ann.DEFAULT_NPROBES},64")
     ap.add_argument("--refine_factors", default=f"1,{ann.DEFAULT_REFINE_FACTOR},30")
     ap.add_argument("--sub_vectors", type=int, default=None, help="default dim / 16")
-    ap.add_argument("--flat_queries", type=int, default=20,
-                    help="also time this many queries without the vector index (exact scan)")
+    ap.add_argument(
+        "--flat_queries",
+        type=int,
+        default=20,
+        help="also time this many queries without the vector index (exact scan)",
+    )
     ap.add_argument("--dir", default=None, help="where to build the table (default a temp dir)")
     args = ap.parse_args(argv)
     import lancedb
@@ -113,24 +123,30 @@ def main(argv=None):
         db = lancedb.connect(root)
         schema = next(table_batches(vectors[:1])).schema
         t0 = time.perf_counter()
-        table = db.create_table("images", pa.RecordBatchReader.from_batches(
-            schema, table_batches(vectors)), mode="overwrite")
+        table = db.create_table(
+            "images",
+            pa.RecordBatchReader.from_batches(schema, table_batches(vectors)),
+            mode="overwrite",
+        )
         write_s = time.perf_counter() - t0
         data_bytes = dir_bytes(root)
         if args.flat_queries:
-            flat = measure(table, queries[:args.flat_queries], truth, k, 1, 1)
-            print(f"# no vector index (exact scan): recall@10 {flat[0]:.3f}, "
-                  f"p50 {flat[1]:.0f} ms, p95 {flat[2]:.0f} ms")
+            flat = measure(table, queries[: args.flat_queries], truth, k, 1, 1)
+            print(
+                f"# no vector index (exact scan): recall@10 {flat[0]:.3f}, "
+                f"p50 {flat[1]:.0f} ms, p95 {flat[2]:.0f} ms"
+            )
         t0 = time.perf_counter()
-        settings = ann.create_vector_index(table, args.rows, args.dim,
-                                           sub_vectors=args.sub_vectors)
+        settings = ann.create_vector_index(table, args.rows, args.dim, sub_vectors=args.sub_vectors)
         index_s = time.perf_counter() - t0
         total = dir_bytes(root)
-        print(f"# write {write_s:.1f} s, IVF-PQ build {index_s:.1f} s "
-              f"(partitions {settings['num_partitions']}, sub-vectors "
-              f"{settings['num_sub_vectors']}); {total / args.rows:,.0f} bytes/image "
-              f"({data_bytes / args.rows:,.0f} vectors + {(total - data_bytes) / args.rows:,.0f} "
-              f"index)")
+        print(
+            f"# write {write_s:.1f} s, IVF-PQ build {index_s:.1f} s "
+            f"(partitions {settings['num_partitions']}, sub-vectors "
+            f"{settings['num_sub_vectors']}); {total / args.rows:,.0f} bytes/image "
+            f"({data_bytes / args.rows:,.0f} vectors + {(total - data_bytes) / args.rows:,.0f} "
+            f"index)"
+        )
         print("| nprobes | refine_factor | recall@10 | p50 ms | p95 ms |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         default = None
@@ -138,15 +154,22 @@ def main(argv=None):
             for refine in [int(x) for x in args.refine_factors.split(",")]:
                 measure(table, queries[:5], truth, k, nprobes, refine)  # warm up
                 recall, p50, p95 = measure(table, queries, truth, k, nprobes, refine)
-                print(f"| {nprobes} | {refine} | {recall:.3f} | {p50:.1f} | {p95:.1f} |",
-                      flush=True)
+                print(
+                    f"| {nprobes} | {refine} | {recall:.3f} | {p50:.1f} | {p95:.1f} |", flush=True
+                )
                 if (nprobes, refine) == (ann.DEFAULT_NPROBES, ann.DEFAULT_REFINE_FACTOR):
                     default = (recall, p50, p95)
         if default:
-            common.result_line("search_recall", default[0], 0.95, p50_ms=f"{default[1]:.1f}",
-                               p95_ms=f"{default[2]:.1f}", build_s=f"{write_s + index_s:.1f}",
-                               bytes_per_image=f"{total / args.rows:.0f}",
-                               latency_pass="yes" if default[1] <= 50 else "no")
+            common.result_line(
+                "search_recall",
+                default[0],
+                0.95,
+                p50_ms=f"{default[1]:.1f}",
+                p95_ms=f"{default[2]:.1f}",
+                build_s=f"{write_s + index_s:.1f}",
+                bytes_per_image=f"{total / args.rows:.0f}",
+                latency_pass="yes" if default[1] <= 50 else "no",
+            )
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)

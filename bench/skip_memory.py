@@ -11,6 +11,7 @@ Peak RSS is the child's `ru_maxrss`; bytes a known key = (peak - baseline peak) 
 Every run is checked to be exact: the results are exactly the unknown inputs and `skipped` is
 1,000. The generated inputs are cached under bench/out/skip_memory/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (REPO, TINY, load_note, result_line, small_jpegs,  # noqa: E402
-                          write_checkpoint)
+from bench.common import (
+    REPO,
+    TINY,
+    load_note,
+    result_line,
+    small_jpegs,  # noqa: E402
+    write_checkpoint,
+)
 
 TARGET = 100.0  # bytes of peak RSS a known key
 OUT = os.path.join(REPO, "bench", "out", "skip_memory")
@@ -42,32 +49,66 @@ def old_key(i: int) -> str:
 def child(args) -> None:
     """Run the job once; print one JSON line: peak RSS, counts, result keys' check."""
     import logging
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger().setLevel(logging.WARNING)
     import pyarrow.parquet as pq
+
     from pipeline.main import run
+
     start = time.perf_counter()
-    summary = run(["--input", os.path.join(args.data, "inputs", "*.tfrecord"),
-                   "--output", args.output, "--skip_keys_from", args.skip,
-                   "--tags_model", args.checkpoint, "--embed_model", args.checkpoint,
-                   "--batch_size", "32", "--image_size", "32", "--log_every_secs", "0"],
-                  save_main_session=False)
+    summary = run(
+        [
+            "--input",
+            os.path.join(args.data, "inputs", "*.tfrecord"),
+            "--output",
+            args.output,
+            "--skip_keys_from",
+            args.skip,
+            "--tags_model",
+            args.checkpoint,
+            "--embed_model",
+            args.checkpoint,
+            "--batch_size",
+            "32",
+            "--image_size",
+            "32",
+            "--log_every_secs",
+            "0",
+        ],
+        save_main_session=False,
+    )
     seconds = time.perf_counter() - start
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     files = sorted(f for f in os.listdir(args.output) if f.startswith("results-"))
-    keys = sorted(k for f in files for k in
-                  pq.read_table(os.path.join(args.output, f), columns=["key"])["key"].to_pylist())
+    keys = sorted(
+        k
+        for f in files
+        for k in pq.read_table(os.path.join(args.output, f), columns=["key"])["key"].to_pylist()
+    )
     expected = sorted(input_key(i) for i in range(args.inputs) if i % 2)
-    print("CHILD " + json.dumps({"maxrss": own, "skipped": summary["skipped"],
-                                 "results": summary["results"], "exact": keys == expected,
-                                 "seconds": seconds}), flush=True)
+    print(
+        "CHILD "
+        + json.dumps(
+            {
+                "maxrss": own,
+                "skipped": summary["skipped"],
+                "results": summary["results"],
+                "exact": keys == expected,
+                "seconds": seconds,
+            }
+        ),
+        flush=True,
+    )
 
 
 def prepare(args) -> dict:
     """Inputs, checkpoint and skip lists under bench/out/skip_memory (reused when present)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from tests.corpus import write_tfrecord
+
     os.makedirs(OUT, exist_ok=True)
     checkpoint = os.path.join(OUT, "tiny.npz")
     if not os.path.exists(checkpoint):
@@ -79,8 +120,10 @@ def prepare(args) -> dict:
         shards = 4
         for s in range(shards):
             name = f"in-{s:05d}-of-{shards:05d}.tfrecord"
-            write_tfrecord(os.path.join(inputs + ".tmp/inputs", name),
-                           [(input_key(i), images[i]) for i in range(s, args.inputs, shards)])
+            write_tfrecord(
+                os.path.join(inputs + ".tmp/inputs", name),
+                [(input_key(i), images[i]) for i in range(s, args.inputs, shards)],
+            )
         os.rename(inputs + ".tmp", inputs)
     known_inputs = [input_key(i) for i in range(0, args.inputs, 2)]  # even inputs are known
     skips = {}
@@ -94,9 +137,10 @@ def prepare(args) -> dict:
                 keys = [old_key(i) for i in range(f * per_file, min(extra, (f + 1) * per_file))]
                 if f == files - 1:
                     keys += known_inputs
-                pq.write_table(pa.table({"key": pa.array(keys, pa.string())}),
-                               os.path.join(directory + ".tmp",
-                                            f"results-{f:05d}-of-{files:05d}.parquet"))
+                pq.write_table(
+                    pa.table({"key": pa.array(keys, pa.string())}),
+                    os.path.join(directory + ".tmp", f"results-{f:05d}-of-{files:05d}.parquet"),
+                )
                 del keys
             os.rename(directory + ".tmp", directory)
         skips[extra] = os.path.join(directory, "results-*.parquet")
@@ -106,15 +150,27 @@ def prepare(args) -> dict:
 def measure(prepared: dict, skip: str, args) -> dict:
     output = os.path.join(OUT, "run-output")
     shutil.rmtree(output, ignore_errors=True)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--data", prepared["data"],
-           "--output", output, "--checkpoint", prepared["checkpoint"], "--skip", skip,
-           "--inputs", str(args.inputs)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "--data",
+        prepared["data"],
+        "--output",
+        output,
+        "--checkpoint",
+        prepared["checkpoint"],
+        "--skip",
+        skip,
+        "--inputs",
+        str(args.inputs),
+    ]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     shutil.rmtree(output, ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CHILD ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"job child failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
-    report = json.loads(lines[-1][len("CHILD "):])
+    report = json.loads(lines[-1][len("CHILD ") :])
     expected_skips = args.inputs // 2 + args.inputs % 2
     if not report["exact"] or report["skipped"] != expected_skips:
         raise RuntimeError(f"inexact skip: {report}")
@@ -123,8 +179,9 @@ def measure(prepared: dict, skip: str, args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--known", default="1000000,3000000",
-                    help="comma-separated numbers of extra known keys")
+    ap.add_argument(
+        "--known", default="1000000,3000000", help="comma-separated numbers of extra known keys"
+    )
     ap.add_argument("--inputs", type=int, default=2000)
     ap.add_argument("--files", type=int, default=10, help="Parquet files holding the known keys")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -143,12 +200,16 @@ def main(argv=None):
     reports = {}
     for extra in [0] + args.known:
         reports[extra] = rep = measure(prepared, prepared["skips"][extra], args)
-        print(f"  {extra:>9,} extra known keys: peak RSS {rep['maxrss'] / 2**20:8.1f} MiB, "
-              f"{rep['results']} results, {rep['skipped']} skipped, exact, {rep['seconds']:.0f} s",
-              flush=True)
+        print(
+            f"  {extra:>9,} extra known keys: peak RSS {rep['maxrss'] / 2**20:8.1f} MiB, "
+            f"{rep['results']} results, {rep['skipped']} skipped, exact, {rep['seconds']:.0f} s",
+            flush=True,
+        )
     base = reports[0]["maxrss"]
-    print(f"\n{args.inputs} TFRecord inputs (half known), tiny BiT at 32x32, in-process runner, "
-          f"known keys in {args.files} Parquet files; {load_note()}")
+    print(
+        f"\n{args.inputs} TFRecord inputs (half known), tiny BiT at 32x32, in-process runner, "
+        f"known keys in {args.files} Parquet files; {load_note()}"
+    )
     print("| known keys | peak RSS (MiB) | growth (MiB) | bytes a known key |")
     print("| ---: | ---: | ---: | ---: |")
     print(f"| {args.inputs // 2:,} (baseline) | {base / 2**20:.0f} | | |")
@@ -157,8 +218,10 @@ def main(argv=None):
         growth = reports[extra]["maxrss"] - base
         per_key = growth / extra
         worst = max(worst, per_key)
-        print(f"| {extra + args.inputs // 2:,} | {reports[extra]['maxrss'] / 2**20:.0f} "
-              f"| {growth / 2**20:.0f} | {per_key:.1f} |")
+        print(
+            f"| {extra + args.inputs // 2:,} | {reports[extra]['maxrss'] / 2**20:.0f} "
+            f"| {growth / 2**20:.0f} | {per_key:.1f} |"
+        )
     return result_line("skip_memory", worst, TARGET, higher_is_better=False)
 
 

@@ -7,6 +7,7 @@ runs once. uint8 goes to the device and is scaled inside the traced graph. With 
 call runs fixed-shape batches (the last one zero-padded, outputs sliced back) so the `tf.function`
 is traced once per (H, W).
 """
+
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +26,7 @@ class Outputs(NamedTuple):
 
 class _Net(NamedTuple):
     """One loaded source: `forward(uint8 images) -> (features or None, logits or None)` in-graph."""
+
     source: str
     kind: str  # "npz" or "hub"
     forward: object
@@ -52,8 +54,9 @@ def _load_npz(source, precision, cache_dir):
 
     ckpt = load_checkpoint(source, cache_dir=cache_dir)
     arch = ckpt.architecture
-    net = ResNetV2(units=arch.units, width=arch.width, num_classes=arch.num_classes,
-                   dtype=precision)
+    net = ResNetV2(
+        units=arch.units, width=arch.width, num_classes=arch.num_classes, dtype=precision
+    )
     net.load_weights(ckpt.weights)
 
     def forward(images):
@@ -61,9 +64,12 @@ def _load_npz(source, precision, cache_dir):
         return net(x)
 
     name = getattr(arch, "name", None) or f"R{2 + 3 * sum(arch.units)}x{arch.width}"
-    described = f"{name} units={tuple(arch.units)} width={arch.width} classes={arch.num_classes or 'none'}"
-    return _Net(source, "npz", forward, ckpt.sha256, described, "[-1, 1]", arch.num_classes,
-                net.feature_dim), net
+    described = (
+        f"{name} units={tuple(arch.units)} width={arch.width} classes={arch.num_classes or 'none'}"
+    )
+    return _Net(
+        source, "npz", forward, ckpt.sha256, described, "[-1, 1]", arch.num_classes, net.feature_dim
+    ), net
 
 
 def _load_hub(source, role):
@@ -76,8 +82,16 @@ def _load_hub(source, role):
         return (None, out) if role == "tags" else (out, None)
 
     dim = int(hub.output_dim)
-    return _Net(source, "hub", forward, str(getattr(hub, "sha256", "") or ""), f"saved_model output_dim={dim}",
-                "[0, 1]", dim if role == "tags" else None, dim if role == "embed" else None), hub
+    return _Net(
+        source,
+        "hub",
+        forward,
+        str(getattr(hub, "sha256", "") or ""),
+        f"saved_model output_dim={dim}",
+        "[0, 1]",
+        dim if role == "tags" else None,
+        dim if role == "embed" else None,
+    ), hub
 
 
 class TagAndEmbedModel:
@@ -90,8 +104,16 @@ class TagAndEmbedModel:
         self._modules = modules  # keep the variables alive
 
     @classmethod
-    def load(cls, tags_source=DEFAULT_TAGS_MODEL, embed_source=DEFAULT_EMBED_MODEL, *, precision="float32",
-             jit_compile=False, batch_size=None, cache_dir=None):
+    def load(
+        cls,
+        tags_source=DEFAULT_TAGS_MODEL,
+        embed_source=DEFAULT_EMBED_MODEL,
+        *,
+        precision="float32",
+        jit_compile=False,
+        batch_size=None,
+        cache_dir=None,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if batch_size is not None and int(batch_size) < 1:
@@ -103,7 +125,8 @@ class TagAndEmbedModel:
                 f"{tags_source!r} in both slots: a TF Hub model / SavedModel has one output, "
                 "so it cannot give both tags and embeddings; use a classification module for "
                 "tags and a feature-vector module for embed, or one .npz checkpoint with a head "
-                "for both")
+                "for both"
+            )
         if _is_npz(tags_source):
             tags, tags_module = _load_npz(tags_source, precision, cache_dir)
         else:
@@ -112,7 +135,8 @@ class TagAndEmbedModel:
             raise ValueError(
                 f"tags model {tags_source!r} has no classification head (no "
                 "'resnet/head/conv2d/kernel'): tags need a checkpoint with logits, e.g. "
-                "BiT-M-R50x1.npz; a headless one can only embed")
+                "BiT-M-R50x1.npz; a headless one can only embed"
+            )
         if same and tags.kind == "npz":
             embed, embed_module = tags, tags_module
         elif _is_npz(embed_source):
@@ -128,8 +152,15 @@ class TagAndEmbedModel:
             return tf.sigmoid(tf.cast(logits, tf.float32)), tf.cast(features, tf.float32)
 
         compiled = tf.function(forward, jit_compile=bool(jit_compile), autograph=False)
-        return cls(tags, embed, compiled, precision, bool(jit_compile),
-                   None if batch_size is None else int(batch_size), (tags_module, embed_module))
+        return cls(
+            tags,
+            embed,
+            compiled,
+            precision,
+            bool(jit_compile),
+            None if batch_size is None else int(batch_size),
+            (tags_module, embed_module),
+        )
 
     @property
     def num_classes(self):
@@ -172,20 +203,27 @@ class TagAndEmbedModel:
     def __call__(self, images):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"expected uint8 images [B, H, W, 3], got {images.dtype} {images.shape}"
+            )
         n = images.shape[0]
         if n == 0:
-            return Outputs(np.zeros((0, self.num_classes), np.float32), np.zeros((0, self.embedding_dim), np.float32))
+            return Outputs(
+                np.zeros((0, self.num_classes), np.float32),
+                np.zeros((0, self.embedding_dim), np.float32),
+            )
         if self.batch_size is None:
             scores, embeddings = self._forward(tf.constant(images))
             return Outputs(scores.numpy(), embeddings.numpy())
         step = self.batch_size
         scores, embeddings = [], []
         for start in range(0, n, step):
-            chunk = images[start:start + step]
+            chunk = images[start : start + step]
             rows = chunk.shape[0]
             if rows < step:  # pad so the traced function always sees the same shape
-                chunk = np.concatenate([chunk, np.zeros((step - rows,) + chunk.shape[1:], np.uint8)])
+                chunk = np.concatenate(
+                    [chunk, np.zeros((step - rows,) + chunk.shape[1:], np.uint8)]
+                )
             s, e = self._forward(tf.constant(chunk))
             scores.append(s.numpy()[:rows])
             embeddings.append(e.numpy()[:rows])

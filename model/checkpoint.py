@@ -7,6 +7,7 @@ never unpickles (`allow_pickle=False`), checks every key and shape against the a
 inferred from the file before reading any data, and reads one array at a time (peak memory
 about the size of the weights).
 """
+
 import concurrent.futures
 import hashlib
 import json
@@ -70,8 +71,11 @@ class Architecture(NamedTuple):
             cout = 4 * cmid
             for u in range(1, n + 1):
                 scope = f"resnet/block{b}/unit{u:02d}"
-                for sub, c_gn, kernel in (("a", cin, (1, 1, cin, cmid)), ("b", cmid, (3, 3, cmid, cmid)),
-                                          ("c", cmid, (1, 1, cmid, cout))):
+                for sub, c_gn, kernel in (
+                    ("a", cin, (1, 1, cin, cmid)),
+                    ("b", cmid, (3, 3, cmid, cmid)),
+                    ("c", cmid, (1, 1, cmid, cout)),
+                ):
                     shapes[f"{scope}/{sub}/group_norm/gamma"] = (c_gn,)
                     shapes[f"{scope}/{sub}/group_norm/beta"] = (c_gn,)
                     shapes[f"{scope}/{sub}/standardized_conv2d/kernel"] = kernel
@@ -94,8 +98,10 @@ def architecture_from_shapes(shapes):
     """
     root = tuple(shapes.get(ROOT_KERNEL, ()))
     if len(root) != 4 or root[3] % 64 or root[3] == 0:
-        raise CheckpointError(f"{ROOT_KERNEL}: missing or bad shape {root or None}; "
-                              "expected [7, 7, 3, 64 * width] (not a BiT ResNet-v2 checkpoint?)")
+        raise CheckpointError(
+            f"{ROOT_KERNEL}: missing or bad shape {root or None}; "
+            "expected [7, 7, 3, 64 * width] (not a BiT ResNet-v2 checkpoint?)"
+        )
     highest = {}
     for key in shapes:
         m = _UNIT_KEY.match(key)
@@ -107,7 +113,9 @@ def architecture_from_shapes(shapes):
     head = tuple(shapes.get(HEAD_KERNEL, ()))
     if head and len(head) != 4:
         raise CheckpointError(f"{HEAD_KERNEL}: shape {head}, expected [1, 1, C, num_classes]")
-    return Architecture(tuple(highest[b] for b in sorted(highest)), root[3] // 64, head[3] if head else None)
+    return Architecture(
+        tuple(highest[b] for b in sorted(highest)), root[3] // 64, head[3] if head else None
+    )
 
 
 def validate(shapes, architecture, where=""):
@@ -115,13 +123,21 @@ def validate(shapes, architecture, where=""):
     expected = architecture.expected_shapes()
     missing = [k for k in expected if k not in shapes]
     extra = sorted(k for k in shapes if k not in expected)
-    bad = [f"{k} {tuple(shapes[k])} != {expected[k]}" for k in expected
-           if k in shapes and tuple(shapes[k]) != expected[k]]
-    problems = [f"{label}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", bad)) if keys]
+    bad = [
+        f"{k} {tuple(shapes[k])} != {expected[k]}"
+        for k in expected
+        if k in shapes and tuple(shapes[k]) != expected[k]
+    ]
+    problems = [
+        f"{label}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", bad))
+        if keys
+    ]
     if problems:
-        raise CheckpointError(f"{where}not a valid {architecture.name} checkpoint "
-                              f"({architecture}): " + "; ".join(problems))
+        raise CheckpointError(
+            f"{where}not a valid {architecture.name} checkpoint "
+            f"({architecture}): " + "; ".join(problems)
+        )
 
 
 class Checkpoint(NamedTuple):
@@ -140,7 +156,7 @@ def load_checkpoint(source, cache_dir=None):
     Raises CheckpointError with a message naming the file or key for every failure.
     """
     if not _is_remote(source):
-        path = source[len("file://"):] if source.startswith("file://") else source
+        path = source[len("file://") :] if source.startswith("file://") else source
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {source}: no such file")
         weights, architecture, sha256 = _load_local(path, source)
@@ -167,6 +183,7 @@ def load_checkpoint(source, cache_dir=None):
 
 # ---- reading ---------------------------------------------------------------------------------
 
+
 def _load_local(path, shown):
     """(weights, architecture, sha256): the file is hashed in a thread while its arrays are read."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -183,7 +200,11 @@ def _read_npz(path, shown):
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
-        hint = " (a pickle: refused, only np.savez archives are loaded)" if magic[:1] == b"\x80" else ""
+        hint = (
+            " (a pickle: refused, only np.savez archives are loaded)"
+            if magic[:1] == b"\x80"
+            else ""
+        )
         raise CheckpointError(f"{shown}: not an .npz (zip) archive, starts with {magic!r}{hint}")
     try:
         with zipfile.ZipFile(path) as zf:
@@ -206,8 +227,10 @@ def _read_npz(path, shown):
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{shown}: truncated or corrupt checkpoint ({type(e).__name__}: {e}); "
-                              "delete it and download it again") from e
+        raise CheckpointError(
+            f"{shown}: truncated or corrupt checkpoint ({type(e).__name__}: {e}); "
+            "delete it and download it again"
+        ) from e
 
 
 def _read_header(zf, name, shown):
@@ -221,8 +244,10 @@ def _read_header(zf, name, shown):
         else:
             shape, fortran, dtype = np.lib.format._read_array_header(f, version)
     if dtype.hasobject:
-        raise CheckpointError(f"{shown}: array {name[:-4]} holds pickled Python objects; "
-                              "refusing to unpickle (allow_pickle=False)")
+        raise CheckpointError(
+            f"{shown}: array {name[:-4]} holds pickled Python objects; "
+            "refusing to unpickle (allow_pickle=False)"
+        )
     if dtype.kind != "f":
         raise CheckpointError(f"{shown}: array {name[:-4]} has dtype {dtype}, expected float32")
     return shape, dtype
@@ -238,6 +263,7 @@ def _sha256_file(path):
 
 # ---- remote sources and the local cache -------------------------------------------------------
 
+
 def _is_remote(source):
     return "://" in source and not source.startswith("file://")
 
@@ -252,10 +278,16 @@ def cache_path(source, cache_dir=None):
 
 def _offline_hint(source):
     name = source.rstrip("/").rsplit("/", 1)[-1]
-    public = source.replace("gs://", "https://storage.googleapis.com/", 1) if source.startswith("gs://") else source
-    return (f"If this machine has no network access, download {public} on another machine, "
-            f"copy it here and pass the local path instead (e.g. --tags_model /path/{name} "
-            f"or --embed_model /path/{name}).")
+    public = (
+        source.replace("gs://", "https://storage.googleapis.com/", 1)
+        if source.startswith("gs://")
+        else source
+    )
+    return (
+        f"If this machine has no network access, download {public} on another machine, "
+        f"copy it here and pass the local path instead (e.g. --tags_model /path/{name} "
+        f"or --embed_model /path/{name})."
+    )
 
 
 def _cached_sha256(local):
@@ -265,8 +297,12 @@ def _cached_sha256(local):
             meta = json.load(f)
         if os.path.getsize(local) == meta["size"]:
             return meta["sha256"]
-        _LOG.warning("cached %s has %d bytes, the source had %d: fetching it again",
-                    local, os.path.getsize(local), meta["size"])
+        _LOG.warning(
+            "cached %s has %d bytes, the source had %d: fetching it again",
+            local,
+            os.path.getsize(local),
+            meta["size"],
+        )
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
@@ -283,8 +319,12 @@ def _fetch(source, local):
         size = fs.info(path).get("size")
         _LOG.info("downloading %s (%s bytes) to %s", source, size, local)
         h, copied = hashlib.sha256(), 0
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(local), prefix=os.path.basename(local) + ".",
-                                         suffix=".partial", delete=False) as out:
+        with tempfile.NamedTemporaryFile(
+            dir=os.path.dirname(local),
+            prefix=os.path.basename(local) + ".",
+            suffix=".partial",
+            delete=False,
+        ) as out:
             tmp = out.name
             with storage.open_file(source, "rb") as src:
                 for chunk in iter(lambda: src.read(CHUNK), b""):
@@ -294,27 +334,34 @@ def _fetch(source, local):
             out.flush()
             os.fsync(out.fileno())
         if size is not None and copied != size:
-            raise CheckpointError(f"{source}: download truncated ({copied} of {size} bytes); try again")
+            raise CheckpointError(
+                f"{source}: download truncated ({copied} of {size} bytes); try again"
+            )
         if os.path.exists(local + ".meta.json"):
             os.remove(local + ".meta.json")  # never pair the new file with the old record
         os.replace(tmp, local)
         tmp = None
         sha256 = h.hexdigest()
-        _write_atomic(local + ".meta.json", json.dumps({"source": source, "size": copied, "sha256": sha256}))
+        _write_atomic(
+            local + ".meta.json", json.dumps({"source": source, "size": copied, "sha256": sha256})
+        )
     except CheckpointError:
         raise
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {source} not found ({e})") from e
     except Exception as e:  # network, auth, timeouts: the remote is unusable, say what to do
-        raise CheckpointError(f"cannot fetch checkpoint {source}: {type(e).__name__}: {e}. "
-                              + _offline_hint(source)) from e
+        raise CheckpointError(
+            f"cannot fetch checkpoint {source}: {type(e).__name__}: {e}. " + _offline_hint(source)
+        ) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def _write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".partial")
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".partial"
+    )
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

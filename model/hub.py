@@ -9,6 +9,7 @@ Sources: `https://tfhub.dev/...` (downloaded once into TFHUB_CACHE_DIR by tensor
 offline, a handle that is not cached fails within seconds instead of hanging), a local
 SavedModel directory, or a `gs://` one (copied once to the local cache through model.storage).
 """
+
 import hashlib
 import logging
 import os
@@ -42,7 +43,9 @@ class HubModel:
         self._fn, self._output_key = fn, output_key
         self.source, self.path = source, path
         self.sha256 = _fingerprint(path)
-        self.output_dim = output_dim or int(self(tf.zeros([1, _PROBE_SIZE, _PROBE_SIZE, 3])).shape[-1])
+        self.output_dim = output_dim or int(
+            self(tf.zeros([1, _PROBE_SIZE, _PROBE_SIZE, 3])).shape[-1]
+        )
 
     def __call__(self, images01):
         out = self._fn(tf.convert_to_tensor(images01, tf.float32))
@@ -62,7 +65,9 @@ def load_saved_model(handle):
     try:
         obj = tf.saved_model.load(path)
     except Exception as e:
-        raise HubError(f"{handle}: cannot load the SavedModel in {path}: {type(e).__name__}: {e}") from e
+        raise HubError(
+            f"{handle}: cannot load the SavedModel in {path}: {type(e).__name__}: {e}"
+        ) from e
     fn, key, dim = _entry_point(obj, handle)
     model = HubModel(fn, key, handle, path, dim)
     model._saved_model = obj  # keep the variables alive
@@ -92,16 +97,22 @@ def _entry_point(obj, handle):
         return obj, None, (dims.pop() if len(dims) == 1 and None not in dims else None)
     signature = getattr(obj, "signatures", {}).get("serving_default")
     if signature is None:
-        raise HubError(f"{handle}: the SavedModel has neither a __call__ function nor a serving_default signature")
+        raise HubError(
+            f"{handle}: the SavedModel has neither a __call__ function nor a serving_default signature"
+        )
     inputs = signature.structured_input_signature[1]
     outputs = signature.structured_outputs
     if len(inputs) != 1:
-        raise HubError(f"{handle}: serving_default takes {sorted(inputs)}; expected one image input")
+        raise HubError(
+            f"{handle}: serving_default takes {sorted(inputs)}; expected one image input"
+        )
     key = next((k for k in ("default", "output_0", "logits", "pre_logits") if k in outputs), None)
     if key is None and len(outputs) == 1:
         key = next(iter(outputs))
     if key is None:
-        raise HubError(f"{handle}: cannot tell which serving_default output to use: {sorted(outputs)}")
+        raise HubError(
+            f"{handle}: cannot tell which serving_default output to use: {sorted(outputs)}"
+        )
     (name,) = inputs
     dim = outputs[key].shape[-1] if outputs[key].shape.rank else None
     return (lambda x: signature(**{name: x})), key, dim
@@ -109,13 +120,14 @@ def _entry_point(obj, handle):
 
 # ---- resolving handles -----------------------------------------------------------------------
 
+
 def _resolve(handle):
     scheme = urllib.parse.urlsplit(handle).scheme if "://" in handle else ""
     if scheme in ("http", "https"):
         return _resolve_url(handle)
     if scheme not in ("", "file"):
         return _copy_remote_dir(handle)
-    path = handle[len("file://"):] if scheme == "file" else handle
+    path = handle[len("file://") :] if scheme == "file" else handle
     if not os.path.isdir(path):
         raise HubError(f"{handle}: no such SavedModel directory")
     return path
@@ -124,7 +136,10 @@ def _resolve(handle):
 def _tfhub_module_dir(handle):
     """Where tensorflow_hub caches `handle` (its own rule: sha1 of the handle under TFHUB_CACHE_DIR)."""
     from tensorflow_hub import resolver
-    return os.path.join(resolver.tfhub_cache_dir(use_temp=True), hashlib.sha1(handle.encode("utf8")).hexdigest())
+
+    return os.path.join(
+        resolver.tfhub_cache_dir(use_temp=True), hashlib.sha1(handle.encode("utf8")).hexdigest()
+    )
 
 
 def _resolve_url(handle):
@@ -137,22 +152,28 @@ def _resolve_url(handle):
     try:
         return hub.resolve(handle)
     except Exception as e:
-        raise HubError(f"cannot fetch {handle}: {type(e).__name__}: {e}. " + _offline_hint(handle)) from e
+        raise HubError(
+            f"cannot fetch {handle}: {type(e).__name__}: {e}. " + _offline_hint(handle)
+        ) from e
 
 
 def _offline_hint(handle):
-    return ("If this machine has no network access, download the model elsewhere "
-            f"({handle}?tf-hub-format=compressed is a .tar.gz of the SavedModel), unpack it and pass "
-            "the directory instead (e.g. --tags_model /path/to/saved_model_dir), or copy a "
-            "tensorflow_hub cache that holds it and set TFHUB_CACHE_DIR to it "
-            f"(this handle is cached as {_tfhub_module_dir(handle)}).")
+    return (
+        "If this machine has no network access, download the model elsewhere "
+        f"({handle}?tf-hub-format=compressed is a .tar.gz of the SavedModel), unpack it and pass "
+        "the directory instead (e.g. --tags_model /path/to/saved_model_dir), or copy a "
+        "tensorflow_hub cache that holds it and set TFHUB_CACHE_DIR to it "
+        f"(this handle is cached as {_tfhub_module_dir(handle)})."
+    )
 
 
 def _check_reachable(handle, host, port, timeout=CONNECT_TIMEOUT_S):
     """Fail within `timeout` s when `host:port` cannot be reached (tensorflow_hub's urlopen has no timeout)."""
     why = unreachable_reason(host, port, timeout)
     if why is not None:
-        raise HubError(f"cannot reach {host}:{port} to fetch {handle} ({why}). " + _offline_hint(handle))
+        raise HubError(
+            f"cannot reach {host}:{port} to fetch {handle} ({why}). " + _offline_hint(handle)
+        )
 
 
 def _copy_remote_dir(source):
@@ -164,7 +185,9 @@ def _copy_remote_dir(source):
         return local
     _LOG.info("copying SavedModel %s to %s", source, local)
     os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(local), prefix=os.path.basename(local) + ".", suffix=".partial")
+    tmp = tempfile.mkdtemp(
+        dir=os.path.dirname(local), prefix=os.path.basename(local) + ".", suffix=".partial"
+    )
     try:
         fs, path = storage.get_filesystem(source)
         path = path.rstrip("/")
@@ -183,14 +206,17 @@ def _copy_remote_dir(source):
     except HubError:
         raise
     except Exception as e:
-        raise HubError(f"cannot fetch SavedModel {source}: {type(e).__name__}: {e}. If this machine has "
-                       "no network access, copy the directory here and pass its local path.") from e
+        raise HubError(
+            f"cannot fetch SavedModel {source}: {type(e).__name__}: {e}. If this machine has "
+            "no network access, copy the directory here and pass its local path."
+        ) from e
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- export ----------------------------------------------------------------------------------
+
 
 class _Serving(tf.Module):
     def __init__(self, resnet, output):
@@ -215,5 +241,7 @@ def export_saved_model(resnet, path, output="logits"):
     if output == "logits" and getattr(resnet, "head", None) is None:
         raise ValueError("output='logits' needs a model with a head (num_classes)")
     module = _Serving(resnet, output)
-    tf.saved_model.save(module, path, signatures={"serving_default": module.__call__.get_concrete_function()})
+    tf.saved_model.save(
+        module, path, signatures={"serving_default": module.__call__.get_concrete_function()}
+    )
     return path

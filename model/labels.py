@@ -5,6 +5,7 @@ The two text files in `model/data/` are byte-identical copies of BiT's
 They ship with the package, so tagging needs no network; their sha256 is checked at load
 so a corrupt install fails loudly instead of mislabelling every image.
 """
+
 import functools
 import hashlib
 import os
@@ -49,15 +50,17 @@ def _read_checked(name, sha256):
         raise LabelError(f"label file {path} is missing from the install: {e}") from e
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
-        raise LabelError(f"label file {path} is corrupt: sha256 {got}, expected {sha256}; "
-                         "reinstall the package or rerun model/data/build_labels.py")
+        raise LabelError(
+            f"label file {path} is corrupt: sha256 {got}, expected {sha256}; "
+            "reinstall the package or rerun model/data/build_labels.py"
+        )
     lines = data.decode("ascii").split("\n")[:-1]  # the files end with a newline
     if len(lines) != NUM_CLASSES:
         raise LabelError(f"label file {path} has {len(lines)} lines, expected {NUM_CLASSES}")
     return np.array(lines, dtype=object)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def imagenet21k():
     """The BiT-M ImageNet-21k LabelSet (read once per process, checksums verified)."""
     wnids = _read_checked(IDS_FILE, IDS_SHA256)

@@ -16,6 +16,7 @@ Fitting is exact: the mean and the D x D scatter matrix are accumulated in float
 there). With `max_samples`, a uniform sample of that many rows (bottom-k of random keys, a
 streaming reservoir) is fitted instead, bounding time; it holds max_samples x D x 4 bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,11 +62,14 @@ class PcaBasis(NamedTuple):
 
 def to_bytes(basis: PcaBasis) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, mean=basis.mean.astype(np.float32),
-             components=basis.components.astype(np.float32),
-             explained_variance=basis.explained_variance.astype(np.float64),
-             explained_variance_ratio=basis.explained_variance_ratio.astype(np.float64),
-             num_samples=np.int64(basis.num_samples))
+    np.savez(
+        buffer,
+        mean=basis.mean.astype(np.float32),
+        components=basis.components.astype(np.float32),
+        explained_variance=basis.explained_variance.astype(np.float64),
+        explained_variance_ratio=basis.explained_variance_ratio.astype(np.float64),
+        num_samples=np.int64(basis.num_samples),
+    )
     return buffer.getvalue()
 
 
@@ -90,20 +94,28 @@ def from_bytes(data: bytes, source: str = "") -> PcaBasis:
         raise PcaBasisError(f"PCA basis {source} is not a readable .npz file: {e}") from e
     mean, comps = arrays["mean"], arrays["components"]
     if comps.ndim != 2 or mean.shape != (comps.shape[1],) or comps.shape[0] < 1:
-        raise PcaBasisError(f"PCA basis {source}: components {comps.shape} and mean {mean.shape} "
-                            "must be [N, D] and [D]")
+        raise PcaBasisError(
+            f"PCA basis {source}: components {comps.shape} and mean {mean.shape} "
+            "must be [N, D] and [D]"
+        )
     if comps.shape[0] > comps.shape[1]:
-        raise PcaBasisError(f"PCA basis {source}: {comps.shape[0]} components of "
-                            f"{comps.shape[1]}-d vectors")
+        raise PcaBasisError(
+            f"PCA basis {source}: {comps.shape[0]} components of {comps.shape[1]}-d vectors"
+        )
     if not (np.isfinite(mean).all() and np.isfinite(comps).all()):
         raise PcaBasisError(f"PCA basis {source} has non-finite values")
     gram = comps.astype(np.float64) @ comps.T.astype(np.float64)
     if not np.allclose(gram, np.eye(len(comps)), atol=1e-3):
         raise PcaBasisError(f"PCA basis {source}: the components are not orthonormal")
-    return PcaBasis(mean.astype(np.float32), comps.astype(np.float32),
-                    arrays["explained_variance"].astype(np.float64),
-                    arrays["explained_variance_ratio"].astype(np.float64),
-                    int(arrays["num_samples"]), hashlib.sha256(data).hexdigest(), source)
+    return PcaBasis(
+        mean.astype(np.float32),
+        comps.astype(np.float32),
+        arrays["explained_variance"].astype(np.float64),
+        arrays["explained_variance_ratio"].astype(np.float64),
+        int(arrays["num_samples"]),
+        hashlib.sha256(data).hexdigest(),
+        source,
+    )
 
 
 def load_basis(path: str) -> PcaBasis:
@@ -149,13 +161,14 @@ class _Reservoir:
         rows = x if self.rows is None else np.concatenate([self.rows, x])
         keys = np.concatenate([self.keys, keys])
         if len(keys) > self.size:
-            keep = np.argpartition(keys, self.size - 1)[:self.size]
+            keep = np.argpartition(keys, self.size - 1)[: self.size]
             rows, keys = rows[keep], keys[keep]
         self.rows, self.keys = rows, keys
 
 
-def fit_basis(batches: Iterable[np.ndarray], dims: int, max_samples: Optional[int] = None,
-              seed: int = 0) -> PcaBasis:
+def fit_basis(
+    batches: Iterable[np.ndarray], dims: int, max_samples: Optional[int] = None, seed: int = 0
+) -> PcaBasis:
     """Fits a PCA basis of `dims` components on a stream of [n, D] embedding batches.
 
     Exact over every row, or over a uniform sample of `max_samples` rows (see module docstring)."""
@@ -176,12 +189,14 @@ def fit_basis(batches: Iterable[np.ndarray], dims: int, max_samples: Optional[in
     if reservoir is not None and reservoir.rows is not None:
         scatter = _Scatter(reservoir.rows.shape[1])
         for start in range(0, len(reservoir.rows), 4096):
-            scatter.add(reservoir.rows[start:start + 4096])
+            scatter.add(reservoir.rows[start : start + 4096])
     if scatter is None or scatter.n < 2:
         raise PcaBasisError(f"need at least 2 embeddings to fit a basis, got {seen}")
     if not 1 <= dims <= min(scatter.n, len(scatter.sum)):
-        raise PcaBasisError(f"--dims must be between 1 and min(samples {scatter.n}, "
-                            f"dimension {len(scatter.sum)}), got {dims}")
+        raise PcaBasisError(
+            f"--dims must be between 1 and min(samples {scatter.n}, "
+            f"dimension {len(scatter.sum)}), got {dims}"
+        )
     mean, cov = scatter.covariance()
     values, vectors = np.linalg.eigh(cov)  # ascending
     top = np.argsort(values)[::-1][:dims]
@@ -189,5 +204,10 @@ def fit_basis(batches: Iterable[np.ndarray], dims: int, max_samples: Optional[in
     signs = np.sign(comps[np.arange(dims), np.abs(comps).argmax(axis=1)])
     comps = comps * signs[:, None]
     total = float(np.trace(cov))
-    return PcaBasis(mean.astype(np.float32), comps.astype(np.float32), values,
-                    values / total if total > 0 else np.zeros(dims), scatter.n)
+    return PcaBasis(
+        mean.astype(np.float32),
+        comps.astype(np.float32),
+        values,
+        values / total if total > 0 else np.zeros(dims),
+        scatter.n,
+    )

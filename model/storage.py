@@ -10,6 +10,7 @@ So Google auth never probes the metadata server off Google Cloud. gcsfs retries 
 and connection errors with exponential back-off (6 attempts, about 30 s at most); an endpoint
 that cannot be reached at all fails within `CONNECT_TIMEOUT_S` with `StorageUnavailableError`.
 """
+
 from __future__ import annotations
 
 import os
@@ -95,7 +96,8 @@ def _gcs_filesystem():
             token=token,
             endpoint_url=endpoint,
             requests_timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S),
+                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
+            ),
         )
 
     return _cached(("gs", endpoint, token), make)
@@ -157,7 +159,9 @@ def _check_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     port = url.port or (443 if url.scheme == "https" else 80)
     why = unreachable_reason(url.hostname, port, timeout)
     if why is not None:
-        hint = ("is the emulator running?" if os.environ.get("STORAGE_EMULATOR_HOST")
-                else "is the machine offline?")
-        raise StorageUnavailableError(
-            f"cannot reach Cloud Storage at {endpoint} ({why}); {hint}")
+        hint = (
+            "is the emulator running?"
+            if os.environ.get("STORAGE_EMULATOR_HOST")
+            else "is the machine offline?"
+        )
+        raise StorageUnavailableError(f"cannot reach Cloud Storage at {endpoint} ({why}); {hint}")

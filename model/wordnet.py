@@ -16,6 +16,7 @@ precomputed as CSR arrays (`ancestor_ptr`, `ancestor_ids`: 253,408 entries); a b
 are expanded through it with `np.repeat`, and one lexsort keeps, per (row, synset), the highest
 score among the row's tags at or below it. No Python loop runs per image or per tag.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,6 +41,7 @@ class WordNetError(RuntimeError):
 class Categories(NamedTuple):
     """A batch's categories, flat: row i is `ids[offsets[i]:offsets[i+1]]` (synset ids), in order
     score descending, depth descending, wnid ascending, with `scores` beside them."""
+
     offsets: np.ndarray  # int32 [B + 1]
     ids: np.ndarray  # int32 [C], index into Hierarchy.wnids / .labels / .depths
     scores: np.ndarray  # float32 [C]
@@ -58,8 +60,9 @@ class Hierarchy:
         self._id = {w: i for i, w in enumerate(self.wnids)}
         missing = [w for w in class_wnids if w not in self._id]
         if missing:
-            raise WordNetError(f"{len(missing)} classes are not in the WordNet data "
-                               f"(first: {missing[0]})")
+            raise WordNetError(
+                f"{len(missing)} classes are not in the WordNet data (first: {missing[0]})"
+            )
         # Ancestor sets, parents before children (longest-path depth strictly increases).
         ancestors = [None] * len(self.wnids)
         for i in np.argsort(self.depths, kind="stable"):
@@ -72,8 +75,10 @@ class Hierarchy:
         self.ancestor_ptr = np.zeros(len(class_ids) + 1, np.int64)
         np.cumsum(sizes, out=self.ancestor_ptr[1:])
         self.ancestor_ids = np.fromiter(
-            (a for i in class_ids for a in sorted(ancestors[i])), np.int32,
-            int(self.ancestor_ptr[-1]))
+            (a for i in class_ids for a in sorted(ancestors[i])),
+            np.int32,
+            int(self.ancestor_ptr[-1]),
+        )
         # Position of each synset in (depth descending, wnid ascending) order: the tie-breaks.
         by_wnid = np.empty(len(self.wnids), np.int64)
         by_wnid[np.argsort(self.wnids.astype(str), kind="stable")] = np.arange(len(self.wnids))
@@ -97,8 +102,9 @@ class Hierarchy:
                 todo.extend(int(p) for p in self.parents[i])
         return [self.wnids[i] for i in sorted(seen, key=lambda i: self.rank[i])]
 
-    def roll_up(self, offsets: np.ndarray, classes: np.ndarray, scores: np.ndarray,
-                min_depth: int = 0) -> Categories:
+    def roll_up(
+        self, offsets: np.ndarray, classes: np.ndarray, scores: np.ndarray, min_depth: int = 0
+    ) -> Categories:
         """Categories of a batch of B rows from its kept tags, flat: row i's tags are
         `classes[offsets[i]:offsets[i+1]]` (class indices of the label set) with `scores`.
 
@@ -145,8 +151,10 @@ def read_hypernyms(path: Optional[str] = None, sha256: Optional[str] = HYPERNYMS
         raise WordNetError(f"WordNet file {path} is missing from the install: {e}") from e
     got = hashlib.sha256(packed).hexdigest()
     if sha256 is not None and got != sha256:
-        raise WordNetError(f"WordNet file {path} is corrupt: sha256 {got}, expected {sha256}; "
-                           "reinstall the package or rerun model/data/build_wordnet.py")
+        raise WordNetError(
+            f"WordNet file {path} is corrupt: sha256 {got}, expected {sha256}; "
+            "reinstall the package or rerun model/data/build_wordnet.py"
+        )
     wnids, depths, parents, labels = [], [], [], []
     for line in gzip.decompress(packed).decode("ascii").split("\n")[:-1]:
         wnid, depth, parent_text, label = line.split("\t")
@@ -157,11 +165,12 @@ def read_hypernyms(path: Optional[str] = None, sha256: Optional[str] = HYPERNYMS
     return wnids, labels, depths, parents
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def imagenet21k_hierarchy() -> Hierarchy:
     """The hierarchy over BiT-M's ImageNet-21k classes, in logit order (built once per process,
     about 0.5 s)."""
     from model.labels import imagenet21k
+
     wnids, labels, depths, parents = read_hypernyms()
     position = {w: i for i, w in enumerate(wnids)}
     parent_ids = [[position[p] for p in ps] for ps in parents]

@@ -1,4 +1,5 @@
 """`python -m pipeline --input ... --output ...`"""
+
 import sys
 
 from pipeline.main import main

@@ -13,6 +13,7 @@ Progress: when stderr is a terminal, a tqdm bar (images done / total, images/s, 
 otherwise (CI, log files, Dataflow) one plain line every `--log_every_secs`. The counts come from
 `transforms.progress` (in-process runs).
 """
+
 import logging
 import os
 import re
@@ -27,14 +28,18 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 OUR_LOGGERS = ("pipeline", "transforms", "model")
 
 # Python log records hidden at the default verbosity (matched against the message).
-NOISY_MESSAGES = re.compile("|".join([
-    r"Converting string literal type hint",
-    r"min_shards undef",
-    r"Resource module is not available",
-    r"Creating state cache",
-    r"BatchElements statistics",
-    r"Renamed \d+ shards",
-]))
+NOISY_MESSAGES = re.compile(
+    "|".join(
+        [
+            r"Converting string literal type hint",
+            r"min_shards undef",
+            r"Resource module is not available",
+            r"Creating state cache",
+            r"BatchElements statistics",
+            r"Renamed \d+ shards",
+        ]
+    )
+)
 # Lines C++ code writes to file descriptor 2, hidden at the default verbosity.
 NATIVE_NOISE = [
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called",
@@ -45,8 +50,11 @@ CUDA_PROBE = r"failed call to cuInit"
 
 
 def has_nvidia_device() -> bool:
-    return any(name.startswith("nvidia") for name in os.listdir("/dev")) if os.path.isdir(
-        "/dev") else False
+    return (
+        any(name.startswith("nvidia") for name in os.listdir("/dev"))
+        if os.path.isdir("/dev")
+        else False
+    )
 
 
 def split_verbosity(argv: list) -> tuple[Optional[str], list]:
@@ -94,8 +102,11 @@ class _Formatter(logging.Formatter):
 
     def format(self, record):
         short = record.levelno == logging.INFO and record.name.split(".")[0] in OUR_LOGGERS
-        self._style._fmt = ("%(asctime)s %(message)s" if short
-                            else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._style._fmt = (
+            "%(asctime)s %(message)s"
+            if short
+            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         return super().format(record)
 
 
@@ -139,8 +150,9 @@ class NativeStderrFilter:
         os.dup2(write_end, 2)
         os.close(write_end)
         self.stream = os.fdopen(os.dup(self._saved), "w", buffering=1, errors="backslashreplace")
-        self._thread = threading.Thread(target=self._copy, args=(read_end,), daemon=True,
-                                        name="stderr-filter")
+        self._thread = threading.Thread(
+            target=self._copy, args=(read_end,), daemon=True, name="stderr-filter"
+        )
         self._thread.start()
         return self
 
@@ -166,6 +178,7 @@ def native_noise() -> list:
 
 # -------------------------------------------------------------------------------- header / summary
 
+
 def _short_sha(value) -> str:
     return f" (sha256 {str(value)[:12]})" if value else ""
 
@@ -173,11 +186,15 @@ def _short_sha(value) -> str:
 def header(inputs: list, output: str, runner: str, models: dict, group_norm: str) -> None:
     """A few lines before the run: inputs, models and GroupNorm path, runner, output."""
     _LOG.info("bit-tagger: %s -> %s", ", ".join(inputs), output)
-    _LOG.info("  tags model:  %s%s", models.get("tags_model"), _short_sha(
-        models.get("tags_model_sha256")))
+    _LOG.info(
+        "  tags model:  %s%s", models.get("tags_model"), _short_sha(models.get("tags_model_sha256"))
+    )
     if models.get("embed_model") != models.get("tags_model"):
-        _LOG.info("  embed model: %s%s", models.get("embed_model"), _short_sha(
-            models.get("embed_model_sha256")))
+        _LOG.info(
+            "  embed model: %s%s",
+            models.get("embed_model"),
+            _short_sha(models.get("embed_model_sha256")),
+        )
     _LOG.info("  GroupNorm: %s; runner: %s", group_norm.split(" (")[0] or "?", runner)
 
 
@@ -195,29 +212,44 @@ def progress_line(s: progress.Snapshot) -> str:
     total = f"/{s.total:,}" if s.total is not None else ""
     share = f" ({s.finished / s.total:.0%})" if s.total else ""
     eta = f", ETA {format_duration(s.eta)}" if s.eta is not None else ""
-    return (f"progress: {s.finished:,}{total} images{share}, {s.rate:.1f} images/s, "
-            f"{s.failed:,} failures{eta}")
+    return (
+        f"progress: {s.finished:,}{total} images{share}, {s.rate:.1f} images/s, "
+        f"{s.failed:,} failures{eta}"
+    )
 
 
 def summary(result: dict, output: str) -> None:
     """The final lines: counts, failures by stage, wall time, throughput, where the outputs are."""
     stages = ", ".join(f"{n} {stage}" for stage, n in sorted(result["failures_by_stage"].items()))
-    _LOG.info("done in %s: %d inputs, %d results, %d failures%s, %.2f images/s",
-              format_duration(result["wall_seconds"]), result["inputs"], result["results"],
-              result["failures"], f" ({stages})" if stages else "", result["images_per_second"])
+    _LOG.info(
+        "done in %s: %d inputs, %d results, %d failures%s, %.2f images/s",
+        format_duration(result["wall_seconds"]),
+        result["inputs"],
+        result["results"],
+        result["failures"],
+        f" ({stages})" if stages else "",
+        result["images_per_second"],
+    )
     if result.get("skipped"):
         _LOG.info("  %d images skipped (already in --skip_keys_from)", result["skipped"])
-    _LOG.info("  outputs: %s/ (results-*.parquet, failures-*.parquet, summary.json, report.html)",
-              output)
+    _LOG.info(
+        "  outputs: %s/ (results-*.parquet, failures-*.parquet, summary.json, report.html)", output
+    )
 
 
 # -------------------------------------------------------------------------------- live progress
 
+
 class LiveProgress:
     """Context manager around a blocking `p.run()`: shows the sink's counts until the run ends."""
 
-    def __init__(self, sink: progress.ProgressSink, every_secs: float, stream=None,
-                 bar: Optional[bool] = None):
+    def __init__(
+        self,
+        sink: progress.ProgressSink,
+        every_secs: float,
+        stream=None,
+        bar: Optional[bool] = None,
+    ):
         self._sink = sink
         self._every = every_secs
         self._stream = stream or sys.stderr
@@ -229,8 +261,15 @@ class LiveProgress:
     def __enter__(self):
         if self._bar_wanted:
             from tqdm import tqdm
-            self._bar = tqdm(total=None, unit="img", file=self._stream, dynamic_ncols=True,
-                             desc="images", smoothing=0.1)
+
+            self._bar = tqdm(
+                total=None,
+                unit="img",
+                file=self._stream,
+                dynamic_ncols=True,
+                desc="images",
+                smoothing=0.1,
+            )
             _ConsoleHandler.bar = self._bar
         if self._bar is not None or self._every > 0:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="progress")

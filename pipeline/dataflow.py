@@ -43,6 +43,7 @@ VM too: it keeps one model in memory and TensorFlow's thread pools already use e
 without staging or submitting anything; tests use `build_job_description` the same way with a
 stand-in `ModelInfo`, so they need neither models nor network.
 """
+
 import argparse
 import contextlib
 import json
@@ -80,37 +81,66 @@ def default_container_image(project: str, region: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.dataflow", allow_abbrev=False,
+        prog="python -m pipeline.dataflow",
+        allow_abbrev=False,
         description="Submit the BiT tagging job to Google Cloud Dataflow (GPU workers by default).",
         epilog="Every other flag is passed on: the job's own (python -m pipeline --help) and any "
-               "Beam/Dataflow flag (--job_name, --num_workers, --worker_zone, --network, "
-               "--service_account_email, ...). A Beam flag given explicitly wins over the defaults "
-               "described in pipeline/dataflow.py.")
+        "Beam/Dataflow flag (--job_name, --num_workers, --worker_zone, --network, "
+        "--service_account_email, ...). A Beam flag given explicitly wins over the defaults "
+        "described in pipeline/dataflow.py.",
+    )
     parser.add_argument("--project", required=True, help="Google Cloud project that runs the job.")
-    parser.add_argument("--region", required=True,
-                        help="Dataflow region, e.g. us-central1 (must offer the chosen GPU).")
-    parser.add_argument("--bucket", required=True,
-                        help="gs://BUCKET[/prefix] for Dataflow's temp/ and staging/ files.")
-    parser.add_argument("--cpu_only", action="store_true", default=False,
-                        help=f"No GPU: {CPU_MACHINE_TYPE} workers, stock Beam container + "
-                             "setup.py (or --container_image).")
-    parser.add_argument("--container_image", default=None,
-                        help="SDK container image for the workers (default in GPU mode: "
-                             + default_container_image("PROJECT", "REGION") + ").")
-    parser.add_argument("--machine_type", default=None,
-                        help=f"Worker machine type (default {GPU_MACHINE_TYPE} with a GPU, "
-                             f"{CPU_MACHINE_TYPE} with --cpu_only).")
-    parser.add_argument("--gpu_type", default=GPU_TYPE,
-                        help="Accelerator type, one per worker (nvidia-l4 goes with g2-* machines, "
-                             "nvidia-tesla-t4 with n1-*).")
-    parser.add_argument("--max_num_workers", type=int, default=None,
-                        help="Autoscaling ceiling (also your GPU quota in the region). Default: "
-                             "Dataflow's.")
-    parser.add_argument("--no_xla", action="store_true", default=False,
-                        help="Do not add --xla in GPU mode.")
-    parser.add_argument("--dry_run_job_file", default=None,
-                        help="Write the Dataflow job description JSON here and exit; nothing is "
-                             "staged or submitted (the models are still checked in this process).")
+    parser.add_argument(
+        "--region",
+        required=True,
+        help="Dataflow region, e.g. us-central1 (must offer the chosen GPU).",
+    )
+    parser.add_argument(
+        "--bucket",
+        required=True,
+        help="gs://BUCKET[/prefix] for Dataflow's temp/ and staging/ files.",
+    )
+    parser.add_argument(
+        "--cpu_only",
+        action="store_true",
+        default=False,
+        help=f"No GPU: {CPU_MACHINE_TYPE} workers, stock Beam container + "
+        "setup.py (or --container_image).",
+    )
+    parser.add_argument(
+        "--container_image",
+        default=None,
+        help="SDK container image for the workers (default in GPU mode: "
+        + default_container_image("PROJECT", "REGION")
+        + ").",
+    )
+    parser.add_argument(
+        "--machine_type",
+        default=None,
+        help=f"Worker machine type (default {GPU_MACHINE_TYPE} with a GPU, "
+        f"{CPU_MACHINE_TYPE} with --cpu_only).",
+    )
+    parser.add_argument(
+        "--gpu_type",
+        default=GPU_TYPE,
+        help="Accelerator type, one per worker (nvidia-l4 goes with g2-* machines, "
+        "nvidia-tesla-t4 with n1-*).",
+    )
+    parser.add_argument(
+        "--max_num_workers",
+        type=int,
+        default=None,
+        help="Autoscaling ceiling (also your GPU quota in the region). Default: Dataflow's.",
+    )
+    parser.add_argument(
+        "--no_xla", action="store_true", default=False, help="Do not add --xla in GPU mode."
+    )
+    parser.add_argument(
+        "--dry_run_job_file",
+        default=None,
+        help="Write the Dataflow job description JSON here and exit; nothing is "
+        "staged or submitted (the models are still checked in this process).",
+    )
     return parser
 
 
@@ -126,7 +156,7 @@ def _values(args: Sequence[str], flag: str) -> List[str]:
         if a == flag and i + 1 < len(args):
             found.append(args[i + 1])
         elif a.startswith(flag + "="):
-            found.append(a[len(flag) + 1:])
+            found.append(a[len(flag) + 1 :])
     return found
 
 
@@ -148,12 +178,16 @@ def _check_gpu_machine(machine_type: str, gpu_type: str) -> None:
     family = machine_type.split("-", 1)[0]
     if family in _GPU_FAMILIES:
         if gpu_type not in _GPU_FAMILIES[family]:
-            raise UsageError(f"--machine_type {machine_type} cannot take --gpu_type {gpu_type}; "
-                             f"{family}-* machines take {', '.join(_GPU_FAMILIES[family])}")
+            raise UsageError(
+                f"--machine_type {machine_type} cannot take --gpu_type {gpu_type}; "
+                f"{family}-* machines take {', '.join(_GPU_FAMILIES[family])}"
+            )
     elif family not in ("custom",):
-        raise UsageError(f"--machine_type {machine_type}: the {family} family takes no GPUs; use "
-                         f"{GPU_MACHINE_TYPE} (nvidia-l4) or n1-standard-8 (nvidia-tesla-t4), "
-                         "or pass --cpu_only")
+        raise UsageError(
+            f"--machine_type {machine_type}: the {family} family takes no GPUs; use "
+            f"{GPU_MACHINE_TYPE} (nvidia-l4) or n1-standard-8 (nvidia-tesla-t4), "
+            "or pass --cpu_only"
+        )
 
 
 def split_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
@@ -165,9 +199,11 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
     """Translates the launcher's command line into the job's full Beam command line (pure)."""
     args, rest = split_args(argv)
     if _given(rest, "--runner") and _values(rest, "--runner")[-1:] != ["DataflowRunner"]:
-        raise UsageError("pipeline.dataflow always uses --runner DataflowRunner; for other runners "
-                         "run `python -m pipeline --runner ...` (see README)")
-    name = args.bucket[len("gs://"):] if args.bucket.startswith("gs://") else args.bucket
+        raise UsageError(
+            "pipeline.dataflow always uses --runner DataflowRunner; for other runners "
+            "run `python -m pipeline --runner ...` (see README)"
+        )
+    name = args.bucket[len("gs://") :] if args.bucket.startswith("gs://") else args.bucket
     name = name.strip("/")
     if not re.match(r"^[a-z0-9][a-z0-9._-]{2,}(/|$)", name):
         raise UsageError(f"--bucket {args.bucket}: expected gs://BUCKET[/prefix]")
@@ -176,16 +212,23 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
     machine_type = args.machine_type or (GPU_MACHINE_TYPE if gpu else CPU_MACHINE_TYPE)
     if gpu:
         _check_gpu_machine(machine_type, args.gpu_type)
-    image = args.container_image or (default_container_image(args.project, args.region)
-                                     if gpu else None)
+    image = args.container_image or (
+        default_container_image(args.project, args.region) if gpu else None
+    )
 
     out = ["--runner", "DataflowRunner", "--project", args.project, "--region", args.region]
     if not _given(rest, "--temp_location"):
         out += ["--temp_location", f"{bucket}/tmp"]
     if not _given(rest, "--staging_location"):
         out += ["--staging_location", f"{bucket}/staging"]
-    out += ["--experiments", "use_runner_v2", "--experiments", "no_use_multiple_sdk_containers",
-            "--machine_type", machine_type]
+    out += [
+        "--experiments",
+        "use_runner_v2",
+        "--experiments",
+        "no_use_multiple_sdk_containers",
+        "--machine_type",
+        machine_type,
+    ]
     if not _given(rest, "--number_of_worker_harness_threads"):
         out += ["--number_of_worker_harness_threads", str(worker_threads(machine_type))]
     if args.max_num_workers is not None:
@@ -195,14 +238,18 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
     if not image and not _given(rest, "--setup_file", "--sdk_container_image"):
         setup_file = os.path.join(REPO_ROOT, "setup.py")
         if not os.path.isfile(setup_file):
-            raise UsageError(f"no {setup_file}: run from a checkout of the project, or pass "
-                             "--container_image")
+            raise UsageError(
+                f"no {setup_file}: run from a checkout of the project, or pass --container_image"
+            )
         out += ["--setup_file", setup_file]
     if gpu:
-        if not any(v.startswith("worker_accelerator=") for v in
-                   _values(rest, "--dataflow_service_options")):
-            out += ["--dataflow_service_options",
-                    f"worker_accelerator=type:{args.gpu_type};count:1;install-nvidia-driver"]
+        if not any(
+            v.startswith("worker_accelerator=") for v in _values(rest, "--dataflow_service_options")
+        ):
+            out += [
+                "--dataflow_service_options",
+                f"worker_accelerator=type:{args.gpu_type};count:1;install-nvidia-driver",
+            ]
         if not _given(rest, "--disk_size_gb"):
             out += ["--disk_size_gb", str(GPU_DISK_SIZE_GB)]
         if not args.no_xla and not _given(rest, "--xla"):
@@ -210,8 +257,9 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
     return out + rest
 
 
-def build_job_description(beam_argv: Sequence[str], model_info=None,
-                          graph_builder: Optional[Callable] = None) -> dict:
+def build_job_description(
+    beam_argv: Sequence[str], model_info=None, graph_builder: Optional[Callable] = None
+) -> dict:
     """The Dataflow job description (dict) of `beam_argv`, built offline: nothing staged or sent.
 
     How (docs/dataflow-job-description.md): `dry_run` set before the Pipeline
@@ -222,8 +270,12 @@ def build_job_description(beam_argv: Sequence[str], model_info=None,
     model_info)` defaults to the job's `pipeline.graph.build`.
     """
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                      SetupOptions, TestOptions)
+    from apache_beam.options.pipeline_options import (
+        GoogleCloudOptions,
+        PipelineOptions,
+        SetupOptions,
+        TestOptions,
+    )
     from apache_beam.runners.dataflow.internal import apiclient
 
     from pipeline.options import JobOptions
@@ -234,6 +286,7 @@ def build_job_description(beam_argv: Sequence[str], model_info=None,
     opts = options.view_as(JobOptions)
     if model_info is None:
         from pipeline.main import describe_models
+
         model_info = describe_models(opts, keep_loaded=False)
     if graph_builder is None:
         from pipeline.graph import build as graph_builder
@@ -270,7 +323,9 @@ def _staging_disabled(client):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; exit codes as `python -m pipeline` (`pipeline.errors`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         _parser().print_help()

@@ -5,6 +5,7 @@ batch at a time, into `model.pca.fit_basis` (exact covariance, or a uniform samp
 `--max_samples` rows), writes the basis file and prints the explained variance. Later runs take it
 with `--pca_basis BASIS.npz` and write `embedding_reduced`.
 """
+
 import argparse
 import logging
 import sys
@@ -45,16 +46,23 @@ def embedding_batches(files: list, batch_rows: int = 4096) -> Iterator[np.ndarra
                 yield values.astype(np.float32, copy=False).reshape(len(column), width)
 
 
-def fit(output: str, dims: int, to: str, max_samples: Optional[int] = None,
-        seed: int = 0) -> pca.PcaBasis:
+def fit(
+    output: str, dims: int, to: str, max_samples: Optional[int] = None, seed: int = 0
+) -> pca.PcaBasis:
     files = results_files(output)
     if not files:
         raise pca.PcaBasisError(f"no results-*.parquet files in {output}")
     started = time.time()
     basis = pca.fit_basis(embedding_batches(files), dims, max_samples=max_samples, seed=seed)
     basis = pca.save_basis(basis, to)
-    _LOG.info("fitted %d components of %d-d embeddings on %d rows of %d files in %.1f s",
-              basis.dims, basis.input_dim, basis.num_samples, len(files), time.time() - started)
+    _LOG.info(
+        "fitted %d components of %d-d embeddings on %d rows of %d files in %.1f s",
+        basis.dims,
+        basis.input_dim,
+        basis.num_samples,
+        len(files),
+        time.time() - started,
+    )
     return basis
 
 
@@ -62,22 +70,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="./run.sh fit_pca",
         description="Fit one PCA basis on the embeddings of an existing output, for "
-                    "--pca_basis (reduced embeddings for engines capped below 6144-d).")
-    parser.add_argument("output", help="output directory of an earlier run (its "
-                                       "results-*.parquet), or a glob of results files; local "
-                                       "or gs://")
+        "--pca_basis (reduced embeddings for engines capped below 6144-d).",
+    )
+    parser.add_argument(
+        "output",
+        help="output directory of an earlier run (its "
+        "results-*.parquet), or a glob of results files; local "
+        "or gs://",
+    )
     parser.add_argument("--dims", type=int, required=True, help="number of components N")
     parser.add_argument("--to", required=True, help="basis file to write (.npz, local or gs://)")
-    parser.add_argument("--max_samples", type=int, default=0,
-                        help="fit on a uniform sample of at most this many rows (memory: "
-                             "M x D x 4 bytes); 0 = exact, over every row")
+    parser.add_argument(
+        "--max_samples",
+        type=int,
+        default=0,
+        help="fit on a uniform sample of at most this many rows (memory: "
+        "M x D x 4 bytes); 0 = exact, over every row",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
     return parser
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = _parser().parse_args(argv)
     try:
         basis = fit(args.output, args.dims, args.to, args.max_samples or None, args.seed)
@@ -85,8 +102,10 @@ def main(argv=None) -> int:
         _LOG.error("%s", exc)
         return 2
     cumulative = np.cumsum(basis.explained_variance_ratio)
-    print(f"wrote {args.to}: {basis.dims} x {basis.input_dim}, {basis.num_samples} samples, "
-          f"sha256 {basis.sha256}")
+    print(
+        f"wrote {args.to}: {basis.dims} x {basis.input_dim}, {basis.num_samples} samples, "
+        f"sha256 {basis.sha256}"
+    )
     for n in sorted({1, 8, 32, 128, 256, 512, 1024, 2048, basis.dims}):
         if n <= basis.dims:
             print(f"  explained variance of the first {n:5d} components: {cumulative[n - 1]:.4f}")

@@ -3,6 +3,7 @@
 `run()` follows Beam's examples (`run(argv=None, save_main_session=True, test_pipeline=None)`) so
 tests run the real graph; `main()` turns the run's outcome into the process exit code.
 """
+
 import argparse
 import contextlib
 import logging
@@ -13,11 +14,15 @@ import time
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SetupOptions,
-                                                  StandardOptions)
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+)
 
-from pipeline.errors import JobFailed, UsageError, exit_code
 from pipeline import console, report
+from pipeline.errors import JobFailed, UsageError, exit_code
 from pipeline.graph import build
 from pipeline.options import JobOptions, job_flags
 from transforms import gcs, infer, outputs, progress
@@ -30,10 +35,11 @@ def _help_text() -> str:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Tag and embed images with BiT: reads image shards, writes Parquet rows of "
-                    "ImageNet-21k tags (BiT-M R50x1) and embeddings (BiT-M R101x3).",
+        "ImageNet-21k tags (BiT-M R50x1) and embeddings (BiT-M R101x3).",
         epilog="Any Apache Beam pipeline flag is accepted too: --runner (default: an in-process "
-               "runner), --direct_num_workers N --direct_running_mode multi_processing to use N "
-               "cores locally, Dataflow's --project/--region/--temp_location, ...")
+        "runner), --direct_num_workers N --direct_running_mode multi_processing to use N "
+        "cores locally, Dataflow's --project/--region/--temp_location, ...",
+    )
     JobOptions._add_argparse_args(parser)
     return parser.format_help()
 
@@ -50,6 +56,7 @@ def _make_pipeline(options: PipelineOptions, test_pipeline) -> beam.Pipeline:
     if options.view_as(StandardOptions).runner is None:
         # Beam's default DirectRunner first tries to download Prism; run in-process instead.
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
         return beam.Pipeline(runner=FnApiRunner(), options=options)
     return beam.Pipeline(options=options)
 
@@ -64,14 +71,17 @@ def check_pca_basis(opts: JobOptions, model: infer.ModelInfo):
     if not opts.pca_basis:
         return None
     from model.pca import PcaBasisError, load_basis
+
     try:
         basis = load_basis(opts.pca_basis)
     except PcaBasisError as exc:
         raise UsageError(f"--pca_basis: {exc}") from exc
     if basis.input_dim != model.embedding_dim:
-        raise UsageError(f"--pca_basis {opts.pca_basis} reduces {basis.input_dim}-d embeddings, "
-                         f"but the embed model {opts.embed_model} gives {model.embedding_dim}-d "
-                         "ones: fit a basis on this model's outputs (./run.sh fit_pca)")
+        raise UsageError(
+            f"--pca_basis {opts.pca_basis} reduces {basis.input_dim}-d embeddings, "
+            f"but the embed model {opts.embed_model} gives {model.embedding_dim}-d "
+            "ones: fit a basis on this model's outputs (./run.sh fit_pca)"
+        )
     return basis
 
 
@@ -88,8 +98,9 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
     opts = options.view_as(JobOptions)
     missing = [flag for flag in ("input", "output") if not getattr(opts, flag)]
     if missing:
-        raise UsageError("missing required flag(s): " + ", ".join(f"--{m}" for m in missing)
-                         + " (see --help)")
+        raise UsageError(
+            "missing required flag(s): " + ", ".join(f"--{m}" for m in missing) + " (see --help)"
+        )
     options.view_as(SetupOptions).save_main_session = save_main_session
     output = opts.output.rstrip("/")
 
@@ -98,8 +109,9 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
     model = describe_models(opts, keep_loaded=test_pipeline is not None or _in_process(options))
     _LOG.debug("models ready: %s", model.metadata)
     flags = job_flags(options)
-    console.header(split_patterns(opts.input), output, flags["runner"], model.metadata,
-                   model.group_norm)
+    console.header(
+        split_patterns(opts.input), output, flags["runner"], model.metadata, model.group_norm
+    )
 
     p = _make_pipeline(options, test_pipeline)
     basis = check_pca_basis(opts, model)
@@ -109,8 +121,11 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
         raise UsageError(str(exc)) from exc
     sink = progress.activate(skipping=bool(opts.skip_keys_from)) if _in_process(options) else None
     try:
-        with (console.LiveProgress(sink, opts.log_every_secs, console_stream) if sink
-              else contextlib.nullcontext()):
+        with (
+            console.LiveProgress(sink, opts.log_every_secs, console_stream)
+            if sink
+            else contextlib.nullcontext()
+        ):
             result = p.run()
             result.wait_until_finish()
     finally:
@@ -118,12 +133,17 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
     wall = time.time() - started
 
     summary = outputs.summarize(output, result.metrics(), wall_seconds=wall)
-    summary.update({
-        "options": flags,
-        "models": model.metadata,
-        "versions": {"python": platform.python_version(), "apache_beam": beam.__version__,
-                     **infer.library_versions()},
-    })
+    summary.update(
+        {
+            "options": flags,
+            "models": model.metadata,
+            "versions": {
+                "python": platform.python_version(),
+                "apache_beam": beam.__version__,
+                **infer.library_versions(),
+            },
+        }
+    )
     outputs.write_summary(output, summary)
     try:
         report.write_report(output)
@@ -131,9 +151,11 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
         _LOG.warning("could not write %s/report.html: %s", output, exc)
     console.summary(summary, output)
     if summary["failure_rate"] > opts.max_failure_rate:
-        raise JobFailed(f"{summary['failures']} of {summary['inputs']} images failed "
-                        f"({summary['failure_rate']:.1%}), over --max_failure_rate "
-                        f"{opts.max_failure_rate:.1%}; see {output}/failures-*.parquet")
+        raise JobFailed(
+            f"{summary['failures']} of {summary['inputs']} images failed "
+            f"({summary['failure_rate']:.1%}), over --max_failure_rate "
+            f"{opts.max_failure_rate:.1%}; see {output}/failures-*.parquet"
+        )
     return summary
 
 

@@ -13,6 +13,7 @@ is ~2 MB at most). It shows:
 The results are read one record batch at a time, only the key and tags columns, so memory stays
 small for millions of rows.
 """
+
 import argparse
 import base64
 import collections
@@ -40,6 +41,7 @@ _LOG = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------- data
 
+
 class _Stats:
     """What the page needs from the results, gathered in one streaming pass."""
 
@@ -57,16 +59,21 @@ class _Stats:
         for item in pc.value_counts(labels).to_pylist():
             self.tag_counts[item["values"]] += item["counts"]
         first = pc.list_element(pc.filter(tags, pc.greater(pc.list_value_length(tags), 0)), 0)
-        bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(
-            pc.fill_null(first.field("score"), 0.0), HISTOGRAM_BINS)), pa.int64()),
-            HISTOGRAM_BINS - 1)
+        bins = pc.min_element_wise(
+            pc.cast(
+                pc.floor(pc.multiply(pc.fill_null(first.field("score"), 0.0), HISTOGRAM_BINS)),
+                pa.int64(),
+            ),
+            HISTOGRAM_BINS - 1,
+        )
         for item in pc.value_counts(bins).to_pylist():
             self.top1[max(item["values"], 0)] += item["counts"]
         if self.sample_keys:
             keep = pc.is_in(batch.column("key"), value_set=pa.array(sorted(self.sample_keys)))
             chosen = batch.filter(keep)
-            for key, row_tags in zip(chosen.column("key").to_pylist(),
-                                     chosen.column("tags").to_pylist()):
+            for key, row_tags in zip(
+                chosen.column("key").to_pylist(), chosen.column("tags").to_pylist()
+            ):
                 self.sample_tags[key] = [(t["label"], t["score"]) for t in (row_tags or [])[:3]]
 
 
@@ -109,9 +116,15 @@ def gather(output: str) -> dict:
                 failures[kind].append(row)
     for sample in samples:
         sample["tags"] = stats.sample_tags.get(sample["key"], [])
-    return {"summary": summary, "samples": samples, "tag_counts": stats.tag_counts,
-            "top1": stats.top1, "rows": stats.rows, "failure_counts": counts,
-            "failure_examples": failures}
+    return {
+        "summary": summary,
+        "samples": samples,
+        "tag_counts": stats.tag_counts,
+        "top1": stats.top1,
+        "rows": stats.rows,
+        "failure_counts": counts,
+        "failure_examples": failures,
+    }
 
 
 # ---------------------------------------------------------------------------------------- html
@@ -156,18 +169,22 @@ def bar_chart(items, width=640, bar=16) -> str:
     top = max(count for _, count in items) or 1
     label_w, gap = 200, 4
     height = len(items) * (bar + gap)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="most frequent tags">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="most frequent tags">'
+    ]
     for i, (label, count) in enumerate(items):
         y = i * (bar + gap)
         w = max(1.0, (width - label_w - 60) * count / top)
         short = label.split(",")[0]  # the first lemma; the full label on hover
         short = short if len(short) <= 28 else short[:27] + "\u2026"
-        parts.append(f'<text x="{label_w - 6}" y="{y + bar - 4}" text-anchor="end" '
-                     f'font-size="12">{_e(short)}<title>{_e(label)}</title></text>'
-                     f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar}" '
-                     f'fill="#4e79a7"/><text x="{label_w + w + 4:.1f}" y="{y + bar - 4}" '
-                     f'font-size="12">{count:,}</text>')
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + bar - 4}" text-anchor="end" '
+            f'font-size="12">{_e(short)}<title>{_e(label)}</title></text>'
+            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar}" '
+            f'fill="#4e79a7"/><text x="{label_w + w + 4:.1f}" y="{y + bar - 4}" '
+            f'font-size="12">{count:,}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -177,16 +194,22 @@ def histogram(counts, width=480, height=180) -> str:
     top = max(counts) or 1
     n = len(counts)
     plot_h, bw = height - 30, (width - 40) / n
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="top-1 score histogram">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="top-1 score histogram">'
+    ]
     for i, count in enumerate(counts):
         h = plot_h * count / top
-        parts.append(f'<rect x="{30 + i * bw:.1f}" y="{plot_h - h + 4:.1f}" width="{bw - 2:.1f}" '
-                     f'height="{h:.1f}" fill="#f28e2b"><title>{i / n:.2f}-{(i + 1) / n:.2f}: '
-                     f'{count:,}</title></rect>')
+        parts.append(
+            f'<rect x="{30 + i * bw:.1f}" y="{plot_h - h + 4:.1f}" width="{bw - 2:.1f}" '
+            f'height="{h:.1f}" fill="#f28e2b"><title>{i / n:.2f}-{(i + 1) / n:.2f}: '
+            f"{count:,}</title></rect>"
+        )
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{30 + tick * n * bw:.1f}" y="{height - 8}" font-size="11" '
-                     f'text-anchor="middle">{tick:g}</text>')
+        parts.append(
+            f'<text x="{30 + tick * n * bw:.1f}" y="{height - 8}" font-size="11" '
+            f'text-anchor="middle">{tick:g}</text>'
+        )
     parts.append(f'<text x="4" y="14" font-size="11">{top:,}</text></svg>')
     return "".join(parts)
 
@@ -194,21 +217,41 @@ def histogram(counts, width=480, height=180) -> str:
 def _summary_section(summary: dict, rows: int) -> str:
     if not summary:
         return f'<p class="muted">no summary.json; {rows:,} result rows</p>'
-    keys = [("inputs", "{:,}"), ("results", "{:,}"), ("failures", "{:,}"),
-            ("failure_rate", "{:.2%}"), ("skipped", "{:,}"), ("wall_seconds", "{:,.1f} s"),
-            ("images_per_second", "{:,.2f}")]
-    rows_html = [(_e(k.replace("_", " ")), _e(fmt.format(summary[k])))
-                 for k, fmt in keys if summary.get(k) is not None]
+    keys = [
+        ("inputs", "{:,}"),
+        ("results", "{:,}"),
+        ("failures", "{:,}"),
+        ("failure_rate", "{:.2%}"),
+        ("skipped", "{:,}"),
+        ("wall_seconds", "{:,.1f} s"),
+        ("images_per_second", "{:,.2f}"),
+    ]
+    rows_html = [
+        (_e(k.replace("_", " ")), _e(fmt.format(summary[k])))
+        for k, fmt in keys
+        if summary.get(k) is not None
+    ]
     models = summary.get("models", {})
-    model_rows = [(_e(role), _e(models.get(f"{role}_model", "")),
-                   f'<span class="err">{_e(models.get(f"{role}_model_sha256", ""))}</span>')
-                  for role in ("tags", "embed") if models.get(f"{role}_model")]
+    model_rows = [
+        (
+            _e(role),
+            _e(models.get(f"{role}_model", "")),
+            f'<span class="err">{_e(models.get(f"{role}_model_sha256", ""))}</span>',
+        )
+        for role in ("tags", "embed")
+        if models.get(f"{role}_model")
+    ]
     options = sorted((summary.get("options") or {}).items())
-    return ("<div class='charts'><div>" + _table(rows_html, numeric=(1,)).replace(
-                "<table>", "<table class='kv'>", 1) + "</div><div>"
-            + _table(model_rows, header=("model", "source", "sha256")) + "</div></div>"
-            + "<details><summary>options</summary>"
-            + _table([(_e(k), _e(v)) for k, v in options]) + "</details>")
+    return (
+        "<div class='charts'><div>"
+        + _table(rows_html, numeric=(1,)).replace("<table>", "<table class='kv'>", 1)
+        + "</div><div>"
+        + _table(model_rows, header=("model", "source", "sha256"))
+        + "</div></div>"
+        + "<details><summary>options</summary>"
+        + _table([(_e(k), _e(v)) for k, v in options])
+        + "</details>"
+    )
 
 
 def _failures_section(data: dict) -> str:
@@ -218,13 +261,25 @@ def _failures_section(data: dict) -> str:
     by_stage = collections.Counter()
     for (stage, _), n in counts.items():
         by_stage[stage] += n
-    out = [_table([(_e(s), f"{n:,}") for s, n in by_stage.most_common()],
-                  header=("stage", "failures"), numeric=(1,))]
+    out = [
+        _table(
+            [(_e(s), f"{n:,}") for s, n in by_stage.most_common()],
+            header=("stage", "failures"),
+            numeric=(1,),
+        )
+    ]
     for (stage, kind), n in counts.most_common():
         examples = data["failure_examples"][(stage, kind)]
         out.append(f"<h3>{_e(stage)} / {_e(kind or '?')}: {n:,}</h3>")
-        out.append(_table([(_e(r["key"]), _e(r["source"]), f'<span class="err">{_e(r["error"])}'
-                            f"</span>") for r in examples], header=("key", "source", "error")))
+        out.append(
+            _table(
+                [
+                    (_e(r["key"]), _e(r["source"]), f'<span class="err">{_e(r["error"])}</span>')
+                    for r in examples
+                ],
+                header=("key", "source", "error"),
+            )
+        )
     return "".join(out)
 
 
@@ -234,10 +289,14 @@ def _contact_sheet(samples: list) -> str:
     cards = []
     for s in samples:
         data = base64.b64encode(s["thumbnail"]).decode("ascii")
-        tags = "".join(f"<li>{_e(label)} <span>{score:.2f}</span></li>"
-                       for label, score in s["tags"]) or "<li class='muted'>no result</li>"
-        cards.append(f'<figure class="card" title="{_e(s["key"])}"><img alt="{_e(s["key"])}" '
-                     f'src="data:image/jpeg;base64,{data}"><ol>{tags}</ol></figure>')
+        tags = (
+            "".join(f"<li>{_e(label)} <span>{score:.2f}</span></li>" for label, score in s["tags"])
+            or "<li class='muted'>no result</li>"
+        )
+        cards.append(
+            f'<figure class="card" title="{_e(s["key"])}"><img alt="{_e(s["key"])}" '
+            f'src="data:image/jpeg;base64,{data}"><ol>{tags}</ol></figure>'
+        )
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -247,25 +306,31 @@ def render(data: dict, output: str) -> str:
     tags = data["tag_counts"].most_common(TOP_TAGS)
     n_samples = len(data["samples"])
     top_k = (summary.get("options") or {}).get("top_k", "k")
-    return "".join([
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        # No network, ever: the page may only use what it carries.
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-        "img-src data:; style-src 'unsafe-inline'\">",
-        f"<title>bit-tagger report: {_e(output)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>bit-tagger run report</h1><p class='muted'>{_e(output)}</p>",
-        "<h2>Summary</h2>", _summary_section(summary, data["rows"]),
-        "<h2>Failures</h2>", _failures_section(data),
-        "<h2>Tags</h2><div class='charts'><div>",
-        f"<h3>{len(tags)} most frequent tags (images with the tag in their top-{_e(top_k)})</h3>",
-        bar_chart(tags), "</div><div><h3>Top-1 score</h3>", histogram(data["top1"]),
-        "</div></div>",
-        f"<h2>Contact sheet: {n_samples} sample image{'s' if n_samples != 1 else ''}</h2>",
-        "<p class='muted'>chosen by key hash in the pipeline (the same inputs give the same "
-        "sample); hover for the key</p>",
-        _contact_sheet(data["samples"]),
-        "</body></html>",
-    ])
+    return "".join(
+        [
+            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+            # No network, ever: the page may only use what it carries.
+            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
+            "img-src data:; style-src 'unsafe-inline'\">",
+            f"<title>bit-tagger report: {_e(output)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>bit-tagger run report</h1><p class='muted'>{_e(output)}</p>",
+            "<h2>Summary</h2>",
+            _summary_section(summary, data["rows"]),
+            "<h2>Failures</h2>",
+            _failures_section(data),
+            "<h2>Tags</h2><div class='charts'><div>",
+            f"<h3>{len(tags)} most frequent tags (images with the tag in their top-{_e(top_k)})</h3>",
+            bar_chart(tags),
+            "</div><div><h3>Top-1 score</h3>",
+            histogram(data["top1"]),
+            "</div></div>",
+            f"<h2>Contact sheet: {n_samples} sample image{'s' if n_samples != 1 else ''}</h2>",
+            "<p class='muted'>chosen by key hash in the pipeline (the same inputs give the same "
+            "sample); hover for the key</p>",
+            _contact_sheet(data["samples"]),
+            "</body></html>",
+        ]
+    )
 
 
 def write_report(output: str) -> str:
@@ -283,15 +348,18 @@ def write_report(output: str) -> str:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.report",
-        description="(Re)write OUTPUT/report.html from a finished run's output (local or gs://).")
+        description="(Re)write OUTPUT/report.html from a finished run's output (local or gs://).",
+    )
     parser.add_argument("output", help="the run's --output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     gcs.configure_beam_gcs()
     output = args.output.rstrip("/")
     if not outputs.existing_outputs(output):
-        print(f"error: {output} has no output of a run (results, failures or summary.json)",
-              file=sys.stderr)
+        print(
+            f"error: {output} has no output of a run (results, failures or summary.json)",
+            file=sys.stderr,
+        )
         return 2
     print(write_report(output))
     return 0

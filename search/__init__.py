@@ -5,6 +5,7 @@
 vocabulary, `search.cli` the command line. Imports `model` (to embed a query image the way the job
 did) and `transforms.decode`, never the Beam graph.
 """
+
 import os
 
 # LanceDB's Rust core logs warnings (e.g. "No existing dataset ... it will be created") to stderr.

@@ -12,6 +12,7 @@ One place for the settings, so that `./run.sh index`, `./run.sh search` and
   with the full vectors, and `exact_rerank` recomputes the cosine of the survivors in float64, so
   the scores returned are exact (an indexed image queried with its own embedding scores 1.0).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,27 +44,50 @@ def num_sub_vectors(dim: int) -> int:
     return next(m for m in range(target, 0, -1) if dim % m == 0)
 
 
-def create_vector_index(table, rows: int, dim: int, partitions: int | None = None,
-                        sub_vectors: int | None = None) -> dict:
+def create_vector_index(
+    table, rows: int, dim: int, partitions: int | None = None, sub_vectors: int | None = None
+) -> dict:
     """(Re)build the IVF-PQ cosine index over `VECTOR_COLUMN`; returns the settings used."""
     import lancedb.index
 
-    settings = {"type": "ivf_pq", "distance": "cosine",
-                "num_partitions": partitions or num_partitions(rows),
-                "num_sub_vectors": sub_vectors or num_sub_vectors(dim), "trained_rows": rows}
-    table.create_index(VECTOR_COLUMN, replace=True, config=lancedb.index.IvfPq(
-        distance_type="cosine", num_partitions=settings["num_partitions"],
-        num_sub_vectors=settings["num_sub_vectors"], sample_rate=TRAIN_SAMPLE_RATE,
-        max_iterations=TRAIN_MAX_ITERATIONS))
+    settings = {
+        "type": "ivf_pq",
+        "distance": "cosine",
+        "num_partitions": partitions or num_partitions(rows),
+        "num_sub_vectors": sub_vectors or num_sub_vectors(dim),
+        "trained_rows": rows,
+    }
+    table.create_index(
+        VECTOR_COLUMN,
+        replace=True,
+        config=lancedb.index.IvfPq(
+            distance_type="cosine",
+            num_partitions=settings["num_partitions"],
+            num_sub_vectors=settings["num_sub_vectors"],
+            sample_rate=TRAIN_SAMPLE_RATE,
+            max_iterations=TRAIN_MAX_ITERATIONS,
+        ),
+    )
     return settings
 
 
-def nearest(table, vector: np.ndarray, limit: int, columns: list[str], where: str | None = None,
-            nprobes: int = DEFAULT_NPROBES, refine_factor: int = DEFAULT_REFINE_FACTOR):
+def nearest(
+    table,
+    vector: np.ndarray,
+    limit: int,
+    columns: list[str],
+    where: str | None = None,
+    nprobes: int = DEFAULT_NPROBES,
+    refine_factor: int = DEFAULT_REFINE_FACTOR,
+):
     """The `limit` rows nearest to `vector` (cosine), as a pyarrow Table with `columns` and the
     vector; `where` (SQL) filters before the search. Not yet exactly scored: see `exact_rerank`."""
-    query = (table.search(np.asarray(vector, np.float32), vector_column_name=VECTOR_COLUMN)
-             .distance_type("cosine").nprobes(nprobes).refine_factor(refine_factor))
+    query = (
+        table.search(np.asarray(vector, np.float32), vector_column_name=VECTOR_COLUMN)
+        .distance_type("cosine")
+        .nprobes(nprobes)
+        .refine_factor(refine_factor)
+    )
     if where:
         query = query.where(where, prefilter=True)
     wanted = list(dict.fromkeys([*columns, VECTOR_COLUMN, "_distance"]))

@@ -22,6 +22,7 @@ An explicit `--index_dir gs://...` is passed to LanceDB's own object store (defa
 credentials); that path is not covered by the tests, whose GCS emulator lacks the XML API LanceDB
 uses, so it is refused while `STORAGE_EMULATOR_HOST` is set.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -47,10 +48,18 @@ VOCABULARY = "terms"
 TOP_TAGS = 3
 READ_BATCH_ROWS = 2048
 # Runs whose values differ here have incomparable vectors: one index refuses to mix them.
-COMPATIBILITY_KEYS = ("embed_model_sha256", "pca_basis_sha256", "vector_column", "dim",
-                      "precision", "image_size", "resize")
-CATEGORY_TYPE = pa.struct([pa.field("wnid", pa.string()), pa.field("label", pa.string()),
-                           pa.field("score", pa.float32())])
+COMPATIBILITY_KEYS = (
+    "embed_model_sha256",
+    "pca_basis_sha256",
+    "vector_column",
+    "dim",
+    "precision",
+    "image_size",
+    "resize",
+)
+CATEGORY_TYPE = pa.struct(
+    [pa.field("wnid", pa.string()), pa.field("label", pa.string()), pa.field("score", pa.float32())]
+)
 
 
 def _list(value_type: pa.DataType, size: int = -1) -> pa.DataType:
@@ -58,18 +67,21 @@ def _list(value_type: pa.DataType, size: int = -1) -> pa.DataType:
 
 
 def images_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("run", pa.string()),
-        pa.field(ann.VECTOR_COLUMN, _list(pa.float32(), dim)),
-        pa.field("wnids", _list(pa.string())),
-        pa.field("categories", _list(CATEGORY_TYPE)),
-        pa.field("tags", _list(pa.string())),
-    ])
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("run", pa.string()),
+            pa.field(ann.VECTOR_COLUMN, _list(pa.float32(), dim)),
+            pa.field("wnids", _list(pa.string())),
+            pa.field("categories", _list(CATEGORY_TYPE)),
+            pa.field("tags", _list(pa.string())),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------- locations
+
 
 def is_gcs(path: str) -> bool:
     return path.startswith(("gs://", "gcs://"))
@@ -130,18 +142,21 @@ def connect(index_dir: str):
     if is_gcs(index_dir) and os.environ.get("STORAGE_EMULATOR_HOST"):
         raise SearchError(
             f"--index_dir {index_dir}: LanceDB cannot use the GCS emulator set by "
-            "STORAGE_EMULATOR_HOST (it lacks the XML API LanceDB needs); use a local --index_dir")
+            "STORAGE_EMULATOR_HOST (it lacks the XML API LanceDB needs); use a local --index_dir"
+        )
     return lancedb.connect(index_dir)
 
 
 # ------------------------------------------------------------------------ run settings
 
+
 def read_footer(path: str) -> tuple[dict, pa.Schema]:
     """(footer key-value metadata as str -> str, Arrow schema) of one results file."""
     with storage.open_file(path, "rb") as f:
         schema = pq.ParquetFile(f).schema_arrow
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()
-            if k != b"ARROW:schema"}
+    meta = {
+        k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k != b"ARROW:schema"
+    }
     return meta, schema
 
 
@@ -152,25 +167,45 @@ def run_settings(footer: dict, schema: pa.Schema) -> dict:
     if column not in names:
         raise SearchError(f"the results have no {column} column: not a results file of the job")
     resize = footer.get("resize") or (
-        "center_crop" if "center_crop" in footer.get("preprocessing", "") else "squash")
-    keys = ("embed_model", "embed_model_sha256", "tags_model", "tags_model_sha256", "precision",
-            "image_size", "embedding_dtype", "pca_basis", "pca_basis_sha256", "label_set")
+        "center_crop" if "center_crop" in footer.get("preprocessing", "") else "squash"
+    )
+    keys = (
+        "embed_model",
+        "embed_model_sha256",
+        "tags_model",
+        "tags_model_sha256",
+        "precision",
+        "image_size",
+        "embedding_dtype",
+        "pca_basis",
+        "pca_basis_sha256",
+        "label_set",
+    )
     settings = {k: footer.get(k, "") for k in keys}
-    settings.update(vector_column=column, dim=schema.field(column).type.list_size, resize=resize,
-                    tag_column="categories" if "categories" in names else "tags")
+    settings.update(
+        vector_column=column,
+        dim=schema.field(column).type.list_size,
+        resize=resize,
+        tag_column="categories" if "categories" in names else "tags",
+    )
     return settings
 
 
 def check_compatible(index_settings: dict, settings: dict, what: str) -> None:
     """SearchError naming every compatibility key where `settings` differ from the index's."""
-    diffs = [f"{k} {settings.get(k)!r} (index has {index_settings.get(k)!r})"
-             for k in COMPATIBILITY_KEYS if str(settings.get(k)) != str(index_settings.get(k))]
+    diffs = [
+        f"{k} {settings.get(k)!r} (index has {index_settings.get(k)!r})"
+        for k in COMPATIBILITY_KEYS
+        if str(settings.get(k)) != str(index_settings.get(k))
+    ]
     if diffs:
-        raise SearchError(f"{what} cannot join this index, its vectors are not comparable: "
-                          + "; ".join(diffs))
+        raise SearchError(
+            f"{what} cannot join this index, its vectors are not comparable: " + "; ".join(diffs)
+        )
 
 
 # ---------------------------------------------------------------------- rows of the index
+
 
 def _categories(batch: pa.RecordBatch) -> pa.ListArray:
     """list<struct<wnid, label, score>> per row: categories merged with tags (max score per wnid,
@@ -180,7 +215,8 @@ def _categories(batch: pa.RecordBatch) -> pa.ListArray:
         values = tags.values
         structs = pa.StructArray.from_arrays(
             [values.field("wnid"), values.field("label"), values.field("score")],
-            fields=list(CATEGORY_TYPE))
+            fields=list(CATEGORY_TYPE),
+        )
         return pa.ListArray.from_arrays(tags.offsets, structs, type=_list(CATEGORY_TYPE))
     rows = []
     for tag_row, cat_row in zip(tags.to_pylist(), batch.column("categories").to_pylist()):
@@ -189,8 +225,12 @@ def _categories(batch: pa.RecordBatch) -> pa.ListArray:
             score = float(item["score"])
             if item["wnid"] not in best or score > best[item["wnid"]][0]:
                 best[item["wnid"]] = (score, item["label"])
-        rows.append([{"wnid": w, "label": lab, "score": s}
-                     for w, (s, lab) in sorted(best.items(), key=lambda kv: -kv[1][0])])
+        rows.append(
+            [
+                {"wnid": w, "label": lab, "score": s}
+                for w, (s, lab) in sorted(best.items(), key=lambda kv: -kv[1][0])
+            ]
+        )
     return pa.array(rows, _list(CATEGORY_TYPE))
 
 
@@ -202,15 +242,25 @@ def _vectors(column: pa.Array, dim: int) -> pa.FixedSizeListArray:
 def index_rows(batch: pa.RecordBatch, settings: dict, run: str) -> pa.RecordBatch:
     """Rows of `images.lance` for one batch of a results file."""
     categories = _categories(batch)
-    wnids = pa.ListArray.from_arrays(categories.offsets, categories.values.field("wnid"),
-                                     type=_list(pa.string()))
-    top = [[terms.display_name(t["label"]) for t in (row or [])[:TOP_TAGS]]
-           for row in batch.column("tags").to_pylist()]
-    return pa.record_batch([
-        batch.column("key"), batch.column("source"), pa.array([run] * batch.num_rows, pa.string()),
-        _vectors(batch.column(settings["vector_column"]), settings["dim"]), wnids, categories,
-        pa.array(top, _list(pa.string())),
-    ], schema=images_schema(settings["dim"]))
+    wnids = pa.ListArray.from_arrays(
+        categories.offsets, categories.values.field("wnid"), type=_list(pa.string())
+    )
+    top = [
+        [terms.display_name(t["label"]) for t in (row or [])[:TOP_TAGS]]
+        for row in batch.column("tags").to_pylist()
+    ]
+    return pa.record_batch(
+        [
+            batch.column("key"),
+            batch.column("source"),
+            pa.array([run] * batch.num_rows, pa.string()),
+            _vectors(batch.column(settings["vector_column"]), settings["dim"]),
+            wnids,
+            categories,
+            pa.array(top, _list(pa.string())),
+        ],
+        schema=images_schema(settings["dim"]),
+    )
 
 
 class _Progress:
@@ -228,12 +278,18 @@ class _Progress:
         if self.every and (now - self.last >= self.every or self.files == self.total_files):
             self.last = now
             rate = self.rows / max(now - self.start, 1e-9)
-            _LOG.info("indexing: %d/%d files, %d images read (%.0f images/s)",
-                      self.files, self.total_files, self.rows, rate)
+            _LOG.info(
+                "indexing: %d/%d files, %d images read (%.0f images/s)",
+                self.files,
+                self.total_files,
+                self.rows,
+                rate,
+            )
 
 
-def _read_rows(files: list[str], settings: dict, run: str, synsets: set,
-               progress: _Progress) -> Iterator[pa.RecordBatch]:
+def _read_rows(
+    files: list[str], settings: dict, run: str, synsets: set, progress: _Progress
+) -> Iterator[pa.RecordBatch]:
     columns = ["key", "source", "tags", settings["vector_column"]]
     if settings["tag_column"] == "categories":
         columns.append("categories")
@@ -242,8 +298,9 @@ def _read_rows(files: list[str], settings: dict, run: str, synsets: set,
             for batch in pq.ParquetFile(f).iter_batches(READ_BATCH_ROWS, columns=columns):
                 rows = index_rows(batch, settings, run)
                 values = rows.column("categories").values
-                synsets.update(zip(values.field("wnid").to_pylist(),
-                                   values.field("label").to_pylist()))
+                synsets.update(
+                    zip(values.field("wnid").to_pylist(), values.field("label").to_pylist())
+                )
                 progress.update(rows=rows.num_rows)
                 yield rows
         progress.update(files=1)
@@ -251,8 +308,14 @@ def _read_rows(files: list[str], settings: dict, run: str, synsets: set,
 
 # ----------------------------------------------------------------------------------- build
 
-def build_index(output: str, index_dir: str | None = None, *,
-                ann_min_rows: int = ann.ANN_MIN_ROWS, log_every_secs: float = 10.0) -> dict:
+
+def build_index(
+    output: str,
+    index_dir: str | None = None,
+    *,
+    ann_min_rows: int = ann.ANN_MIN_ROWS,
+    log_every_secs: float = 10.0,
+) -> dict:
     """Index (or append) OUTPUT's results; returns what was done (also logged and kept in
     `index.json`): rows read and added, seconds, total rows, bytes per image, vector index."""
     started = time.monotonic()
@@ -279,7 +342,8 @@ def build_index(output: str, index_dir: str | None = None, *,
     synsets: set = set()
     progress = _Progress(len(files), log_every_secs)
     reader = pa.RecordBatchReader.from_batches(
-        images_schema(settings["dim"]), _read_rows(files, settings, output, synsets, progress))
+        images_schema(settings["dim"]), _read_rows(files, settings, output, synsets, progress)
+    )
     if meta is None:
         table = db.create_table(IMAGES, reader, mode="overwrite")
         added = table.count_rows()
@@ -293,38 +357,57 @@ def build_index(output: str, index_dir: str | None = None, *,
     rows = table.count_rows()
     vector_index = (meta or {}).get("vector_index")
     if rows >= max(ann_min_rows, ann.MIN_ROWS_PER_PARTITION) and (
-            vector_index is None or rows > 2 * vector_index["trained_rows"]):
+        vector_index is None or rows > 2 * vector_index["trained_rows"]
+    ):
         _LOG.info("training the vector index on %d vectors of %d-d", rows, settings["dim"])
         vector_index = ann.create_vector_index(table, rows, settings["dim"])
     if rows and "wnids_idx" not in {i.name for i in table.list_indices()}:
         import lancedb.index
+
         table.create_index("wnids", config=lancedb.index.LabelList())
     elif added:
         table.optimize()  # new rows into the vector and label indexes; small files compacted
     seconds = time.monotonic() - started
     size = _dir_bytes(index_dir)
-    report = {"output": output, "index_dir": index_dir, "files": len(files),
-              "rows_read": progress.rows, "rows_added": added, "seconds": round(seconds, 2),
-              "rows": rows, "bytes": size, "bytes_per_image": round(size / max(rows, 1)),
-              "vector_index": vector_index["type"] if vector_index else "none (exact scan)",
-              "indexed_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    report = {
+        "output": output,
+        "index_dir": index_dir,
+        "files": len(files),
+        "rows_read": progress.rows,
+        "rows_added": added,
+        "seconds": round(seconds, 2),
+        "rows": rows,
+        "bytes": size,
+        "bytes_per_image": round(size / max(rows, 1)),
+        "vector_index": vector_index["type"] if vector_index else "none (exact scan)",
+        "indexed_at": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
     meta = meta or {"settings": settings, "runs": []}
-    meta["runs"].append({**{k: report[k] for k in ("output", "files", "rows_read", "rows_added",
-                                                    "seconds", "indexed_at")},
-                         "tag_column": settings["tag_column"]})
-    meta.update(rows=rows, bytes=size, bytes_per_image=report["bytes_per_image"],
-                vector_index=vector_index)
+    meta["runs"].append(
+        {
+            **{
+                k: report[k]
+                for k in ("output", "files", "rows_read", "rows_added", "seconds", "indexed_at")
+            },
+            "tag_column": settings["tag_column"],
+        }
+    )
+    meta.update(
+        rows=rows, bytes=size, bytes_per_image=report["bytes_per_image"], vector_index=vector_index
+    )
     _write_meta(index_dir, meta)
     return report
 
 
 def _vocabulary_synsets(db) -> list[tuple[str, str]]:
     table = db.open_table(VOCABULARY).to_arrow()
-    return list(dict.fromkeys(zip(table.column("wnid").to_pylist(),
-                                  table.column("label").to_pylist())))
+    return list(
+        dict.fromkeys(zip(table.column("wnid").to_pylist(), table.column("label").to_pylist()))
+    )
 
 
 # ------------------------------------------------------------------------------------ open
+
 
 class Index:
     """An opened index: `dir`, `meta` (index.json), `settings`, `images` and `vocabulary` tables."""
@@ -346,5 +429,7 @@ def open_index(index_or_output: str) -> Index:
         meta = read_meta(candidate)
         if meta is not None:
             return Index(candidate, meta)
-    raise SearchError(f"no index at {path} (nor at {default_index_dir(path)}): "
-                      f"build one with ./run.sh index OUTPUT")
+    raise SearchError(
+        f"no index at {path} (nor at {default_index_dir(path)}): "
+        f"build one with ./run.sh index OUTPUT"
+    )

@@ -7,6 +7,7 @@
   precision, image size and resize recorded in the results' footer, then the PCA basis when the
   index holds `embedding_reduced`. A model whose sha256 is not the index's is refused.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,7 @@ DISPLAY_COLUMNS = ["key", "source", "tags"]
 class Hit:
     """One result: `score` is the cosine similarity (image/key queries) or the category score
     (tag-only queries); `wnid` is the matching synset of a tag query."""
+
     key: str
     source: str
     score: float
@@ -44,18 +46,32 @@ def _wnid_filter(wnids) -> str | None:
     return None if wnids is None else f"array_has_any(wnids, {terms.sql_list(wnids)})"
 
 
-def by_vector(index: Index, vector: np.ndarray, k: int = 10, wnids: list[str] | None = None,
-              exclude_key: str | None = None, nprobes: int = ann.DEFAULT_NPROBES,
-              refine_factor: int = ann.DEFAULT_REFINE_FACTOR) -> list[Hit]:
+def by_vector(
+    index: Index,
+    vector: np.ndarray,
+    k: int = 10,
+    wnids: list[str] | None = None,
+    exclude_key: str | None = None,
+    nprobes: int = ann.DEFAULT_NPROBES,
+    refine_factor: int = ann.DEFAULT_REFINE_FACTOR,
+) -> list[Hit]:
     """The `k` images nearest to `vector` (exact cosine), within `wnids` when given."""
     vector = np.asarray(vector, np.float32).reshape(-1)
     if vector.shape[0] != index.settings["dim"]:
-        raise SearchError(f"query vector has {vector.shape[0]} dimensions, the index "
-                          f"{index.settings['dim']}")
+        raise SearchError(
+            f"query vector has {vector.shape[0]} dimensions, the index {index.settings['dim']}"
+        )
     limit = k + (exclude_key is not None)
     columns = DISPLAY_COLUMNS + (["categories"] if wnids else [])
-    candidates = ann.nearest(index.images, vector, limit, columns, where=_wnid_filter(wnids),
-                             nprobes=nprobes, refine_factor=refine_factor)
+    candidates = ann.nearest(
+        index.images,
+        vector,
+        limit,
+        columns,
+        where=_wnid_filter(wnids),
+        nprobes=nprobes,
+        refine_factor=refine_factor,
+    )
     rows, sims = ann.exact_rerank(vector, candidates, limit)
     hits = []
     for row, sim in zip(rows.to_pylist(), sims):
@@ -69,8 +85,13 @@ def by_vector(index: Index, vector: np.ndarray, k: int = 10, wnids: list[str] | 
 def vector_of(index: Index, key: str) -> np.ndarray:
     """The indexed vector of `key`; SearchError when the key is not in the index."""
     quoted = "'" + key.replace("'", "''") + "'"
-    found = (index.images.search().where(f"key = {quoted}").select([ann.VECTOR_COLUMN])
-             .limit(1).to_arrow())
+    found = (
+        index.images.search()
+        .where(f"key = {quoted}")
+        .select([ann.VECTOR_COLUMN])
+        .limit(1)
+        .to_arrow()
+    )
     if found.num_rows == 0:
         raise SearchError(f"key {key!r} is not in the index {index.dir}")
     return np.asarray(found.column(ann.VECTOR_COLUMN)[0].as_py(), np.float32)
@@ -89,13 +110,16 @@ def resolve_tag(index: Index, term: str) -> list[tuple[str, str]]:
         raise SearchError("--tag is empty")
     quoted = "'" + normalised.replace("'", "''") + "'"
     found = index.vocabulary.search().where(f"term = {quoted}").limit(None).to_arrow()
-    synsets = list(dict.fromkeys(zip(found.column("wnid").to_pylist(),
-                                     found.column("label").to_pylist())))
+    synsets = list(
+        dict.fromkeys(zip(found.column("wnid").to_pylist(), found.column("label").to_pylist()))
+    )
     if not synsets:
         synsets = terms.label_set_synsets(normalised)
     if not synsets:
-        raise SearchError(f"unknown tag {term!r}: no wnid or lemma of that name in the index "
-                          "or in the ImageNet-21k label set")
+        raise SearchError(
+            f"unknown tag {term!r}: no wnid or lemma of that name in the index "
+            "or in the ImageNet-21k label set"
+        )
     return synsets
 
 
@@ -109,8 +133,13 @@ def _best_category(categories, wnids) -> tuple[str | None, float]:
 
 def by_tag(index: Index, wnids: list[str], k: int = 10) -> list[Hit]:
     """The `k` images whose categories contain one of `wnids`, by that category's score."""
-    found = (index.images.search().where(_wnid_filter(wnids))
-             .select(DISPLAY_COLUMNS + ["categories"]).limit(None).to_arrow())
+    found = (
+        index.images.search()
+        .where(_wnid_filter(wnids))
+        .select(DISPLAY_COLUMNS + ["categories"])
+        .limit(None)
+        .to_arrow()
+    )
     hits = []
     for row in found.to_pylist():
         wnid, score = _best_category(row["categories"], set(wnids))
@@ -121,8 +150,13 @@ def by_tag(index: Index, wnids: list[str], k: int = 10) -> list[Hit]:
 
 # ------------------------------------------------------------------------- query images
 
-def load_model(index: Index, embed_model: str | None = None, tags_model: str | None = None,
-               cache_dir: str | None = None):
+
+def load_model(
+    index: Index,
+    embed_model: str | None = None,
+    tags_model: str | None = None,
+    cache_dir: str | None = None,
+):
     """The job's model as the index's footer records it (sources overridable), checked to be the
     same embed model (sha256) as the indexed vectors'."""
     from model.bit import TagAndEmbedModel
@@ -130,17 +164,20 @@ def load_model(index: Index, embed_model: str | None = None, tags_model: str | N
     s = index.settings
     embed_source, tags_source = embed_model or s["embed_model"], tags_model or s["tags_model"]
     try:
-        model = TagAndEmbedModel.load(tags_source, embed_source, precision=s["precision"] or
-                                      "float32", cache_dir=cache_dir)
+        model = TagAndEmbedModel.load(
+            tags_source, embed_source, precision=s["precision"] or "float32", cache_dir=cache_dir
+        )
     except (OSError, ValueError) as e:
-        raise SearchError(f"cannot load the model to embed the query image: "
-                          f"{type(e).__name__}: {e}") from None
+        raise SearchError(
+            f"cannot load the model to embed the query image: {type(e).__name__}: {e}"
+        ) from None
     got = model.metadata()["embed_model_sha256"]
     if s["embed_model_sha256"] and got != s["embed_model_sha256"]:
         raise SearchError(
             f"the query would be embedded by a different model: {embed_source} has sha256 "
             f"{got[:16]}..., the index was built from {s['embed_model']} "
-            f"({s['embed_model_sha256'][:16]}...)")
+            f"({s['embed_model_sha256'][:16]}...)"
+        )
     return model
 
 
@@ -174,6 +211,8 @@ def _project(settings: dict, embeddings: np.ndarray) -> np.ndarray:
 
     basis = load_basis(settings["pca_basis"])
     if settings["pca_basis_sha256"] and basis.sha256 != settings["pca_basis_sha256"]:
-        raise SearchError(f"PCA basis {settings['pca_basis']} has changed since the results were "
-                          "written (sha256 differs): the query cannot be projected like them")
+        raise SearchError(
+            f"PCA basis {settings['pca_basis']} has changed since the results were "
+            "written (sha256 differs): the query cannot be projected like them"
+        )
     return basis.project(embeddings)

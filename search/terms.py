@@ -6,6 +6,7 @@ synset's lemmas joined by ", " (`dog, domestic_dog, Canis_familiaris`), so each 
 is a term. The index keeps one vocabulary row per (term, wnid): a lemma naming several synsets
 (`crane`: the bird and the machine) resolves to all of them.
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,9 @@ from typing import Iterable
 import pyarrow as pa
 
 WNID = re.compile(r"^n\d{8}$")
-VOCABULARY_SCHEMA = pa.schema([
-    pa.field("term", pa.string()), pa.field("wnid", pa.string()), pa.field("label", pa.string())])
+VOCABULARY_SCHEMA = pa.schema(
+    [pa.field("term", pa.string()), pa.field("wnid", pa.string()), pa.field("label", pa.string())]
+)
 
 
 def normalise(term: str) -> str:
@@ -40,10 +42,13 @@ def vocabulary(synsets: Iterable[tuple[str, str]]) -> pa.Table:
     for wnid, label in synsets:
         for term in (wnid, *lemmas(label or "")):
             rows[(term, wnid)] = label or ""
-    terms, wnids, labels = zip(*((t, w, lab) for (t, w), lab in sorted(rows.items()))) if rows \
-        else ((), (), ())
-    return pa.table([pa.array(terms, pa.string()), pa.array(wnids, pa.string()),
-                     pa.array(labels, pa.string())], schema=VOCABULARY_SCHEMA)
+    terms, wnids, labels = (
+        zip(*((t, w, lab) for (t, w), lab in sorted(rows.items()))) if rows else ((), (), ())
+    )
+    return pa.table(
+        [pa.array(terms, pa.string()), pa.array(wnids, pa.string()), pa.array(labels, pa.string())],
+        schema=VOCABULARY_SCHEMA,
+    )
 
 
 def label_set_synsets(term: str) -> list[tuple[str, str]]:

@@ -2,6 +2,7 @@
 
 Tests write these themselves: no real weights can be downloaded here.
 """
+
 import numpy as np
 
 
@@ -45,7 +46,9 @@ def random_weights(units=(1, 1, 1, 1), width=1, num_classes=None, seed=0):
             value = 0.1 * rng.standard_normal(shape)
         else:  # HWIO kernel, with a per-output-channel offset so WS has a mean to remove
             fan_in = shape[0] * shape[1] * shape[2]
-            value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) + 0.01 * rng.standard_normal(shape[-1])
+            value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) + 0.01 * rng.standard_normal(
+                shape[-1]
+            )
         weights[key] = value.astype(np.float32)
     return weights
 

@@ -5,6 +5,7 @@ are root; otherwise the test is skipped with a message saying so. `inspect_page(
 local page with the network off, and returns its console errors, the result of a JavaScript
 expression and a screenshot.
 """
+
 import base64
 import json
 import os
@@ -19,9 +20,18 @@ import urllib.request
 import pytest
 
 # Flags Chromium needs on a machine without network (no background connections) and as root.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--hide-scrollbars", "--window-size=1280,1600"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1280,1600",
+]
 _INSTALL_TRIED = []
 
 
@@ -30,17 +40,27 @@ def chromium_or_skip() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
-    if not _INSTALL_TRIED and hasattr(os, "geteuid") and os.geteuid() == 0 and \
-            shutil.which("apt-get"):
+    if (
+        not _INSTALL_TRIED
+        and hasattr(os, "geteuid")
+        and os.geteuid() == 0
+        and shutil.which("apt-get")
+    ):
         _INSTALL_TRIED.append(True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env,
-                       capture_output=True, timeout=1200)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            env=env,
+            capture_output=True,
+            timeout=1200,
+        )
         if shutil.which("chromium"):
             return shutil.which("chromium")
-    pytest.skip("Chromium is not installed and could not be installed "
-                "(as root: apt-get update && apt-get install -y chromium)")
+    pytest.skip(
+        "Chromium is not installed and could not be installed "
+        "(as root: apt-get update && apt-get install -y chromium)"
+    )
 
 
 class _DevTools:
@@ -75,7 +95,6 @@ class _DevTools:
                 return message
 
 
-
 def console_errors(events) -> list:
     """Console errors, exceptions and failed loads among the DevTools events."""
     errors = []
@@ -94,11 +113,21 @@ def inspect_page(path: str, expression: str, screenshot: str) -> tuple[list, obj
     """Loads file `path` in headless Chromium; returns (console errors, value of `expression`)
     and writes a full-page PNG screenshot to `screenshot`."""
     from websockets.sync.client import connect
+
     chromium = chromium_or_skip()
     profile = tempfile.mkdtemp(prefix="chromium-")
-    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                             "--remote-debugging-port=0", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = _devtools_port(proc)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
@@ -113,16 +142,26 @@ def inspect_page(path: str, expression: str, screenshot: str) -> tuple[list, obj
 
 def _inspect(tools: _DevTools, path: str, expression: str, screenshot: str):
     for domain in ("Runtime", "Log", "Page"):
-            tools.call(f"{domain}.enable")
+        tools.call(f"{domain}.enable")
     tools.call("Page.navigate", url="file://" + os.path.abspath(path))
     tools.wait_for("Page.loadEventFired")
-    value = tools.call("Runtime.evaluate", expression=expression, returnByValue=True,
-                       awaitPromise=True)["result"].get("value")
+    value = tools.call(
+        "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+    )["result"].get("value")
     metrics = tools.call("Page.getLayoutMetrics")
     size = metrics.get("cssContentSize") or metrics["contentSize"]
-    shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                      clip={"x": 0, "y": 0, "width": size["width"],
-                            "height": min(size["height"], 4000), "scale": 1})
+    shot = tools.call(
+        "Page.captureScreenshot",
+        format="png",
+        captureBeyondViewport=True,
+        clip={
+            "x": 0,
+            "y": 0,
+            "width": size["width"],
+            "height": min(size["height"], 4000),
+            "scale": 1,
+        },
+    )
     with open(screenshot, "wb") as f:
         f.write(base64.b64decode(shot["data"]))
     return console_errors(tools.events), value

@@ -1,4 +1,5 @@
 """Test-wide settings: never talk to anything but 127.0.0.1."""
+
 import os
 
 # Google auth must not probe the metadata server (it hangs with no network).
@@ -28,7 +29,9 @@ def models(tmp_path_factory):
 def beam_gcs(gcs_emulator):  # noqa: F811
     """The emulator, with Beam's GCS client made anonymous; Beam's credential cache restored after."""
     from apache_beam.internal.gcp import auth
+
     from transforms.gcs import configure_beam_gcs
+
     saved = auth._Credentials._credentials, auth._Credentials._credentials_init
     assert configure_beam_gcs()
     yield gcs_emulator
@@ -39,4 +42,5 @@ def beam_gcs(gcs_emulator):  # noqa: F811
 def job_output(models, tmp_path_factory):
     """One small local run of the job (tests/search_outputs.py): (OUTPUT, photo paths)."""
     from tests.search_outputs import run_job
+
     return run_job(tmp_path_factory.mktemp("search-job"), models)

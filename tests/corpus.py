@@ -8,6 +8,7 @@ Shards:    `write_shard_corpus(directory)` -> `ShardCorpus` (paths plus what rea
 
 Everything is built from code (no binary fixtures) and is deterministic.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,15 +31,22 @@ QUADRANT_COLOURS = (RED, GREEN, BLUE, YELLOW)
 def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
     """Smooth random RGB content with some fine noise: compresses like a photo, not a flat colour."""
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC),
-                        dtype=np.int16)
+    coarse = rng.integers(
+        0, 256, size=(max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8
+    )
+    smooth = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16
+    )
     noise = rng.integers(-12, 13, size=smooth.shape, dtype=np.int16)
     return np.clip(smooth + noise, 0, 255).astype(np.uint8)
 
 
 def encode(array_or_image, fmt: str, **params) -> bytes:
-    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    image = (
+        array_or_image
+        if isinstance(array_or_image, Image.Image)
+        else Image.fromarray(array_or_image)
+    )
     buf = io.BytesIO()
     image.save(buf, fmt, **params)
     return buf.getvalue()
@@ -80,13 +88,13 @@ def quadrants(width: int, height: int, colours=QUADRANT_COLOURS) -> np.ndarray:
 # written with NumPy so the test does not share the decoder's table).
 EXIF_UPRIGHT = {
     1: lambda a: a,
-    2: lambda a: a[:, ::-1],                       # mirrored horizontally
-    3: lambda a: a[::-1, ::-1],                    # rotated 180
-    4: lambda a: a[::-1, :],                       # mirrored vertically
-    5: lambda a: a.transpose(1, 0, 2),             # transposed
-    6: lambda a: np.rot90(a, -1),                  # rotate 90 clockwise to view
+    2: lambda a: a[:, ::-1],  # mirrored horizontally
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1, :],  # mirrored vertically
+    5: lambda a: a.transpose(1, 0, 2),  # transposed
+    6: lambda a: np.rot90(a, -1),  # rotate 90 clockwise to view
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transverse
-    8: lambda a: np.rot90(a, 1),                   # rotate 90 counter-clockwise to view
+    8: lambda a: np.rot90(a, 1),  # rotate 90 counter-clockwise to view
 }
 EXIF_STORED_SIZE = (80, 40)  # width, height: non-square so 5-8 swap the reported size
 
@@ -103,9 +111,15 @@ def exif_expected_quadrants(orientation: int) -> tuple:
     w, h = EXIF_STORED_SIZE
     up = EXIF_UPRIGHT[orientation](quadrants(w, h))
     uh, uw = up.shape[:2]
-    return tuple(tuple(int(v) for v in up[y, x])
-                 for y, x in ((uh // 4, uw // 4), (uh // 4, 3 * uw // 4),
-                              (3 * uh // 4, uw // 4), (3 * uh // 4, 3 * uw // 4)))
+    return tuple(
+        tuple(int(v) for v in up[y, x])
+        for y, x in (
+            (uh // 4, uw // 4),
+            (uh // 4, 3 * uw // 4),
+            (3 * uh // 4, uw // 4),
+            (3 * uh // 4, 3 * uw // 4),
+        )
+    )
 
 
 def png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -116,8 +130,12 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose (valid-CRC) IHDR claims width x height pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + \
-        png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def cmyk_jpeg() -> bytes:
@@ -141,8 +159,12 @@ def png16_rgb() -> bytes:
     w, h = 8, 4
     row = b"\x00" + struct.pack(">HHH", 65535, 128 * 257, 0) * w
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + \
-        png_chunk(b"IDAT", zlib.compress(row * h)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(row * h))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def palette_transparent_png() -> bytes:
@@ -178,18 +200,21 @@ def multipage_tiff() -> bytes:
     return buf.getvalue()
 
 
-HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
-             b"<body><h1>Not Found</h1><p>The requested URL was not found.</p></body></html>\n")
+HTML_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
+    b"<body><h1>Not Found</h1><p>The requested URL was not found.</p></body></html>\n"
+)
 
 
 class Expect(NamedTuple):
     """What decoding a case gives: a result (width, height, colours) or a failure (stage, phrase)."""
+
     ok: bool
     width: Optional[int] = None
     height: Optional[int] = None
     stage: Optional[str] = None
-    phrase: Optional[str] = None     # must appear in the failure's error text
-    colours: Optional[dict] = None   # {(x_frac, y_frac): (r, g, b)} in the resized output
+    phrase: Optional[str] = None  # must appear in the failure's error text
+    colours: Optional[dict] = None  # {(x_frac, y_frac): (r, g, b)} in the resized output
 
 
 def ok(width, height, colours=None) -> Expect:
@@ -217,9 +242,14 @@ IMAGE_CASES: dict[str, tuple[str, Callable[[], bytes]]] = {
     "cmyk_jpeg": ("cmyk_jpeg.jpg", cmyk_jpeg),
     "png16_grey": ("png16_grey.png", png16),
     "png16_rgb": ("png16_rgb.png", png16_rgb),
-    "grey_png": ("grey_png.png", lambda: encode(Image.fromarray(np.full((10, 20), 77, np.uint8)), "PNG")),
-    "grey_jpeg": ("grey_jpeg.jpg",
-                  lambda: encode(Image.fromarray(np.full((30, 50), 200, np.uint8)), "JPEG", quality=95)),
+    "grey_png": (
+        "grey_png.png",
+        lambda: encode(Image.fromarray(np.full((10, 20), 77, np.uint8)), "PNG"),
+    ),
+    "grey_jpeg": (
+        "grey_jpeg.jpg",
+        lambda: encode(Image.fromarray(np.full((30, 50), 200, np.uint8)), "JPEG", quality=95),
+    ),
     "palette_transparent": ("palette_transparent.png", palette_transparent_png),
     "rgba_png": ("rgba_png.png", rgba_png),
     "animated_gif": ("animated_gif.gif", animated_gif),
@@ -285,8 +315,10 @@ def write_image_corpus(directory: str, names: Iterable[str] = None) -> dict[str,
 
 # ------------------------------------------------------------------------------------- TFRecord
 
+
 def _masked_crc32c(data: bytes) -> int:
     import google_crc32c
+
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -294,15 +326,25 @@ def _masked_crc32c(data: bytes) -> int:
 def tfrecord_frame(data: bytes) -> bytes:
     """One TFRecord record with correct masked CRC-32C of the length and of the data."""
     length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", _masked_crc32c(length)) + data
-            + struct.pack("<I", _masked_crc32c(data)))
+    return (
+        length
+        + struct.pack("<I", _masked_crc32c(length))
+        + data
+        + struct.pack("<I", _masked_crc32c(data))
+    )
 
 
-def make_example(image: Optional[bytes], key: Optional[str] = None,
-                 key_feature: str = "image/encoded", key_name: str = "image/key", **extra) -> bytes:
+def make_example(
+    image: Optional[bytes],
+    key: Optional[str] = None,
+    key_feature: str = "image/encoded",
+    key_name: str = "image/key",
+    **extra,
+) -> bytes:
     """A serialized tf.train.Example: image bytes under key_feature, key under key_name, extra
     bytes/str features under their names (names with '/' can be passed through a dict: **{...})."""
     from tensorflow.core.example import example_pb2
+
     example = example_pb2.Example()
     feature = example.features.feature
     if image is not None:
@@ -332,6 +374,7 @@ def write_tfrecord(path: str, records: Iterable) -> list[int]:
 
 # ------------------------------------------------------------------------------------- WebDataset
 
+
 def write_webdataset(path: str, samples: Iterable, ext: str = "jpg") -> list[int]:
     """Write a WebDataset tar from (key, image bytes) -> KEY.<ext>, or (key, {ext: bytes}) samples.
 
@@ -357,11 +400,13 @@ def truncate_file(path: str, size: int) -> None:
 
 # ------------------------------------------------------------------------------------- shards
 
+
 class ShardCorpus(NamedTuple):
     """Broken shards and what reading them must give."""
-    paths: dict                 # name -> path
-    records: dict               # expected record key -> its source
-    failures: dict              # expected failure key -> phrase of its error (stage "read")
+
+    paths: dict  # name -> path
+    records: dict  # expected record key -> its source
+    failures: dict  # expected failure key -> phrase of its error (stage "read")
 
 
 def _img(seed: int) -> bytes:
@@ -372,11 +417,18 @@ def write_shard_corpus(directory: str) -> ShardCorpus:
     """Broken and tricky shards: bad CRC in the middle, truncated TFRecord, Example without the image,
     truncated tar, tar with non-image members, the same key twice (within and across shards)."""
     os.makedirs(directory, exist_ok=True)
-    p = {name: os.path.join(directory, file_name) for name, file_name in (
-        ("bad_crc", "bad_crc.tfrecord"), ("truncated_tfrecord", "truncated.tfrecord"),
-        ("missing_feature", "missing_feature.tfrecord"), ("truncated_tar", "truncated.tar"),
-        ("non_image_tar", "non_image.tar"), ("dup_a", "dup-00000-of-00002"),
-        ("dup_b", "dup-00001-of-00002"))}
+    p = {
+        name: os.path.join(directory, file_name)
+        for name, file_name in (
+            ("bad_crc", "bad_crc.tfrecord"),
+            ("truncated_tfrecord", "truncated.tfrecord"),
+            ("missing_feature", "missing_feature.tfrecord"),
+            ("truncated_tar", "truncated.tar"),
+            ("non_image_tar", "non_image.tar"),
+            ("dup_a", "dup-00000-of-00002"),
+            ("dup_b", "dup-00001-of-00002"),
+        )
+    }
     records, failures = {}, {}
 
     def src(name, where):
@@ -390,41 +442,58 @@ def write_shard_corpus(directory: str) -> ShardCorpus:
         f.seek(offsets[2] + 12 + 20)
         f.write(bytes([byte[0] ^ 0xFF]))
     records.update({"crc0": src("bad_crc", 0), "crc1": src("bad_crc", 1)})
-    failures[f"{p['bad_crc']}:2"] = f"corrupt TFRecord at byte {offsets[2]} of {p['bad_crc']}: " \
-                                    "data CRC mismatch"
+    failures[f"{p['bad_crc']}:2"] = (
+        f"corrupt TFRecord at byte {offsets[2]} of {p['bad_crc']}: data CRC mismatch"
+    )
 
     # truncated TFRecord: the last of 3 records cut in its data.
     offsets = write_tfrecord(p["truncated_tfrecord"], [(f"tr{i}", _img(10 + i)) for i in range(3)])
     truncate_file(p["truncated_tfrecord"], offsets[2] + 12 + 100)
     records.update({"tr0": src("truncated_tfrecord", 0), "tr1": src("truncated_tfrecord", 1)})
-    failures[f"{p['truncated_tfrecord']}:2"] = \
+    failures[f"{p['truncated_tfrecord']}:2"] = (
         f"corrupt TFRecord at byte {offsets[2]} of {p['truncated_tfrecord']}: truncated record"
+    )
 
     # an Example without the image feature (record 1), and one without any key feature (record 2).
-    write_tfrecord(p["missing_feature"], [
-        make_example(_img(20), key="mf0"),
-        make_example(None, key="mf1", **{"image/format": "jpeg"}),
-        make_example(_img(22)),
-    ])
-    records.update({"mf0": src("missing_feature", 0), src("missing_feature", 2): src("missing_feature", 2)})
+    write_tfrecord(
+        p["missing_feature"],
+        [
+            make_example(_img(20), key="mf0"),
+            make_example(None, key="mf1", **{"image/format": "jpeg"}),
+            make_example(_img(22)),
+        ],
+    )
+    records.update(
+        {"mf0": src("missing_feature", 0), src("missing_feature", 2): src("missing_feature", 2)}
+    )
     failures["mf1"] = "no 'image/encoded' bytes feature (features: image/format, image/key)"
 
     # truncated tar: 4 samples (jpg + json), cut inside sample 2's image.
-    offsets = write_webdataset(p["truncated_tar"], [
-        (f"tt{i}", {"jpg": _img(30 + i), "json": b"{}"}) for i in range(4)])
+    offsets = write_webdataset(
+        p["truncated_tar"], [(f"tt{i}", {"jpg": _img(30 + i), "json": b"{}"}) for i in range(4)]
+    )
     truncate_file(p["truncated_tar"], offsets[4] + 512 + 100)
     records.update({"tt0": src("truncated_tar", "tt0.jpg"), "tt1": src("truncated_tar", "tt1.jpg")})
-    failures[f"{p['truncated_tar']}:2"] = f"truncated tar at byte {offsets[4]} of {p['truncated_tar']}"
+    failures[f"{p['truncated_tar']}:2"] = (
+        f"truncated tar at byte {offsets[4]} of {p['truncated_tar']}"
+    )
 
     # non-image members: a json+txt-only sample fails, a member without a key is ignored.
-    write_webdataset(p["non_image_tar"], [
-        ("dir/ni0", {"jpg": _img(40), "json": b"{}", "txt": b"caption"}),
-        ("dir/ni1", {"json": b"{}", "txt": b"caption"}),
-        ("README", {"": b"no key here"}),
-        ("dir/ni2", {"png": make_png(20, 10, seed=41)}),
-    ])
-    records.update({"dir/ni0": src("non_image_tar", "dir/ni0.jpg"),
-                    "dir/ni2": src("non_image_tar", "dir/ni2.png")})
+    write_webdataset(
+        p["non_image_tar"],
+        [
+            ("dir/ni0", {"jpg": _img(40), "json": b"{}", "txt": b"caption"}),
+            ("dir/ni1", {"json": b"{}", "txt": b"caption"}),
+            ("README", {"": b"no key here"}),
+            ("dir/ni2", {"png": make_png(20, 10, seed=41)}),
+        ],
+    )
+    records.update(
+        {
+            "dir/ni0": src("non_image_tar", "dir/ni0.jpg"),
+            "dir/ni2": src("non_image_tar", "dir/ni2.png"),
+        }
+    )
     failures["dir/ni1"] = "no image member; members: ni1.json, ni1.txt"
 
     # duplicates: "dup" twice in shard a (records 0 and 2) and once in shard b; "cross" in a and b.

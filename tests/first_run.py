@@ -2,6 +2,7 @@
 by the console and report tests: a folder of scikit-image sample photos, a broken JPEG, a text
 sidecar, tiny random models (so the tags mean nothing; the page and the console are what is tested).
 """
+
 import atexit
 import functools
 import os
@@ -15,13 +16,26 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "cat", "colorwheel", "camera", "coins", "moon", "page")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "cat",
+    "colorwheel",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+)
 
 
 def write_photos(folder: Path, names=PHOTOS) -> list:
     """scikit-image's sample photos as JPEGs in `folder` (nested one level for the folder input)."""
     from skimage import data
+
     paths = []
     for i, name in enumerate(names):
         pixels = np.asarray(getattr(data, name)())
@@ -32,7 +46,7 @@ def write_photos(folder: Path, names=PHOTOS) -> list:
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def first_run(tags_model: str, embed_model: str):
     """(output dir, console text, exit code) of `python -m pipeline --input FOLDER --output OUT`,
     run once per test session."""
@@ -46,9 +60,30 @@ def first_run(tags_model: str, embed_model: str):
     # The job's own defaults decide what shows: no TF_CPP_MIN_LOG_LEVEL from the test set-up.
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "--input", str(photos), "--output", str(output),
-         "--tags_model", tags_model, "--embed_model", embed_model, "--image_size", "64",
-         "--batch_size", "8", "--log_every_secs", "2"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "--input",
+            str(photos),
+            "--output",
+            str(output),
+            "--tags_model",
+            tags_model,
+            "--embed_model",
+            embed_model,
+            "--image_size",
+            "64",
+            "--batch_size",
+            "8",
+            "--log_every_secs",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     return output, proc.stdout, proc.returncode

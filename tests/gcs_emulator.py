@@ -12,6 +12,7 @@ The session-scoped fixture runs `gcp-storage-emulator` (in memory) in a subproce
 `fail_next(n, status)` makes the next `n` requests fail with `status` (503, 429, ...), for
 retry tests (the emulator is shared: consume the faults you inject). Helpers talk to the JSON API with urllib, independent of the clients under test.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,8 @@ class GcsEmulator:
     # -- raw HTTP ----------------------------------------------------------------------
     def _request(self, method, path, data=None, headers=None, timeout=10):
         req = urllib.request.Request(
-            self.endpoint + path, data=data, method=method, headers=headers or {})
+            self.endpoint + path, data=data, method=method, headers=headers or {}
+        )
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read()
 
@@ -61,16 +63,22 @@ class GcsEmulator:
     def upload(self, gs_path: str, data: bytes) -> None:
         bucket, name = _split(gs_path)
         query = urllib.parse.urlencode({"uploadType": "media", "name": name})
-        self._request("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", data,
-                      {"Content-Type": "application/octet-stream"})
+        self._request(
+            "POST",
+            f"/upload/storage/v1/b/{bucket}/o?{query}",
+            data,
+            {"Content-Type": "application/octet-stream"},
+        )
 
     def upload_file(self, gs_path: str, local_path: str | os.PathLike) -> None:
         self.upload(gs_path, Path(local_path).read_bytes())
 
     def read(self, gs_path: str) -> bytes:
         bucket, name = _split(gs_path)
-        return self._request("GET", f"/download/storage/v1/b/{bucket}/o/"
-                             f"{urllib.parse.quote(name, safe='')}?alt=media")
+        return self._request(
+            "GET",
+            f"/download/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media",
+        )
 
     def list(self, gs_prefix: str) -> list[str]:
         """`gs://` URIs of all objects whose name starts with the prefix, sorted."""
@@ -116,8 +124,13 @@ def start_emulator(timeout: float = 30.0) -> GcsEmulator:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.gcs_emulator"], cwd=root, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [sys.executable, "-m", "tests.gcs_emulator"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     # The child binds port 0 and prints "PORT <n>" once listening.
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
@@ -159,6 +172,7 @@ def gcs_emulator():
     if _shared["emulator"] is None:
         try:
             import gcp_storage_emulator  # noqa: F401
+
             _shared["emulator"] = start_emulator()
         except Exception as e:  # pragma: no cover - depends on the machine
             pytest.skip(f"GCS emulator could not start: {type(e).__name__}: {e}")
@@ -247,6 +261,7 @@ def _serve() -> None:
             self._maybe_fault("PATCH") or super().do_PATCH()
 
     storage = Storage(use_memory_fs=True)
+
     # One request at a time: the emulator's storage is not thread-safe. HTTP/1.0 closes
     # every connection after its response, so concurrent clients just queue.
     class Server(http_server.HTTPServer):

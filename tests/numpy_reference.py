@@ -4,6 +4,7 @@ Takes the raw checkpoint dict (HWIO kernels, not standardized) and images in [-1
 `(pre_logits, logits or None)`. Slow and simple on purpose: the oracle the TF model is tested
 against.
 """
+
 import re
 
 import numpy as np
@@ -31,7 +32,9 @@ def conv(x, w, stride=1):
     out = np.zeros((b, oh, ow, cout))
     for i in range(kh):
         for j in range(kw):
-            patch = x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+            patch = x[
+                :, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride, :
+            ]
             out += patch @ w[i, j]
     return out
 
@@ -54,7 +57,9 @@ def max_pool_3x3_s2(x):
     out = np.full((b, oh, ow, c), -np.inf)
     for i in range(3):
         for j in range(3):
-            out = np.maximum(out, x[:, i:i + 2 * (oh - 1) + 1:2, j:j + 2 * (ow - 1) + 1:2, :])
+            out = np.maximum(
+                out, x[:, i : i + 2 * (oh - 1) + 1 : 2, j : j + 2 * (ow - 1) + 1 : 2, :]
+            )
     return out
 
 

@@ -8,6 +8,7 @@
 - `synthetic_output`: rows with given vectors and a minimal footer, for sizes the real job would
   take too long to write (the IVF-PQ path needs >= 256 rows).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ BIRD = ("n01503061", "bird")
 DEVICE = ("n03183080", "device")
 # A hand-made slice of WordNet: tag wnid -> its hypernyms (the categories add them).
 HIERARCHY = {GOLDEN[0]: [DOG], TABBY[0]: [CAT], CRANE_BIRD[0]: [BIRD], CRANE_MACHINE[0]: [DEVICE]}
-CATEGORY_TYPE = pa.struct([pa.field("wnid", pa.string()), pa.field("label", pa.string()),
-                           pa.field("score", pa.float32())])
+CATEGORY_TYPE = pa.struct(
+    [pa.field("wnid", pa.string()), pa.field("label", pa.string()), pa.field("score", pa.float32())]
+)
 
 
 def run_job(root: pathlib.Path, models) -> tuple[str, list[str]]:
@@ -50,9 +52,26 @@ def run_job(root: pathlib.Path, models) -> tuple[str, list[str]]:
     output = root / "out"
     # --no_categories: the search tests bring their own hand-made hierarchy (`retag`); the WordNet
     # categories of a default run are searched in tests/test_engines.py.
-    summary = run(["--input", f"{photos}/*.jpg", "--output", str(output), "--tags_model", tags,
-                   "--embed_model", embed, "--batch_size", "4", "--image_size", "32",
-                   "--no_categories", "--log_every_secs", "0"], save_main_session=False)
+    summary = run(
+        [
+            "--input",
+            f"{photos}/*.jpg",
+            "--output",
+            str(output),
+            "--tags_model",
+            tags,
+            "--embed_model",
+            embed,
+            "--batch_size",
+            "4",
+            "--image_size",
+            "32",
+            "--no_categories",
+            "--log_every_secs",
+            "0",
+        ],
+        save_main_session=False,
+    )
     assert summary["results"] == NUM_PHOTOS, summary
     return str(output), paths
 
@@ -64,8 +83,11 @@ def results(output: str) -> pa.Table:
 
 def footer(output: str) -> dict:
     path = sorted(pathlib.Path(output).glob("results-*.parquet"))[0]
-    return {k.decode(): v.decode() for k, v in pq.read_schema(path).metadata.items()
-            if k != b"ARROW:schema"}
+    return {
+        k.decode(): v.decode()
+        for k, v in pq.read_schema(path).metadata.items()
+        if k != b"ARROW:schema"
+    }
 
 
 def hand_made_tags(i: int) -> list[tuple[str, str, float]]:
@@ -83,35 +105,52 @@ def categories_of(tags: list[tuple[str, str, float]]) -> list[dict]:
         for w, lab in [(wnid, label), *HIERARCHY.get(wnid, [])]:
             if w not in best or score > best[w][1]:
                 best[w] = (lab, score)
-    return [{"wnid": w, "label": lab, "score": s}
-            for w, (lab, s) in sorted(best.items(), key=lambda kv: -kv[1][1])]
+    return [
+        {"wnid": w, "label": lab, "score": s}
+        for w, (lab, s) in sorted(best.items(), key=lambda kv: -kv[1][1])
+    ]
 
 
 def write_output(output: str, table: pa.Table, metadata: dict) -> str:
     os.makedirs(output, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(metadata),
-                   os.path.join(output, "results-00000-of-00001.parquet"))
+    pq.write_table(
+        table.replace_schema_metadata(metadata),
+        os.path.join(output, "results-00000-of-00001.parquet"),
+    )
     return output
 
 
-def retag(source: str, output: str, categories: bool = True, key_prefix: str = "",
-          metadata: dict | None = None, extra_columns: dict | None = None) -> str:
+def retag(
+    source: str,
+    output: str,
+    categories: bool = True,
+    key_prefix: str = "",
+    metadata: dict | None = None,
+    extra_columns: dict | None = None,
+) -> str:
     """A copy of `source` with `hand_made_tags` (and categories, contract schema), keys
     optionally prefixed, footer entries replaced by `metadata`, columns appended."""
     table = results(source)
     if "categories" in table.column_names:  # the source's own categories are replaced
         table = table.drop_columns(["categories"])
     tags = [hand_made_tags(i) for i in range(table.num_rows)]
-    tag_rows = [[{"index": 0, "wnid": w, "label": lab, "score": s} for w, lab, s in row]
-                for row in tags]
-    table = table.set_column(table.schema.get_field_index("tags"), table.schema.field("tags"),
-                             pa.array(tag_rows, _list(tag_type())))
+    tag_rows = [
+        [{"index": 0, "wnid": w, "label": lab, "score": s} for w, lab, s in row] for row in tags
+    ]
+    table = table.set_column(
+        table.schema.get_field_index("tags"),
+        table.schema.field("tags"),
+        pa.array(tag_rows, _list(tag_type())),
+    )
     if key_prefix:
         keys = [key_prefix + k for k in table.column("key").to_pylist()]
         table = table.set_column(0, table.schema.field("key"), pa.array(keys, pa.string()))
     if categories:  # contract order: key, source, width, height, tags, categories, embedding
-        table = table.add_column(5, pa.field("categories", _list(CATEGORY_TYPE)),
-                                 pa.array([categories_of(t) for t in tags], _list(CATEGORY_TYPE)))
+        table = table.add_column(
+            5,
+            pa.field("categories", _list(CATEGORY_TYPE)),
+            pa.array([categories_of(t) for t in tags], _list(CATEGORY_TYPE)),
+        )
     for name, column in (extra_columns or {}).items():
         table = table.append_column(name, column)
     meta = {**footer(source), **(metadata or {})}
@@ -122,19 +161,32 @@ def retag(source: str, output: str, categories: bool = True, key_prefix: str = "
 def synthetic_output(output: str, vectors: np.ndarray, prefix: str = "s") -> str:
     """Rows `{prefix}{i}` with `vectors` as embeddings, one GOLDEN tag each, minimal footer."""
     n, dim = vectors.shape
-    metadata = {"embed_model": "synthetic", "embed_model_sha256": "0" * 64,
-                "tags_model": "synthetic", "precision": "float32", "image_size": "32",
-                "resize": "squash", "embedding_dtype": "float32"}
+    metadata = {
+        "embed_model": "synthetic",
+        "embed_model_sha256": "0" * 64,
+        "tags_model": "synthetic",
+        "precision": "float32",
+        "image_size": "32",
+        "resize": "squash",
+        "embedding_dtype": "float32",
+    }
     schema = results_schema(dim, metadata=metadata)
-    tags = pa.array([[{"index": 0, "wnid": GOLDEN[0], "label": GOLDEN[1], "score": 0.5}]] * n,
-                    _list(tag_type()))
-    table = pa.table([
-        pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
-        pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
-        pa.array([32] * n, pa.int32()), pa.array([32] * n, pa.int32()), tags,
-        pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()),
-                                          type=schema.field("embedding").type),
-    ], schema=schema)
+    tags = pa.array(
+        [[{"index": 0, "wnid": GOLDEN[0], "label": GOLDEN[1], "score": 0.5}]] * n, _list(tag_type())
+    )
+    table = pa.table(
+        [
+            pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
+            pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
+            pa.array([32] * n, pa.int32()),
+            pa.array([32] * n, pa.int32()),
+            tags,
+            pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.astype(np.float32).ravel()), type=schema.field("embedding").type
+            ),
+        ],
+        schema=schema,
+    )
     return write_output(output, table, metadata)
 
 

@@ -1,4 +1,5 @@
 """TagAndEmbedModel on random .npz checkpoints written to tmp_path, against the NumPy reference."""
+
 import numpy as np
 import pytest
 
@@ -54,7 +55,9 @@ def test_same_source_single_pass(ckpts, monkeypatch):
     tags_path, tags_w, _, _ = ckpts
     calls = []
     original = resnet.ResNetV2.__call__
-    monkeypatch.setattr(resnet.ResNetV2, "__call__", lambda self, x: calls.append(1) or original(self, x))
+    monkeypatch.setattr(
+        resnet.ResNetV2, "__call__", lambda self, x: calls.append(1) or original(self, x)
+    )
     model = TagAndEmbedModel.load(tags_path, tags_path)
     images = uint8_images(2, seed=5)
     out = model(images)
@@ -85,7 +88,9 @@ def test_uint8_mapping_to_minus_one_one(ckpts):
     images = np.zeros((2, 40, 40, 3), np.uint8)
     images[1] = 255
     out = model(images)
-    ref_pre, ref_logits = forward(tags_w, np.stack([np.full((40, 40, 3), -1.0), np.full((40, 40, 3), 1.0)]))
+    ref_pre, ref_logits = forward(
+        tags_w, np.stack([np.full((40, 40, 3), -1.0), np.full((40, 40, 3), 1.0)])
+    )
     assert_close(out.embeddings, ref_pre)
     assert_close(out.scores, sigmoid(ref_logits))
 
@@ -114,18 +119,27 @@ def test_metadata(ckpts):
     assert len(meta["tags_model_sha256"]) == 64 and len(meta["embed_model_sha256"]) == 64
     assert meta["tags_model_input_range"] == "[-1, 1]" and meta["precision"] == "bfloat16"
     assert "classes=12" in meta["tags_model_architecture"]
-    assert DEFAULT_TAGS_MODEL.endswith("BiT-M-R50x1.npz") and DEFAULT_EMBED_MODEL.endswith("BiT-M-R101x3.npz")
+    assert DEFAULT_TAGS_MODEL.endswith("BiT-M-R50x1.npz") and DEFAULT_EMBED_MODEL.endswith(
+        "BiT-M-R101x3.npz"
+    )
 
 
 def test_group_norm_says_which_implementation_runs(ckpts):
     """float32 on a CPU-only process: the fused kernel where it builds; bf16 and XLA: TF ops."""
     from model import kernels
+
     tags_path, _, embed_path, _ = ckpts
     fp32 = TagAndEmbedModel.load(tags_path, embed_path).group_norm()
     if kernels.compiler() is not None:
         assert fp32.startswith("fused CPU kernel")
-    assert TagAndEmbedModel.load(tags_path, embed_path, precision="bfloat16").group_norm() == "TensorFlow ops"
-    assert TagAndEmbedModel.load(tags_path, embed_path, jit_compile=True).group_norm() == "TensorFlow ops"
+    assert (
+        TagAndEmbedModel.load(tags_path, embed_path, precision="bfloat16").group_norm()
+        == "TensorFlow ops"
+    )
+    assert (
+        TagAndEmbedModel.load(tags_path, embed_path, jit_compile=True).group_norm()
+        == "TensorFlow ops"
+    )
 
 
 def test_bfloat16_and_xla_run_close_to_float32(ckpts):
@@ -133,7 +147,9 @@ def test_bfloat16_and_xla_run_close_to_float32(ckpts):
     images = uint8_images(2, seed=9)
     ref = TagAndEmbedModel.load(tags_path, embed_path)(images)
     xla = TagAndEmbedModel.load(tags_path, embed_path, jit_compile=True)(images)
-    np.testing.assert_allclose(xla.embeddings, ref.embeddings, rtol=1e-4, atol=1e-4 * np.abs(ref.embeddings).max())
+    np.testing.assert_allclose(
+        xla.embeddings, ref.embeddings, rtol=1e-4, atol=1e-4 * np.abs(ref.embeddings).max()
+    )
     bf16 = TagAndEmbedModel.load(tags_path, embed_path, precision="bfloat16")(images)
     assert bf16.scores.dtype == np.float32
     assert np.abs(bf16.embeddings - ref.embeddings).max() <= 0.1 * np.abs(ref.embeddings).max()

@@ -1,4 +1,5 @@
 """model.checkpoint: architecture inference, strict loading, remote fetch and the local cache."""
+
 import hashlib
 import io
 import os
@@ -13,8 +14,13 @@ import pytest
 
 from model import checkpoint as ckpt
 from model import storage
-from model.checkpoint import (Architecture, Checkpoint, CheckpointError, architecture_from_shapes,
-                              load_checkpoint)
+from model.checkpoint import (
+    Architecture,
+    Checkpoint,
+    CheckpointError,
+    architecture_from_shapes,
+    load_checkpoint,
+)
 from tests.bit_checkpoints import checkpoint_shapes, random_weights, write_checkpoint
 
 SMALL = dict(units=(1, 1, 1, 1), width=1, num_classes=10)
@@ -32,15 +38,19 @@ def _save(path, weights):
 
 # ---- architecture ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("units,width,num_classes,name", [
-    ((3, 4, 6, 3), 1, 21843, "R50x1"),
-    ((3, 4, 6, 3), 3, None, "R50x3"),
-    ((3, 4, 23, 3), 1, 1000, "R101x1"),
-    ((3, 4, 23, 3), 3, 21843, "R101x3"),
-    ((3, 8, 36, 3), 2, None, "R152x2"),
-    ((3, 8, 36, 3), 4, 21843, "R152x4"),
-    ((1, 1, 1, 1), 1, 10, "ResNetV2-1-1-1-1x1"),
-])
+
+@pytest.mark.parametrize(
+    "units,width,num_classes,name",
+    [
+        ((3, 4, 6, 3), 1, 21843, "R50x1"),
+        ((3, 4, 6, 3), 3, None, "R50x3"),
+        ((3, 4, 23, 3), 1, 1000, "R101x1"),
+        ((3, 4, 23, 3), 3, 21843, "R101x3"),
+        ((3, 8, 36, 3), 2, None, "R152x2"),
+        ((3, 8, 36, 3), 4, 21843, "R152x4"),
+        ((1, 1, 1, 1), 1, 10, "ResNetV2-1-1-1-1x1"),
+    ],
+)
 def test_architecture_inference(units, width, num_classes, name):
     shapes = checkpoint_shapes(units, width, num_classes)
     arch = architecture_from_shapes(shapes)
@@ -69,6 +79,7 @@ def test_inference_rejects_non_bit_shapes():
 
 
 # ---- local loading ---------------------------------------------------------------------------
+
 
 def test_round_trip(tmp_path):
     path = str(tmp_path / "small.npz")
@@ -107,8 +118,12 @@ def test_extra_key(tmp_path):
 
 def test_misshaped_key(tmp_path):
     weights = random_weights(**SMALL)
-    weights["resnet/block2/unit01/c/standardized_conv2d/kernel"] = np.zeros((1, 1, 128, 511), np.float32)
-    with pytest.raises(CheckpointError, match=r"wrong shape: resnet/block2/unit01/c/standardized_conv2d/kernel"):
+    weights["resnet/block2/unit01/c/standardized_conv2d/kernel"] = np.zeros(
+        (1, 1, 128, 511), np.float32
+    )
+    with pytest.raises(
+        CheckpointError, match=r"wrong shape: resnet/block2/unit01/c/standardized_conv2d/kernel"
+    ):
         load_checkpoint(_save(tmp_path / "s.npz", weights))
 
 
@@ -171,6 +186,7 @@ def test_float64_is_kept_as_float32(tmp_path):
 
 # ---- remote sources and the cache ------------------------------------------------------------
 
+
 @pytest.fixture
 def memory_checkpoint(tmp_path):
     """A small checkpoint at memory://, its bytes and weights."""
@@ -187,11 +203,14 @@ def memory_checkpoint(tmp_path):
 def _forbid_remote(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the source was read although the cache is valid")
+
     monkeypatch.setattr(storage, "get_filesystem", boom)
     monkeypatch.setattr(storage, "open_file", boom)
 
 
-def test_remote_is_cached_and_second_load_reads_no_network(memory_checkpoint, tmp_path, monkeypatch):
+def test_remote_is_cached_and_second_load_reads_no_network(
+    memory_checkpoint, tmp_path, monkeypatch
+):
     url, data, weights = memory_checkpoint
     cache = tmp_path / "cache"
     first = load_checkpoint(url, cache_dir=str(cache))
@@ -291,7 +310,9 @@ def test_gcs_emulator_fetch_and_cache(gcs_emulator, tmp_path, monkeypatch):  # n
     cache = str(tmp_path / "cache")
     first = load_checkpoint(url, cache_dir=cache)
     assert first.sha256 == _sha256(src)
-    assert ckpt.cache_path(url, cache) == os.path.join(cache, "gs", bucket, "models", "BiT-M-R50x1.npz")
+    assert ckpt.cache_path(url, cache) == os.path.join(
+        cache, "gs", bucket, "models", "BiT-M-R50x1.npz"
+    )
     # Offline now: the cached copy is enough.
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
     storage.clear_cache()

@@ -1,5 +1,6 @@
 """The console: a small run's default output is short and free of third-party noise; the progress
 line, the verbosity flags and the native stderr filter."""
+
 import io
 import logging
 import os
@@ -12,9 +13,16 @@ from tests.first_run import PHOTOS, first_run
 from transforms import progress
 
 NOISE = [
-    r"I0000 ", r"absl::InitializeLog", r"cuInit", r"cudart_stub", r"cpu_feature_guard",
-    r"Converting string literal type hint", r"min_shards undef", r"Resource module is not",
-    r"Creating state cache", r"BatchElements statistics",
+    r"I0000 ",
+    r"absl::InitializeLog",
+    r"cuInit",
+    r"cudart_stub",
+    r"cpu_feature_guard",
+    r"Converting string literal type hint",
+    r"min_shards undef",
+    r"Resource module is not",
+    r"Creating state cache",
+    r"BatchElements statistics",
 ]
 
 
@@ -36,7 +44,8 @@ def test_default_console_of_a_small_run_is_short_and_quiet(models):
 def test_progress_line_has_total_rate_failures_and_eta():
     snap = progress.Snapshot(done=90, failed=10, total=1000, files=1000, elapsed=20.0)
     assert console.progress_line(snap) == (
-        "progress: 100/1,000 images (10%), 5.0 images/s, 10 failures, ETA 3m00s")
+        "progress: 100/1,000 images (10%), 5.0 images/s, 10 failures, ETA 3m00s"
+    )
     unknown = progress.Snapshot(done=5, failed=0, total=None, files=2, elapsed=1.0)
     assert console.progress_line(unknown) == "progress: 5 images, 5.0 images/s, 0 failures"
 
@@ -70,13 +79,16 @@ def test_progress_taps_count_only_where_a_sink_is_active():
         progress.deactivate()
 
 
-@pytest.mark.parametrize("argv, level, rest", [
-    (["--input", "x"], None, ["--input", "x"]),
-    (["-v", "--input", "x"], "INFO", ["--input", "x"]),
-    (["--input", "x", "-vv"], "DEBUG", ["--input", "x"]),
-    (["--log_level", "warning"], "WARNING", ["--log_level", "warning"]),
-    (["--log_level=DEBUG"], "DEBUG", ["--log_level=DEBUG"]),
-])
+@pytest.mark.parametrize(
+    "argv, level, rest",
+    [
+        (["--input", "x"], None, ["--input", "x"]),
+        (["-v", "--input", "x"], "INFO", ["--input", "x"]),
+        (["--input", "x", "-vv"], "DEBUG", ["--input", "x"]),
+        (["--log_level", "warning"], "WARNING", ["--log_level", "warning"]),
+        (["--log_level=DEBUG"], "DEBUG", ["--log_level=DEBUG"]),
+    ],
+)
 def test_split_verbosity(argv, level, rest):
     assert console.split_verbosity(argv) == (level, rest)
 

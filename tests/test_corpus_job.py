@@ -4,6 +4,7 @@ Every input is accounted for: a result row (with the orientation-corrected size)
 with its stage and a phrase a user understands; a key appears in results at most once; the job
 exits 0. Single- and multi-process runs agree.
 """
+
 import collections
 import pathlib
 
@@ -25,9 +26,23 @@ def inputs(tmp_path_factory):
 
 def job(root, output, models, *extra):
     tags, embed = models
-    return ["--input", f"{root}/images/*,{root}/shards/*", "--output", str(output),
-            "--tags_model", tags, "--embed_model", embed, "--batch_size", "4",
-            "--image_size", "32", "--log_every_secs", "0", *extra]
+    return [
+        "--input",
+        f"{root}/images/*,{root}/shards/*",
+        "--output",
+        str(output),
+        "--tags_model",
+        tags,
+        "--embed_model",
+        embed,
+        "--batch_size",
+        "4",
+        "--image_size",
+        "32",
+        "--log_every_secs",
+        "0",
+        *extra,
+    ]
 
 
 def table(output, kind):
@@ -52,7 +67,10 @@ def test_every_image_case_has_its_expected_outcome(inputs, single_run):
         expect = corpus.EXPECTATIONS[case]
         if expect.ok:
             assert path in results, f"{case}: expected a result, got {failures.get(path)}"
-            assert (results[path]["width"], results[path]["height"]) == (expect.width, expect.height), case
+            assert (results[path]["width"], results[path]["height"]) == (
+                expect.width,
+                expect.height,
+            ), case
         else:
             assert path in failures, f"{case}: expected a failure"
             assert failures[path]["stage"] == expect.stage, case
@@ -70,14 +88,19 @@ def test_broken_shards_keep_what_was_read_and_say_where(inputs, single_run):
     for f in failures:
         errors[f["key"]].append((f["stage"], f["error"]))
     for key, phrase in shards.failures.items():
-        assert any(stage == "read" and phrase in error for stage, error in errors[key]), (key, errors[key])
+        assert any(stage == "read" and phrase in error for stage, error in errors[key]), (
+            key,
+            errors[key],
+        )
 
 
 def test_duplicate_keys_keep_the_first_and_fail_the_rest(single_run):
     _, results, failures = single_run
     counts = collections.Counter(r["key"] for r in results)
     assert max(counts.values()) == 1
-    duplicates = collections.Counter(f["key"] for f in failures if f["error"].startswith("DuplicateKey"))
+    duplicates = collections.Counter(
+        f["key"] for f in failures if f["error"].startswith("DuplicateKey")
+    )
     assert duplicates == {"dup": 2, "cross": 1}
     assert all(f["stage"] == "read" for f in failures if f["error"].startswith("DuplicateKey"))
 
@@ -96,14 +119,28 @@ def test_every_input_is_accounted_for(inputs, single_run):
 def test_multi_process_run_accounts_the_same(inputs, models, single_run, tmp_path):
     root, _, _ = inputs
     summary, results, failures = single_run
-    multi = run(job(root, tmp_path, models, "--direct_num_workers", "2",
-                    "--direct_running_mode", "multi_processing"), save_main_session=False)
+    multi = run(
+        job(
+            root,
+            tmp_path,
+            models,
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_processing",
+        ),
+        save_main_session=False,
+    )
     assert multi["accounted"]
     assert (multi["inputs"], multi["results"], multi["failures"]) == (
-        summary["inputs"], summary["results"], summary["failures"])
+        summary["inputs"],
+        summary["results"],
+        summary["failures"],
+    )
     assert {r["key"] for r in table(tmp_path, "results")} == {r["key"] for r in results}
     assert sorted((f["key"], f["stage"]) for f in table(tmp_path, "failures")) == sorted(
-        (f["key"], f["stage"]) for f in failures)
+        (f["key"], f["stage"]) for f in failures
+    )
 
 
 def test_job_exits_zero_unless_the_failure_rate_is_exceeded(inputs, models, single_run, tmp_path):

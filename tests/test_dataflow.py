@@ -6,6 +6,7 @@ prove the GPU/CPU settings reach the JSON the Dataflow service would receive. `a
 Beam-internal API: written against apache-beam 2.77.0. Each description of the real graph costs a
 few seconds of Beam translation, so each is built once per module.
 """
+
 import json
 import socket
 
@@ -17,8 +18,11 @@ from transforms.infer import ModelInfo
 
 IMAGE = "us-central1-docker.pkg.dev/my-test-project/bit-tagger/bit-tagger-gpu:latest"
 ACCELERATOR = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
-MODEL_INFO = ModelInfo(num_classes=21843, embedding_dim=6144,
-                       metadata={"tags_model": "stand-in", "embed_model": "stand-in"})
+MODEL_INFO = ModelInfo(
+    num_classes=21843,
+    embedding_dim=6144,
+    metadata={"tags_model": "stand-in", "embed_model": "stand-in"},
+)
 
 
 def _refuse(*args, **kwargs):
@@ -42,9 +46,20 @@ def base(tmp_path_factory):
     (fail fast), so the input is a local shard; the output stays on gs:// (not touched)."""
     shards = tmp_path_factory.mktemp("shards")
     (shards / "shard-0.tfrecord").write_bytes(b"")
-    return ["--project", "my-test-project", "--region", "us-central1",
-            "--bucket", "gs://my-test-bucket", "--job_name", "bit-tagger-test",
-            "--input", str(shards / "*.tfrecord"), "--output", "gs://my-test-bucket/tags/run1"]
+    return [
+        "--project",
+        "my-test-project",
+        "--region",
+        "us-central1",
+        "--bucket",
+        "gs://my-test-bucket",
+        "--job_name",
+        "bit-tagger-test",
+        "--input",
+        str(shards / "*.tfrecord"),
+        "--output",
+        "gs://my-test-bucket/tags/run1",
+    ]
 
 
 def describe(argv, graph_builder=None):
@@ -64,8 +79,9 @@ NO_FREEZE = ["--experiments", "disable_logging_submission_environment"]
 
 @pytest.fixture(scope="module")
 def gpu_job(base, no_network):
-    return describe(base + NO_FREEZE + ["--top_k", "5", "--num_workers", "2",
-                                        "--max_num_workers", "16"])
+    return describe(
+        base + NO_FREEZE + ["--top_k", "5", "--num_workers", "2", "--max_num_workers", "16"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +111,14 @@ def test_gpu_job_options_reach_the_workers(gpu_job):
     assert options["top_k"] == 5 and options["xla"] is True and options["precision"] == "float32"
     assert options["save_main_session"] is False
     # The launcher's own flags do not; the project is inside the container, nothing staged.
-    assert not {"bucket", "cpu_only", "container_image", "gpu_type", "no_xla",
-                "dry_run_job_file"} & set(options)
+    assert not {
+        "bucket",
+        "cpu_only",
+        "container_image",
+        "gpu_type",
+        "no_xla",
+        "dry_run_job_file",
+    } & set(options)
     assert "setup_file" not in options
     assert not pool.get("packages")
 
@@ -117,10 +139,23 @@ def test_cpu_only_job_description_has_no_gpu_settings(cpu_job):
 
 def test_user_flags_win_over_defaults(base):
     _, env, pool, options = describe(
-        base + ["--container_image", "europe-docker.pkg.dev/p/r/img:v7", "--machine_type",
-                "g2-standard-16", "--number_of_worker_harness_threads", "3", "--no_xla",
-                "--precision", "bfloat16", "--experiments", "shuffle_mode=service"] + NO_FREEZE,
-        graph_builder=tiny_graph)
+        base
+        + [
+            "--container_image",
+            "europe-docker.pkg.dev/p/r/img:v7",
+            "--machine_type",
+            "g2-standard-16",
+            "--number_of_worker_harness_threads",
+            "3",
+            "--no_xla",
+            "--precision",
+            "bfloat16",
+            "--experiments",
+            "shuffle_mode=service",
+        ]
+        + NO_FREEZE,
+        graph_builder=tiny_graph,
+    )
     assert pool["machineType"] == "g2-standard-16"
     assert pool["numThreadsPerWorker"] == 3
     assert pool["workerHarnessContainerImage"] == "europe-docker.pkg.dev/p/r/img:v7"
@@ -128,22 +163,33 @@ def test_user_flags_win_over_defaults(base):
     assert options["precision"] == "bfloat16" and not options.get("xla")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--machine_type", "n2-standard-8"], "takes no GPUs"),
-    (["--machine_type", "n1-standard-8"], "cannot take --gpu_type nvidia-l4"),
-    (["--runner", "FlinkRunner"], "DataflowRunner"),
-    (["--bucket", "gs://"], "expected gs://BUCKET"),
-    (["--bucket", "gs://b"], "expected gs://BUCKET"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--machine_type", "n2-standard-8"], "takes no GPUs"),
+        (["--machine_type", "n1-standard-8"], "cannot take --gpu_type nvidia-l4"),
+        (["--runner", "FlinkRunner"], "DataflowRunner"),
+        (["--bucket", "gs://"], "expected gs://BUCKET"),
+        (["--bucket", "gs://b"], "expected gs://BUCKET"),
+    ],
+)
 def test_bad_combinations_are_usage_errors(base, extra, message):
     with pytest.raises(dataflow.UsageError, match=message):
         dataflow.dataflow_args(base + extra)
     assert dataflow.main(base + extra) == 2
 
 
-@pytest.mark.parametrize("machine_type, threads", [
-    ("g2-standard-4", 4), ("g2-standard-8", 8), ("g2-standard-32", 16), ("n1-standard-2", 4),
-    ("n1-custom-12-79872", 12), ("custom-6-20480", 6)])
+@pytest.mark.parametrize(
+    "machine_type, threads",
+    [
+        ("g2-standard-4", 4),
+        ("g2-standard-8", 8),
+        ("g2-standard-32", 16),
+        ("n1-standard-2", 4),
+        ("n1-custom-12-79872", 12),
+        ("custom-6-20480", 6),
+    ],
+)
 def test_worker_threads_follow_vcpus(machine_type, threads):
     assert dataflow.worker_threads(machine_type) == threads
 
@@ -151,8 +197,9 @@ def test_worker_threads_follow_vcpus(machine_type, threads):
 def test_dry_run_job_file_submits_nothing(base, tmp_path, monkeypatch):
     """The command-line path: `--dry_run_job_file` writes the description and submits nothing."""
     real = dataflow.build_job_description
-    monkeypatch.setattr(dataflow, "build_job_description",
-                        lambda argv: real(argv, MODEL_INFO, tiny_graph))
+    monkeypatch.setattr(
+        dataflow, "build_job_description", lambda argv: real(argv, MODEL_INFO, tiny_graph)
+    )
     path = tmp_path / "job.json"
     assert dataflow.main(base + NO_FREEZE + ["--dry_run_job_file", str(path)]) == 0
     job = json.loads(path.read_text())

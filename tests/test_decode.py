@@ -1,4 +1,5 @@
 """decode_image and DecodeAndResize: every corpus case, colours, limits, a never-raises property."""
+
 import io
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_other_formats_are_named():
 
 # ------------------------------------------------------------------------------- the DoFn
 
+
 def _run(fn, record):
     outputs = list(fn.process(record))
     assert len(outputs) == 1
@@ -116,7 +118,9 @@ def test_dofn_result_and_failure():
     assert (out.key, out.source, out.width, out.height) == ("k", "s", 64, 48)
     out = _run(fn, ImageRecord("bad", "src", corpus.HTML_PAGE))
     assert out.tag == FAILURES
-    assert out.value == Failure("bad", "src", STAGE_DECODE, "DecodeError: not an image (looks like HTML)")
+    assert out.value == Failure(
+        "bad", "src", STAGE_DECODE, "DecodeError: not an image (looks like HTML)"
+    )
 
 
 def test_dofn_turns_unexpected_exceptions_into_failures():
@@ -166,7 +170,7 @@ def test_dofn_never_raises_on_valid_and_damaged_images(image, damage, byte):
         data = data[: len(data) * byte // 256]
     elif damage == 2:
         position = len(data) * byte // 256
-        data = data[:position] + bytes([data[position] ^ 0x5A]) + data[position + 1:]
+        data = data[:position] + bytes([data[position] ^ 0x5A]) + data[position + 1 :]
     else:
         data = data[: len(data) // 2] + bytes(range(byte))
     out = _run(_FN, ImageRecord("k", "s", data))

@@ -2,6 +2,7 @@
 LanceDB and embedding-reader (autofaiss's reader) read a real job output, bit-exactly.
 
 One job run (tiny random models, generated images, a PCA basis) feeds every test here."""
+
 import os
 
 import numpy as np
@@ -30,9 +31,29 @@ def job(models, tmp_path_factory):
     basis = save_basis(fit_basis([vectors], dims=DIMS), str(root / "basis.npz"))
     tags, embed = models
     out = root / "out"
-    run(["--input", str(root / "in" / "*"), "--output", str(out), "--tags_model", tags,
-         "--embed_model", embed, "--batch_size", "4", "--image_size", "64", "--num_shards", "2",
-         "--pca_basis", basis.source, "--log_every_secs", "0"], save_main_session=False)
+    run(
+        [
+            "--input",
+            str(root / "in" / "*"),
+            "--output",
+            str(out),
+            "--tags_model",
+            tags,
+            "--embed_model",
+            embed,
+            "--batch_size",
+            "4",
+            "--image_size",
+            "64",
+            "--num_shards",
+            "2",
+            "--pca_basis",
+            basis.source,
+            "--log_every_secs",
+            "0",
+        ],
+        save_main_session=False,
+    )
     files = sorted(str(p) for p in out.glob("results-*.parquet"))
     return out, pq.ParquetDataset(files).read(), basis
 
@@ -45,11 +66,20 @@ def matrix(table, column):
 def test_reduced_embeddings_follow_the_basis(job):
     out, table, basis = job
     assert table.num_rows == NUM_IMAGES
-    assert table.schema.names == ["key", "source", "width", "height", "tags", "categories",
-                                  "embedding", "embedding_reduced"]
+    assert table.schema.names == [
+        "key",
+        "source",
+        "width",
+        "height",
+        "tags",
+        "categories",
+        "embedding",
+        "embedding_reduced",
+    ]
     assert table.schema.field("embedding_reduced").type.list_size == DIMS
-    np.testing.assert_allclose(matrix(table, "embedding_reduced"),
-                               basis.project(matrix(table, "embedding")), atol=1e-6)
+    np.testing.assert_allclose(
+        matrix(table, "embedding_reduced"), basis.project(matrix(table, "embedding")), atol=1e-6
+    )
     footer = pq.read_metadata(next(out.glob("results-*.parquet"))).metadata
     assert footer[b"pca_basis_sha256"].decode() == load_basis(basis.source).sha256
     assert (footer[b"pca_dims"], footer[b"pca_input_dim"]) == (b"4", b"2048")
@@ -85,11 +115,16 @@ def test_lancedb_takes_the_results_as_they_are(job, tmp_path):
     assert tbl.count_rows() == NUM_IMAGES
     assert tbl.schema.field("embedding").type == table.schema.field("embedding").type
     stored = tbl.to_arrow().sort_by("key")
-    np.testing.assert_array_equal(matrix(stored, "embedding"),
-                                  matrix(table.sort_by("key"), "embedding"))
+    np.testing.assert_array_equal(
+        matrix(stored, "embedding"), matrix(table.sort_by("key"), "embedding")
+    )
     query = matrix(table, "embedding_reduced")[3]
-    hits = (tbl.search(query, vector_column_name="embedding_reduced").distance_type("cosine")
-            .limit(3).to_arrow())
+    hits = (
+        tbl.search(query, vector_column_name="embedding_reduced")
+        .distance_type("cosine")
+        .limit(3)
+        .to_arrow()
+    )
     assert hits.column("key")[0].as_py() == table.column("key")[3].as_py()
     assert hits.column("_distance")[0].as_py() == pytest.approx(0.0, abs=1e-5)
 
@@ -102,8 +137,9 @@ def test_embedding_reader_reads_bit_exactly(job, tmp_path):
     folder.mkdir()
     for path in out.glob("results-*.parquet"):
         os.symlink(path, folder / path.name)
-    reader = embedding_reader.EmbeddingReader(str(folder), file_format="parquet",
-                                              embedding_column="embedding", meta_columns=["key"])
+    reader = embedding_reader.EmbeddingReader(
+        str(folder), file_format="parquet", embedding_column="embedding", meta_columns=["key"]
+    )
     assert reader.count == NUM_IMAGES and reader.dimension == 2048
     got = {}
     for embeddings, meta in reader(batch_size=4, start=0, end=reader.count):
@@ -115,11 +151,11 @@ def test_embedding_reader_reads_bit_exactly(job, tmp_path):
         np.testing.assert_array_equal(vector, expected[key])
 
 
-
 def test_duckdb_exports_vertex_ai_json(job, tmp_path):
     """Vertex AI Vector Search ingests JSON records (id, embedding, restricts), not Parquet."""
     duckdb = pytest.importorskip("duckdb")
     import json
+
     out, table, _ = job
     target = tmp_path / "vertex.json"
     duckdb.connect().execute(f"""
@@ -134,8 +170,9 @@ def test_duckdb_exports_vertex_ai_json(job, tmp_path):
     assert len(records) == NUM_IMAGES
     for record in records:
         np.testing.assert_array_equal(np.float32(record["embedding"]), expected[record["id"]])
-        assert record["restricts"] == [{"namespace": "category",
-                                        "allow": [c["wnid"] for c in categories[record["id"]]]}]
+        assert record["restricts"] == [
+            {"namespace": "category", "allow": [c["wnid"] for c in categories[record["id"]]]}
+        ]
 
 
 def test_search_finds_wordnet_categories_and_reduced_vectors(job, tmp_path, capsys):

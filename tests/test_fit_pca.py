@@ -1,4 +1,5 @@
 """`./run.sh fit_pca`: a basis fitted from the embedding column of results files, local or gs://."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,15 +15,25 @@ D = 32
 
 def write_results(directory, embeddings, dtype="float32", files=2):
     """results-*.parquet files as the job writes them (its schema and batch builder)."""
-    labels = SimpleNamespace(wnids=np.array(["n00000001", "n00000002"]),
-                             labels=np.array(["a", "b"]))
+    labels = SimpleNamespace(
+        wnids=np.array(["n00000001", "n00000002"]), labels=np.array(["a", "b"])
+    )
     schema = results_schema(D, embedding_dtype=dtype)
     paths = []
     for i, part in enumerate(np.array_split(embeddings, files)):
         n = len(part)
         idx, scores = top_k(np.full((n, 2), 0.5, np.float32), 1)
-        batch = results_batch([f"k{i}-{j}" for j in range(n)], ["s"] * n, [1] * n, [1] * n,
-                              idx, scores, labels, part, schema)
+        batch = results_batch(
+            [f"k{i}-{j}" for j in range(n)],
+            ["s"] * n,
+            [1] * n,
+            [1] * n,
+            idx,
+            scores,
+            labels,
+            part,
+            schema,
+        )
         path = f"{directory}/results-{i:05d}-of-{files:05d}.parquet"
         pq.write_table(pa.Table.from_batches([batch]), path, row_group_size=50)
         paths.append(path)
@@ -45,8 +56,9 @@ def test_fit_pca_streams_every_row_and_matches_an_in_memory_fit(tmp_path, capsys
     want = fit_basis([x], dims=5)
     assert basis.num_samples == 300 and basis.dims == 5 and basis.input_dim == D
     np.testing.assert_allclose(basis.components, want.components, atol=1e-5)
-    np.testing.assert_allclose(basis.explained_variance_ratio, want.explained_variance_ratio,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        basis.explained_variance_ratio, want.explained_variance_ratio, rtol=1e-6
+    )
     printed = capsys.readouterr().out
     assert basis.sha256 in printed and "explained variance of the first     5" in printed
 
@@ -57,8 +69,9 @@ def test_fit_pca_on_gcs_with_a_sample_of_float16_embeddings(gcs_emulator, tmp_pa
     bucket = gcs_emulator.new_bucket()
     for path in sorted(tmp_path.glob("results-*.parquet")):
         gcs_emulator.upload_file(f"gs://{bucket}/out/{path.name}", path)
-    basis = fit_pca.fit(f"gs://{bucket}/out", dims=3, to=f"gs://{bucket}/basis.npz",
-                        max_samples=250)
+    basis = fit_pca.fit(
+        f"gs://{bucket}/out", dims=3, to=f"gs://{bucket}/basis.npz", max_samples=250
+    )
     assert basis.num_samples == 250
     assert load_basis(f"gs://{bucket}/basis.npz").sha256 == basis.sha256
     exact = fit_basis([x.astype(np.float16).astype(np.float32)], dims=3)

@@ -10,6 +10,7 @@ Model loads dominate the time (~10 s each), so the module loads the model twice 
 (cold) run downloads it; the cache test loads it again from the local cache; the other runs share
 the in-process model.
 """
+
 import io
 import json
 import pathlib
@@ -33,11 +34,28 @@ NUM_IMAGES = 9  # two full batches of 4 and a padded one
 
 # ------------------------------------------------------------------------------------ helpers
 
+
 def job_args(inputs, output, models, cache_dir, *extra):
     tags, embed = models
-    return ["--input", str(inputs), "--output", str(output), "--tags_model", tags,
-            "--embed_model", embed, "--model_cache_dir", str(cache_dir), "--batch_size", "4",
-            "--image_size", "64", "--log_every_secs", "0", *extra]
+    return [
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--tags_model",
+        tags,
+        "--embed_model",
+        embed,
+        "--model_cache_dir",
+        str(cache_dir),
+        "--batch_size",
+        "4",
+        "--image_size",
+        "64",
+        "--log_every_secs",
+        "0",
+        *extra,
+    ]
 
 
 def stem(key: str) -> str:
@@ -63,7 +81,7 @@ def rows_by_stem(table: pa.Table) -> dict:
 
 
 def delete_object(emulator, gs_path: str) -> None:
-    bucket, name = gs_path[len("gs://"):].split("/", 1)
+    bucket, name = gs_path[len("gs://") :].split("/", 1)
     emulator._request("DELETE", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}")
 
 
@@ -71,12 +89,14 @@ def check_gcs_output(emulator, output: str, summary: dict) -> dict:
     """The gs:// output holds exactly results, failures, summary.json, report.html and
     samples.parquet (no temp files left), the summary there is the one run() returned, and
     accounting holds; returns results by stem."""
-    names = [f[len(output) + 1:] for f in emulator.list(f"{output}/")]
+    names = [f[len(output) + 1 :] for f in emulator.list(f"{output}/")]
     assert {"summary.json", "report.html", "samples.parquet"} <= set(names)
     singles = ("summary.json", "report.html", "samples.parquet")
-    assert all(n in singles or (n.startswith(("results-", "failures-"))
-                                       and n.endswith(".parquet") and "/" not in n)
-               for n in names), names
+    assert all(
+        n in singles
+        or (n.startswith(("results-", "failures-")) and n.endswith(".parquet") and "/" not in n)
+        for n in names
+    ), names
     written = json.loads(emulator.read(f"{output}/summary.json"))
     for field in ("inputs", "results", "failures", "skipped", "accounted"):
         assert written[field] == summary[field]
@@ -96,11 +116,16 @@ def assert_same_rows(rows: dict, reference: dict) -> None:
         assert (row["width"], row["height"]) == (ref["width"], ref["height"])
         np.testing.assert_allclose(row["embedding"], ref["embedding"], rtol=1e-5, atol=1e-6)
         assert [t["index"] for t in row["tags"]] == [t["index"] for t in ref["tags"]]
-        np.testing.assert_allclose([t["score"] for t in row["tags"]],
-                                   [t["score"] for t in ref["tags"]], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            [t["score"] for t in row["tags"]],
+            [t["score"] for t in ref["tags"]],
+            rtol=1e-5,
+            atol=1e-7,
+        )
 
 
 # ----------------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def gcs(gcs_emulator, tmp_path_factory):
@@ -113,10 +138,12 @@ def gcs(gcs_emulator, tmp_path_factory):
     (local / "files").mkdir(parents=True)
     for name, (ext, data) in items:
         (local / "files" / f"{name}.{ext}").write_bytes(data)
-    corpus.write_tfrecord(local / "train-00000-of-00002.tfrecord",
-                          [(name, data) for name, (_, data) in items[:half]])
-    corpus.write_tfrecord(local / "train-00001-of-00002.tfrecord",
-                          [(name, data) for name, (_, data) in items[half:]])
+    corpus.write_tfrecord(
+        local / "train-00000-of-00002.tfrecord", [(name, data) for name, (_, data) in items[:half]]
+    )
+    corpus.write_tfrecord(
+        local / "train-00001-of-00002.tfrecord", [(name, data) for name, (_, data) in items[half:]]
+    )
     corpus.write_webdataset(local / "wds-000.tar", [(n, {e: d}) for n, (e, d) in items[:half]])
     corpus.write_webdataset(local / "wds-001.tar", [(n, {e: d}) for n, (e, d) in items[half:]])
     write_checkpoint(root / "tags.npz", units=(1, 1, 1, 1), width=1, num_classes=21843, seed=1)
@@ -129,8 +156,13 @@ def gcs(gcs_emulator, tmp_path_factory):
     models = (f"{bucket}/models/tags.npz", f"{bucket}/models/embed.npz")
     gcs_emulator.upload_file(models[0], root / "tags.npz")
     gcs_emulator.upload_file(models[1], root / "embed.npz")
-    return {"bucket": bucket, "local": local, "models": models, "cache": root / "cache",
-            "root": root}
+    return {
+        "bucket": bucket,
+        "local": local,
+        "models": models,
+        "cache": root / "cache",
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +186,7 @@ def cold_run(gcs, gcs_emulator):
             if str(path).startswith("gs://") and statuses:
                 inject(f"FileSystems.{name}({path})", statuses.pop(0))
             return original(path, *args, **kwargs)
+
         monkeypatch.setattr(FileSystems, name, staticmethod(wrapper))
 
     original_describe = pipeline.main.describe_models
@@ -163,32 +196,42 @@ def cold_run(gcs, gcs_emulator):
         return original_describe(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.main, "describe_models", describe_models)
-    on_gcs("open", [503])          # the first input shard read
-    on_gcs("create", [503, 429])   # the first two files written (Parquet temp files)
+    on_gcs("open", [503])  # the first input shard read
+    on_gcs("create", [503, 429])  # the first two files written (Parquet temp files)
     before = gcs_emulator.faults["injected"]
     output = f"{gcs['bucket']}/out/cold"
     try:
         inject("output directory check", 429)
-        summary = run(job_args(f"{gcs['bucket']}/inputs/*.tfrecord", output, gcs["models"],
-                               gcs["cache"]), save_main_session=False)
+        summary = run(
+            job_args(f"{gcs['bucket']}/inputs/*.tfrecord", output, gcs["models"], gcs["cache"]),
+            save_main_session=False,
+        )
     finally:
         monkeypatch.undo()
     faults = gcs_emulator.faults
-    return {"summary": summary, "output": output, "injected": injected,
-            "served": faults["injected"] - before, "remaining": faults["remaining"]}
+    return {
+        "summary": summary,
+        "output": output,
+        "injected": injected,
+        "served": faults["injected"] - before,
+        "remaining": faults["remaining"],
+    }
 
 
 @pytest.fixture(scope="module")
 def local_reference(gcs, cold_run, tmp_path_factory):
     """The same images run locally (image files in, local output); same model sources."""
     output = tmp_path_factory.mktemp("local_reference") / "out"
-    summary = run(job_args(gcs["local"] / "files" / "*", output, gcs["models"], gcs["cache"]),
-                  save_main_session=False)
+    summary = run(
+        job_args(gcs["local"] / "files" / "*", output, gcs["models"], gcs["cache"]),
+        save_main_session=False,
+    )
     assert summary["results"] == NUM_IMAGES and summary["accounted"]
     return rows_by_stem(local_table(output))
 
 
 # -------------------------------------------------------------------------------------- tests
+
 
 def test_transient_errors_during_a_run_cost_no_row(cold_run, gcs_emulator, local_reference):
     assert len(cold_run["injected"]) >= 5, cold_run["injected"]
@@ -208,28 +251,35 @@ def test_models_come_from_gcs_into_the_local_cache(cold_run, gcs):
     assert gcs["models"][0] in models and gcs["models"][1] in models
 
 
-@pytest.mark.parametrize("fmt, pattern", [("images", "inputs/files/*"),
-                                          ("webdataset", "inputs/wds-*.tar")])
-def test_each_format_on_gcs_gives_the_rows_of_a_local_run(gcs, gcs_emulator, local_reference,
-                                                          fmt, pattern):
+@pytest.mark.parametrize(
+    "fmt, pattern", [("images", "inputs/files/*"), ("webdataset", "inputs/wds-*.tar")]
+)
+def test_each_format_on_gcs_gives_the_rows_of_a_local_run(
+    gcs, gcs_emulator, local_reference, fmt, pattern
+):
     output = f"{gcs['bucket']}/out/{fmt}"
-    summary = run(job_args(f"{gcs['bucket']}/{pattern}", output, gcs["models"], gcs["cache"]),
-                  save_main_session=False)
+    summary = run(
+        job_args(f"{gcs['bucket']}/{pattern}", output, gcs["models"], gcs["cache"]),
+        save_main_session=False,
+    )
     rows = check_gcs_output(gcs_emulator, output, summary)
     assert_same_rows(rows, local_reference)
     if fmt == "images":
         assert all(row["key"].startswith(f"{gcs['bucket']}/inputs/files/") for row in rows.values())
 
 
-def test_second_run_takes_the_models_from_the_local_cache(gcs, gcs_emulator, cold_run,
-                                                          local_reference, monkeypatch):
+def test_second_run_takes_the_models_from_the_local_cache(
+    gcs, gcs_emulator, cold_run, local_reference, monkeypatch
+):
     # No copy of the models is left on gs:// and none loaded in this process: only the cache.
     for source in gcs["models"]:
         delete_object(gcs_emulator, source)
     assert not gcs_emulator.list(f"{gcs['bucket']}/models/")
     monkeypatch.setattr(infer, "_LOADED", {})
     output = f"{gcs['bucket']}/out/cached"
-    summary = run(job_args(f"{gcs['bucket']}/inputs/*.tfrecord", output, gcs["models"],
-                           gcs["cache"]), save_main_session=False)
+    summary = run(
+        job_args(f"{gcs['bucket']}/inputs/*.tfrecord", output, gcs["models"], gcs["cache"]),
+        save_main_session=False,
+    )
     assert_same_rows(check_gcs_output(gcs_emulator, output, summary), local_reference)
     assert summary["models"] == cold_run["summary"]["models"]  # same sources and sha256

@@ -1,4 +1,5 @@
 """model.hub: SavedModel export/load with [0, 1] inputs, and clear, fast errors for bad handles."""
+
 import os
 import shutil
 import socket
@@ -26,7 +27,10 @@ def net():
 @pytest.fixture(scope="module")
 def exported(net, tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
-    return {out: export_saved_model(net, str(root / out), output=out) for out in ("logits", "pre_logits")}
+    return {
+        out: export_saved_model(net, str(root / out), output=out)
+        for out in ("logits", "pre_logits")
+    }
 
 
 def _uint8_images(b=2, h=48, w=40, seed=0):
@@ -58,11 +62,15 @@ def test_serving_signature_only(net, exported, tmp_path):
     signature_only = tf.Module()
     signature_only.v = obj  # keep variables
     path = str(tmp_path / "sig")
-    tf.saved_model.save(signature_only, path, signatures={"serving_default": obj.signatures["serving_default"]})
+    tf.saved_model.save(
+        signature_only, path, signatures={"serving_default": obj.signatures["serving_default"]}
+    )
     model = load_saved_model(path)
     images = _uint8_images(1, 32, 32, seed=5)
     x = tf.constant(images, tf.float32) / 255.0
-    np.testing.assert_allclose(model(x), load_saved_model(exported["logits"])(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        model(x), load_saved_model(exported["logits"])(x), rtol=1e-5, atol=1e-5
+    )
     assert model.output_dim == CLASSES
 
 
@@ -96,7 +104,11 @@ def _assert_fast_clear_failure(handle, start):
         load_saved_model(handle)
     assert time.monotonic() - start < 10
     message = str(e.value)
-    assert handle in message and "TFHUB_CACHE_DIR" in message and "--tags_model /path/to/saved_model_dir" in message
+    assert (
+        handle in message
+        and "TFHUB_CACHE_DIR" in message
+        and "--tags_model /path/to/saved_model_dir" in message
+    )
     return message
 
 

@@ -1,5 +1,6 @@
 """Every way a user names inputs (transforms/read.py `expand_input`): bare globs, ./ ../ ~ and
 absolute globs, folders with or without a trailing slash, locally and on gs:// (the emulator)."""
+
 import os
 
 import apache_beam as beam
@@ -59,9 +60,11 @@ def test_normalize_pattern_leaves_uris_alone():
 def test_folder_in_a_pipeline_reads_images_and_counts_skipped_sidecars(photos):
     p = BeamTestPipeline()
     records, failures = p | ReadImages([str(photos) + "/"])
-    assert_that(records | beam.Map(lambda r: r.key),
-                equal_to([str(photos / n) for n in ("a.jpg", "b.png", "sub/c.jpg")]),
-                label="keys")
+    assert_that(
+        records | beam.Map(lambda r: r.key),
+        equal_to([str(photos / n) for n in ("a.jpg", "b.png", "sub/c.jpg")]),
+        label="keys",
+    )
     assert_that(failures, equal_to([]), label="no failures")
     result = p.run()
     result.wait_until_finish()
@@ -72,8 +75,10 @@ def test_folder_in_a_pipeline_reads_images_and_counts_skipped_sidecars(photos):
 def test_a_sidecar_matched_by_a_glob_stays_a_failure(photos):
     with BeamTestPipeline() as p:
         _, failures = p | ReadImages([str(photos / "*.txt")])
-        assert_that(failures | beam.Map(lambda f: (f.key, f.stage)),
-                    equal_to([(str(photos / "notes.txt"), "read")]))
+        assert_that(
+            failures | beam.Map(lambda f: (f.key, f.stage)),
+            equal_to([(str(photos / "notes.txt"), "read")]),
+        )
 
 
 def test_a_folder_without_readable_files_is_an_error(tmp_path):
@@ -87,8 +92,13 @@ def test_a_folder_without_readable_files_is_an_error(tmp_path):
 
 def test_gcs_globs_and_folders(beam_gcs):
     root = f"gs://{beam_gcs.new_bucket()}"
-    for name in ("photos/a.jpg", "photos/b.png", "photos/sub/c.jpg", "photos/notes.txt",
-                 "photos-other/x.jpg"):
+    for name in (
+        "photos/a.jpg",
+        "photos/b.png",
+        "photos/sub/c.jpg",
+        "photos/notes.txt",
+        "photos-other/x.jpg",
+    ):
         beam_gcs.upload(f"{root}/{name}", b"not decoded here")
     accepted = [f"{root}/photos/{n}" for n in ("a.jpg", "b.png", "sub/c.jpg")]
     for folder in (f"{root}/photos", f"{root}/photos/"):

@@ -1,4 +1,5 @@
 """The fused CPU GroupNorm+ReLU kernel (model.kernels): build, numerics, ResNetV2, fallbacks."""
+
 import logging
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from model.resnet import ResNetV2
 from tests.bit_checkpoints import random_weights
 from tests.numpy_reference import forward, group_norm
 
-needs_compiler = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler on this machine")
+needs_compiler = pytest.mark.skipif(
+    kernels.compiler() is None, reason="no C++ compiler on this machine"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +49,16 @@ def inputs(shape, seed=0, mean=0.5, std=2.0):
     return x, gamma, beta
 
 
-@pytest.mark.parametrize("shape", [
-    (16, 7, 7, 64),     # more samples than threads: one task per sample
-    (1, 9, 13, 64),     # one sample: pixel ranges in parallel, two phases
-    (2, 5, 3, 32),      # one channel per group
-    (3, 28, 28, 256),   # 8 channels per group, ResNet-sized
-    (2, 1, 1, 2048),    # a single pixel
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (16, 7, 7, 64),  # more samples than threads: one task per sample
+        (1, 9, 13, 64),  # one sample: pixel ranges in parallel, two phases
+        (2, 5, 3, 32),  # one channel per group
+        (3, 28, 28, 256),  # 8 channels per group, ResNet-sized
+        (2, 1, 1, 2048),  # a single pixel
+    ],
+)
 def test_matches_float64_reference(library, shape):
     x, gamma, beta = inputs(shape)
     y = library.bit_group_norm_relu(x, gamma, beta, groups=GROUPS, epsilon=GN_EPS).numpy()
@@ -136,8 +142,12 @@ def test_no_compiler_falls_back_to_tensorflow_ops(tmp_path, monkeypatch, caplog)
     assert not loaded and "no-such-c++" in reason
     assert "not used" in caplog.text and "TensorFlow ops" in caplog.text
     x, gamma, beta = inputs((2, 5, 5, 64))
-    np.testing.assert_allclose(group_norm_relu(tf.constant(x), gamma, beta).numpy(), reference(x, gamma, beta),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        group_norm_relu(tf.constant(x), gamma, beta).numpy(),
+        reference(x, gamma, beta),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert group_norm_implementation().startswith("TensorFlow ops (fused kernel unavailable")
 
 
@@ -157,6 +167,8 @@ def test_disabled_by_environment(monkeypatch):
 
 @needs_compiler
 def test_command_line_builds_and_reports():
-    done = subprocess.run([sys.executable, "-m", "model.kernels"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "model.kernels"], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     assert "BitGroupNormRelu from" in done.stdout and ".so" in done.stdout

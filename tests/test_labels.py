@@ -1,4 +1,5 @@
 """model.labels: the packaged BiT ImageNet-21k label files, byte for byte."""
+
 import hashlib
 import os
 import re
@@ -18,10 +19,19 @@ def test_size_and_types():
     assert imagenet21k() is ls  # cached
 
 
-@pytest.mark.parametrize("name,sha256", [
-    ("imagenet21k_wordnet_ids.txt", "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2"),
-    ("imagenet21k_wordnet_lemmas.txt", "860c2ce731aa376d21352403caf83069577a71c26462a618621ccd38ae9c8c7f"),
-])
+@pytest.mark.parametrize(
+    "name,sha256",
+    [
+        (
+            "imagenet21k_wordnet_ids.txt",
+            "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2",
+        ),
+        (
+            "imagenet21k_wordnet_lemmas.txt",
+            "860c2ce731aa376d21352403caf83069577a71c26462a618621ccd38ae9c8c7f",
+        ),
+    ],
+)
 def test_file_checksums(name, sha256):
     with open(os.path.join(labels_mod.DATA_DIR, name), "rb") as f:
         data = f.read()
@@ -30,15 +40,22 @@ def test_file_checksums(name, sha256):
     data.decode("ascii")
 
 
-@pytest.mark.parametrize("index,wnid,label", [
-    (0, "n00004475", "organism, being"),
-    (359, "n01440764", "tench, Tinca_tinca"),
-    (2167, "n02084071", "dog, domestic_dog, Canis_familiaris"),
-    (2388, "n02121808", "domestic_cat, house_cat, Felis_domesticus, Felis_catus"),
-    (9205, "n03931044", "picture, image, icon, ikon"),  # one of the two extra (non-fall11) classes
-    (15027, "n09859684", "bleacher"),  # the other one
-    (21842, "n15102894", "knothole"),
-])
+@pytest.mark.parametrize(
+    "index,wnid,label",
+    [
+        (0, "n00004475", "organism, being"),
+        (359, "n01440764", "tench, Tinca_tinca"),
+        (2167, "n02084071", "dog, domestic_dog, Canis_familiaris"),
+        (2388, "n02121808", "domestic_cat, house_cat, Felis_domesticus, Felis_catus"),
+        (
+            9205,
+            "n03931044",
+            "picture, image, icon, ikon",
+        ),  # one of the two extra (non-fall11) classes
+        (15027, "n09859684", "bleacher"),  # the other one
+        (21842, "n15102894", "knothole"),
+    ],
+)
 def test_known_lookups(index, wnid, label):
     assert imagenet21k().lookup(index) == (wnid, label)
 

@@ -2,6 +2,7 @@
 
 These run the real graph (read -> decode -> infer -> write -> summary) on the in-process runner.
 """
+
 import json
 import os
 import pathlib
@@ -23,8 +24,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_IMAGES = 10
 
 
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """The same NUM_IMAGES photos-like images as files, as a TFRecord shard and as WebDataset shards."""
@@ -36,18 +35,37 @@ def images(tmp_path_factory):
         (files / f"{name}.{ext}").write_bytes(data)
     items = list(encoded.items())
     half = len(items) // 2
-    corpus.write_tfrecord(root / "shard-00000-of-00001.tfrecord",
-                          [(name, data) for name, (ext, data) in items])
-    corpus.write_webdataset(root / "wds-000.tar", [(name, {ext: data}) for name, (ext, data) in items[:half]])
-    corpus.write_webdataset(root / "wds-001.tar", [(name, {ext: data}) for name, (ext, data) in items[half:]])
+    corpus.write_tfrecord(
+        root / "shard-00000-of-00001.tfrecord", [(name, data) for name, (ext, data) in items]
+    )
+    corpus.write_webdataset(
+        root / "wds-000.tar", [(name, {ext: data}) for name, (ext, data) in items[:half]]
+    )
+    corpus.write_webdataset(
+        root / "wds-001.tar", [(name, {ext: data}) for name, (ext, data) in items[half:]]
+    )
     return root
 
 
 def job_args(inputs, output, models, *extra):
     tags, embed = models
-    return ["--input", str(inputs), "--output", str(output), "--tags_model", tags,
-            "--embed_model", embed, "--batch_size", "4", "--image_size", "64",
-            "--log_every_secs", "0", *extra]
+    return [
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--tags_model",
+        tags,
+        "--embed_model",
+        embed,
+        "--batch_size",
+        "4",
+        "--image_size",
+        "64",
+        "--log_every_secs",
+        "0",
+        *extra,
+    ]
 
 
 def read_rows(output, kind="results"):
@@ -67,8 +85,11 @@ def stem(key):
 
 def test_files_tfrecord_and_webdataset_give_the_same_rows(images, models, tmp_path):
     outputs = {}
-    for name, pattern in [("files", images / "files" / "*"), ("tfrecord", images / "*.tfrecord"),
-                          ("webdataset", images / "wds-*.tar")]:
+    for name, pattern in [
+        ("files", images / "files" / "*"),
+        ("tfrecord", images / "*.tfrecord"),
+        ("webdataset", images / "wds-*.tar"),
+    ]:
         summary = run(job_args(pattern, tmp_path / name, models), save_main_session=False)
         assert summary["inputs"] == NUM_IMAGES and summary["results"] == NUM_IMAGES
         assert summary["failures"] == 0 and summary["accounted"]
@@ -90,9 +111,16 @@ def test_schema_tags_and_footer_follow_the_design(images, models, tmp_path):
     assert schema.names == ["key", "source", "width", "height", "tags", "categories", "embedding"]
     assert not schema.field("key").nullable
     assert schema.field("width").type == pa.int32() and schema.field("height").type == pa.int32()
-    assert schema.field("tags").type == pa.list_(pa.struct([
-        ("index", pa.int32()), ("wnid", pa.string()), ("label", pa.string()),
-        ("score", pa.float32())]))
+    assert schema.field("tags").type == pa.list_(
+        pa.struct(
+            [
+                ("index", pa.int32()),
+                ("wnid", pa.string()),
+                ("label", pa.string()),
+                ("score", pa.float32()),
+            ]
+        )
+    )
     assert schema.field("embedding").type == pa.list_(pa.float32(), 2048)
     labels = imagenet21k()
     for row in table.to_pylist():
@@ -121,7 +149,9 @@ def test_broken_files_become_failures_with_reasons(images, models, tmp_path):
     inputs = tmp_path / "in"
     shutil.copytree(images / "files", inputs)
     (inputs / "empty.jpg").write_bytes(b"")
-    (inputs / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>")
+    (inputs / "page.jpg").write_bytes(
+        b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>"
+    )
     good = (inputs / "img000.jpg").read_bytes()
     (inputs / "truncated.jpg").write_bytes(good[: len(good) // 2])
     out = tmp_path / "out"
@@ -142,9 +172,23 @@ def test_same_model_for_tags_and_embedding(images, models, tmp_path):
 
 
 def test_output_options(images, models, tmp_path):
-    run(job_args(images / "*.tfrecord", tmp_path, models, "--embedding_dtype", "float16",
-                 "--normalize_embeddings", "--write_all_scores", "--min_score", "0.5",
-                 "--num_shards", "2", "--no_categories"), save_main_session=False)
+    run(
+        job_args(
+            images / "*.tfrecord",
+            tmp_path,
+            models,
+            "--embedding_dtype",
+            "float16",
+            "--normalize_embeddings",
+            "--write_all_scores",
+            "--min_score",
+            "0.5",
+            "--num_shards",
+            "2",
+            "--no_categories",
+        ),
+        save_main_session=False,
+    )
     assert len(list(tmp_path.glob("results-*-of-00002.parquet"))) == 2
     table = read_rows(tmp_path)
     assert "categories" not in table.schema.names
@@ -152,7 +196,9 @@ def test_output_options(images, models, tmp_path):
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), 2048)
     assert table.schema.field("scores").type == pa.list_(pa.float16(), 21843)
     for row in table.to_pylist():
-        assert np.linalg.norm(np.asarray(row["embedding"], np.float32)) == pytest.approx(1, abs=1e-2)
+        assert np.linalg.norm(np.asarray(row["embedding"], np.float32)) == pytest.approx(
+            1, abs=1e-2
+        )
         assert all(t["score"] >= 0.5 for t in row["tags"])
         top = np.sort(np.asarray(row["scores"], np.float32))[::-1][: len(row["tags"])]
         np.testing.assert_allclose([t["score"] for t in row["tags"]], top, rtol=2e-3)
@@ -206,6 +252,7 @@ def _wrong_output_size(tmp_path, models):
     from model.checkpoint import load_checkpoint
     from model.hub import export_saved_model
     from model.resnet import ResNetV2
+
     small = tmp_path / "head7.npz"
     write_checkpoint(small, units=(1, 1, 1, 1), width=1, num_classes=7, seed=3)
     checkpoint = load_checkpoint(str(small))
@@ -215,12 +262,15 @@ def _wrong_output_size(tmp_path, models):
     return str(tmp_path / "saved"), models[1]
 
 
-@pytest.mark.parametrize("fault,phrase", [
-    (_truncated_npz, "truncated.npz"),
-    (_pickled_npz, "pickle"),
-    (_other_architecture, "not a BiT ResNet-v2 checkpoint"),
-    (_wrong_output_size, "7 classes"),
-])
+@pytest.mark.parametrize(
+    "fault,phrase",
+    [
+        (_truncated_npz, "truncated.npz"),
+        (_pickled_npz, "pickle"),
+        (_other_architecture, "not a BiT ResNet-v2 checkpoint"),
+        (_wrong_output_size, "7 classes"),
+    ],
+)
 def test_model_fault_fails_before_any_image(images, models, tmp_path, caplog, fault, phrase):
     tags, embed = fault(tmp_path, models)
     out = tmp_path / "out"
@@ -230,11 +280,14 @@ def test_model_fault_fails_before_any_image(images, models, tmp_path, caplog, fa
     assert not out.exists() or not list(out.glob("results-*"))
 
 
-@pytest.mark.parametrize("dim,phrase", [(16, "reduces 16-d embeddings, but the embed model"),
-                                        (None, "not an .npz file")])
-def test_pca_basis_that_cannot_serve_fails_before_any_image(images, models, tmp_path, caplog,
-                                                            dim, phrase):
+@pytest.mark.parametrize(
+    "dim,phrase", [(16, "reduces 16-d embeddings, but the embed model"), (None, "not an .npz file")]
+)
+def test_pca_basis_that_cannot_serve_fails_before_any_image(
+    images, models, tmp_path, caplog, dim, phrase
+):
     from model.pca import fit_basis, save_basis
+
     basis = tmp_path / "basis.npz"
     if dim:
         vectors = np.random.default_rng(0).standard_normal((40, dim))
@@ -249,16 +302,40 @@ def test_pca_basis_that_cannot_serve_fails_before_any_image(images, models, tmp_
 
 def test_inference_config_is_built_from_the_flags_in_one_place():
     from apache_beam.options.pipeline_options import PipelineOptions
+
     from pipeline.options import JobOptions
     from transforms.infer import InferenceConfig
-    opts = PipelineOptions(["--tags_model", "t.npz", "--embed_model", "e.npz", "--batch_size", "8",
-                            "--xla", "--top_k", "3", "--no_categories", "--categories_min_depth",
-                            "4", "--pca_basis", "b.npz", "--model_cache_dir", "/c"]
-                           ).view_as(JobOptions)
+
+    opts = PipelineOptions(
+        [
+            "--tags_model",
+            "t.npz",
+            "--embed_model",
+            "e.npz",
+            "--batch_size",
+            "8",
+            "--xla",
+            "--top_k",
+            "3",
+            "--no_categories",
+            "--categories_min_depth",
+            "4",
+            "--pca_basis",
+            "b.npz",
+            "--model_cache_dir",
+            "/c",
+        ]
+    ).view_as(JobOptions)
     config = InferenceConfig.from_options(opts)
     assert config.schema is None
-    assert (config.tags_model, config.embed_model, config.batch_size, config.jit_compile,
-            config.cache_dir, config.top_k) == ("t.npz", "e.npz", 8, True, "/c", 3)
+    assert (
+        config.tags_model,
+        config.embed_model,
+        config.batch_size,
+        config.jit_compile,
+        config.cache_dir,
+        config.top_k,
+    ) == ("t.npz", "e.npz", 8, True, "/c", 3)
     assert (config.categories, config.categories_min_depth, config.pca_basis) == (False, 4, "b.npz")
     assert InferenceConfig.from_options(PipelineOptions([]).view_as(JobOptions)).categories
 
@@ -267,25 +344,52 @@ def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):
     single = tmp_path / "single"
     multi = tmp_path / "multi"
     run(job_args(images / "*.tfrecord", single, models), save_main_session=False)
-    summary = run(job_args(images / "*.tfrecord", multi, models, "--direct_num_workers", "2",
-                           "--direct_running_mode", "multi_processing"), save_main_session=False)
+    summary = run(
+        job_args(
+            images / "*.tfrecord",
+            multi,
+            models,
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_processing",
+        ),
+        save_main_session=False,
+    )
     assert summary["accounted"] and summary["results"] == NUM_IMAGES
     a, b = by_key(read_rows(single)), by_key(read_rows(multi))
     assert a.keys() == b.keys()
     for key in a:  # batches are grouped differently: float32 sums may differ in the last bits
         expected = np.asarray(a[key]["embedding"])
-        np.testing.assert_allclose(b[key]["embedding"], expected, rtol=0,
-                                   atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_allclose(
+            b[key]["embedding"], expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+        )
 
 
 def test_help_documents_every_option(capsys):
     run(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--input", "--input_format", "--output", "--image_size", "--tags_model",
-                 "--embed_model", "--batch_size", "--top_k", "--min_score", "--embedding_dtype",
-                 "--normalize_embeddings", "--write_all_scores", "--num_shards",
-                 "--max_failure_rate", "--overwrite", "--skip_keys_from", "--precision", "--xla",
-                 "--model_copies"):
+    for flag in (
+        "--input",
+        "--input_format",
+        "--output",
+        "--image_size",
+        "--tags_model",
+        "--embed_model",
+        "--batch_size",
+        "--top_k",
+        "--min_score",
+        "--embedding_dtype",
+        "--normalize_embeddings",
+        "--write_all_scores",
+        "--num_shards",
+        "--max_failure_rate",
+        "--overwrite",
+        "--skip_keys_from",
+        "--precision",
+        "--xla",
+        "--model_copies",
+    ):
         assert flag in text
 
 
@@ -293,15 +397,21 @@ def test_help_documents_every_option(capsys):
 def test_run_sh_help_from_a_fresh_clone(tmp_path):
     """The bootstrap path: a fresh clone creates its own .venv and answers --help."""
     clone = tmp_path / "clone"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, clone / name)
     env = {k: v for k, v in os.environ.items() if k != "BIT_TAGGER_VENV"}
-    proc = subprocess.run(["./run.sh", "--help"], cwd=clone, env=env, capture_output=True,
-                          text=True, timeout=1500)
+    proc = subprocess.run(
+        ["./run.sh", "--help"], cwd=clone, env=env, capture_output=True, text=True, timeout=1500
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--tags_model" in proc.stdout and (clone / ".venv" / "bin" / "python").exists()
 
@@ -315,10 +425,12 @@ def test_input_matching_nothing_is_a_usage_error(models, tmp_path):
     assert main(job_args(tmp_path / "nothing-*.tfrecord", tmp_path / "out", models)) == 2
 
 
-def test_a_run_that_dies_half_way_leaves_no_complete_looking_results(images, models, tmp_path,
-                                                                     monkeypatch):
+def test_a_run_that_dies_half_way_leaves_no_complete_looking_results(
+    images, models, tmp_path, monkeypatch
+):
     """Results are renamed into place only when the write finalises; a rerun gives every row."""
     from transforms import write
+
     original = write.RebatchTables.process
     calls = {"n": 0}
 

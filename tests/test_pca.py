@@ -1,4 +1,5 @@
 """model/pca.py: fitting, saving, loading and projecting with a shared PCA basis."""
+
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ def structured(n, seed=0):
 
 
 def batches(x, size=97):
-    return (x[i:i + size] for i in range(0, len(x), size))
+    return (x[i : i + size] for i in range(0, len(x), size))
 
 
 def test_fit_recovers_the_principal_axes_and_the_variance():
@@ -27,13 +28,14 @@ def test_fit_recovers_the_principal_axes_and_the_variance():
     assert basis.dims == 3 and basis.input_dim == D and basis.num_samples == 5000
     np.testing.assert_allclose(basis.mean, x.mean(axis=0), atol=1e-4)
     # Same subspace, same order: |cos| with the true axes close to 1.
-    np.testing.assert_allclose(np.abs(np.sum(basis.components * axes[:, :3].T, axis=1)), 1,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        np.abs(np.sum(basis.components * axes[:, :3].T, axis=1)), 1, atol=1e-3
+    )
     np.testing.assert_allclose(basis.explained_variance, [100, 25, 4], rtol=0.06)
     # Equal to an SVD of the whole (centred) data.
     centred = x.astype(np.float64) - x.mean(axis=0)
     sv = np.linalg.svd(centred, compute_uv=False)
-    var = sv ** 2 / (len(x) - 1)
+    var = sv**2 / (len(x) - 1)
     np.testing.assert_allclose(basis.explained_variance, var[:3], rtol=1e-6)
     np.testing.assert_allclose(basis.explained_variance_ratio, var[:3] / var.sum(), rtol=1e-6)
     # Sign convention: each component's largest coefficient is positive (refits are comparable).
@@ -46,8 +48,9 @@ def test_sampled_fit_is_bounded_and_close():
     exact = fit_basis(batches(x), dims=2)
     sampled = fit_basis(batches(x), dims=2, max_samples=1000, seed=3)
     assert sampled.num_samples == 1000
-    np.testing.assert_allclose(np.abs(np.sum(sampled.components * exact.components, axis=1)), 1,
-                               atol=0.01)
+    np.testing.assert_allclose(
+        np.abs(np.sum(sampled.components * exact.components, axis=1)), 1, atol=0.01
+    )
     again = fit_basis(batches(x), dims=2, max_samples=1000, seed=3)
     np.testing.assert_array_equal(again.components, sampled.components)  # seeded
 

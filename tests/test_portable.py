@@ -6,6 +6,7 @@ pipeline proto, DoFns are pickled, side inputs (the known-key digests, the dupli
 and counters cross process boundaries. It must give the same rows and the same summary counts as
 the in-process run of the same inputs.
 """
+
 import json
 import os
 import pathlib
@@ -24,8 +25,16 @@ from tests import corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
-COUNTS = ("inputs", "results", "failures", "skipped", "accounted", "failures_by_stage",
-          "failures_by_type", "counters")
+COUNTS = (
+    "inputs",
+    "results",
+    "failures",
+    "skipped",
+    "accounted",
+    "failures_by_stage",
+    "failures_by_type",
+    "counters",
+)
 
 pytestmark = pytest.mark.timeout(JOB_TIMEOUT_S + 120)
 
@@ -65,12 +74,20 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def worker_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
     # the pool starts each SDK worker as `python -c ...`: the first python on PATH must be ours
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-    env.update(NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-               TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.update(
+        NO_GCE_CHECK="true",
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+    )
     return env
 
 
@@ -82,13 +99,25 @@ def portable_services(tmp_path):
     procs = []
     try:
         for name, cmd, port in (
-                ("job_service", ["apache_beam.runners.portability.local_job_service_main",
-                                 "--port", str(job_port)], job_port),
-                ("worker_pool", ["apache_beam.runners.worker.worker_pool_main",
-                                 "--service_port", str(pool_port)], pool_port)):
-            proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=worker_env(),
-                                    stdout=logs[name], stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            (
+                "job_service",
+                ["apache_beam.runners.portability.local_job_service_main", "--port", str(job_port)],
+                job_port,
+            ),
+            (
+                "worker_pool",
+                ["apache_beam.runners.worker.worker_pool_main", "--service_port", str(pool_port)],
+                pool_port,
+            ),
+        ):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", *cmd],
+                cwd=REPO,
+                env=worker_env(),
+                stdout=logs[name],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             procs.append(proc)
             wait_for_port(port, proc, name)
         yield job_port, pool_port
@@ -105,22 +134,42 @@ def write_inputs(root: pathlib.Path) -> tuple:
     images = [corpus.make_jpeg(48 + 8 * (i % 3), 40, seed=i) for i in range(12)]
     inputs = root / "in"
     inputs.mkdir()
-    corpus.write_tfrecord(inputs / "a-00000-of-00002.tfrecord",
-                          [(f"k{i:02d}", images[i]) for i in range(6)] + [("bad", b"not a jpeg")])
-    corpus.write_tfrecord(inputs / "a-00001-of-00002.tfrecord",
-                          [(f"k{i:02d}", images[i]) for i in range(6, 12)] + [("k03", images[0])])
+    corpus.write_tfrecord(
+        inputs / "a-00000-of-00002.tfrecord",
+        [(f"k{i:02d}", images[i]) for i in range(6)] + [("bad", b"not a jpeg")],
+    )
+    corpus.write_tfrecord(
+        inputs / "a-00001-of-00002.tfrecord",
+        [(f"k{i:02d}", images[i]) for i in range(6, 12)] + [("k03", images[0])],
+    )
     earlier = root / "earlier"
     earlier.mkdir()
-    pq.write_table(pa.table({"key": ["k01", "k07", "gone"]}),
-                   earlier / "results-00000-of-00001.parquet")
+    pq.write_table(
+        pa.table({"key": ["k01", "k07", "gone"]}), earlier / "results-00000-of-00001.parquet"
+    )
     return inputs / "*.tfrecord", earlier / "results-*.parquet"
 
 
 def job_args(inputs, skip, output, models):
     tags, embed = models
-    return ["--input", str(inputs), "--output", str(output), "--skip_keys_from", str(skip),
-            "--tags_model", tags, "--embed_model", embed, "--batch_size", "4",
-            "--image_size", "32", "--log_every_secs", "0"]
+    return [
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--skip_keys_from",
+        str(skip),
+        "--tags_model",
+        tags,
+        "--embed_model",
+        embed,
+        "--batch_size",
+        "4",
+        "--image_size",
+        "32",
+        "--log_every_secs",
+        "0",
+    ]
 
 
 def rows(output: pathlib.Path, kind: str) -> list:
@@ -136,12 +185,23 @@ def test_portable_runner_matches_the_in_process_run(models, portable_services, t
     local = run(job_args(inputs, skip, tmp_path / "local", models), save_main_session=False)
     assert (local["results"], local["failures"], local["skipped"]) == (10, 2, 2)
 
-    cmd = [sys.executable, "-m", "pipeline",
-           *job_args(inputs, skip, tmp_path / "portable", models),
-           "--runner", "PortableRunner", "--job_endpoint", f"localhost:{job_port}",
-           "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool_port}"]
-    job = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True,
-                         timeout=JOB_TIMEOUT_S)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        *job_args(inputs, skip, tmp_path / "portable", models),
+        "--runner",
+        "PortableRunner",
+        "--job_endpoint",
+        f"localhost:{job_port}",
+        "--environment_type",
+        "EXTERNAL",
+        "--environment_config",
+        f"localhost:{pool_port}",
+    ]
+    job = subprocess.run(
+        cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+    )
     assert job.returncode == 0, job.stderr[-4000:]
 
     portable = json.loads((tmp_path / "portable" / "summary.json").read_text())

@@ -1,5 +1,6 @@
 """transforms/prefetch.py: decoding one batch ahead in a thread pool, nothing lost, same outputs and
 counters as `DecodeAndResize`, and the job with `--decode_threads`."""
+
 import pathlib
 
 import apache_beam as beam
@@ -96,30 +97,45 @@ def test_matches_decode_and_resize_in_a_pipeline():
 
     counters = {}
     for name, transform in (
-            ("inline", beam.ParDo(DecodeAndResize(SIZE, None)).with_outputs(FAILURES, main="decoded")),
-            ("prefetch", PrefetchDecodeAndResize(SIZE, None, threads=2, batch_size=5))):
+        ("inline", beam.ParDo(DecodeAndResize(SIZE, None)).with_outputs(FAILURES, main="decoded")),
+        ("prefetch", PrefetchDecodeAndResize(SIZE, None, threads=2, batch_size=5)),
+    ):
         p = beam.Pipeline(runner=FnApiRunner())
         out = p | beam.Create(recs) | transform
         assert_that(out.decoded | "Check" >> beam.Map(check_pixels), equal_to(want_ok), label="ok")
-        assert_that(out[FAILURES] | "F" >> beam.Map(lambda f: (f.key, f.stage, f.error)),
-                    equal_to(want_failed), label="failed")
+        assert_that(
+            out[FAILURES] | "F" >> beam.Map(lambda f: (f.key, f.stage, f.error)),
+            equal_to(want_failed),
+            label="failed",
+        )
         result = p.run()
         result.wait_until_finish()
-        counters[name] = {c.key.metric.name: c.committed
-                          for c in result.metrics().query(
-                              beam.metrics.MetricsFilter().with_namespace("decode"))["counters"]}
-    assert counters["prefetch"] == counters["inline"] == {
-        "decoded_images": len(want_ok), "decode_failures": len(want_failed)}
+        counters[name] = {
+            c.key.metric.name: c.committed
+            for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("decode"))[
+                "counters"
+            ]
+        }
+    assert (
+        counters["prefetch"]
+        == counters["inline"]
+        == {"decoded_images": len(want_ok), "decode_failures": len(want_failed)}
+    )
 
 
 @pytest.mark.parametrize("threads,batch_size", [(1, 1), (1, 16), (3, 4)])
 def test_nothing_lost_for_any_batching(threads, batch_size):
     recs = records(29, bad_every=5)
     p = beam.Pipeline(runner=FnApiRunner())
-    out = p | beam.Create(recs) | PrefetchDecodeAndResize(SIZE, None, threads=threads,
-                                                          batch_size=batch_size)
-    keys = ((out.decoded | "K1" >> beam.Map(lambda d: d.key)),
-            (out[FAILURES] | "K2" >> beam.Map(lambda f: f.key))) | beam.Flatten()
+    out = (
+        p
+        | beam.Create(recs)
+        | PrefetchDecodeAndResize(SIZE, None, threads=threads, batch_size=batch_size)
+    )
+    keys = (
+        (out.decoded | "K1" >> beam.Map(lambda d: d.key)),
+        (out[FAILURES] | "K2" >> beam.Map(lambda f: f.key)),
+    ) | beam.Flatten()
     assert_that(keys, equal_to([r.key for r in recs]))
     p.run().wait_until_finish()
 
@@ -127,14 +143,28 @@ def test_nothing_lost_for_any_batching(threads, batch_size):
 def test_keeps_each_batch_window_and_timestamp():
     recs = records(12, bad_every=6)
     p = beam.Pipeline(runner=FnApiRunner())
-    stamped = (p | beam.Create(list(enumerate(recs)))
-               | beam.Map(lambda ir: window.TimestampedValue(ir[1], 10 * ir[0]))
-               | beam.WindowInto(window.FixedWindows(30)))
+    stamped = (
+        p
+        | beam.Create(list(enumerate(recs)))
+        | beam.Map(lambda ir: window.TimestampedValue(ir[1], 10 * ir[0]))
+        | beam.WindowInto(window.FixedWindows(30))
+    )
     out = stamped | PrefetchDecodeAndResize(SIZE, None, threads=2, batch_size=2)
-    got = (((out.decoded | "K1" >> beam.Map(lambda d: d.key)),
-            (out[FAILURES] | "K2" >> beam.Map(lambda f: f.key))) | beam.Flatten()
-           | beam.Map(lambda k, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam:
-                      (k, int(w.start), int(ts))))
+    got = (
+        (
+            (out.decoded | "K1" >> beam.Map(lambda d: d.key)),
+            (out[FAILURES] | "K2" >> beam.Map(lambda f: f.key)),
+        )
+        | beam.Flatten()
+        | beam.Map(
+            lambda k, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam: (
+                k,
+                int(w.start),
+                int(ts),
+            )
+        )
+    )
+
     # Each record's window is [30*j, 30*j+30); its timestamp is that of its batch (the batch's
     # end-of-window timestamp, as BatchElements gives) and lies inside that window.
     def check(rows):
@@ -143,6 +173,7 @@ def test_keeps_each_batch_window_and_timestamp():
             i = int(key[3:])
             assert start == (10 * i) // 30 * 30
             assert start <= ts < start + 30
+
     assert_that(got, check)
     p.run().wait_until_finish()
 
@@ -155,6 +186,7 @@ def test_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------ the job
+
 
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory):
@@ -172,10 +204,28 @@ def job_inputs(tmp_path_factory):
 
 def _run_job(ckpt, files, output, threads):
     from pipeline.main import run
-    return run(["--input", str(files / "*"), "--output", str(output), "--tags_model", ckpt,
-                "--embed_model", ckpt, "--batch_size", "4", "--image_size", "48",
-                "--log_every_secs", "0", "--decode_threads", str(threads)],
-               save_main_session=False)
+
+    return run(
+        [
+            "--input",
+            str(files / "*"),
+            "--output",
+            str(output),
+            "--tags_model",
+            ckpt,
+            "--embed_model",
+            ckpt,
+            "--batch_size",
+            "4",
+            "--image_size",
+            "48",
+            "--log_every_secs",
+            "0",
+            "--decode_threads",
+            str(threads),
+        ],
+        save_main_session=False,
+    )
 
 
 def _table(output, kind):
@@ -195,8 +245,12 @@ def test_job_with_decode_threads_matches_inline(job_inputs, tmp_path):
     a, b = _table(tmp_path / "inline", "results"), _table(tmp_path / "ahead", "results")
     assert a.column("key").to_pylist() == b.column("key").to_pylist()
     assert a.column("tags").to_pylist() == b.column("tags").to_pylist()
-    np.testing.assert_allclose(np.array(a.column("embedding").to_pylist()),
-                               np.array(b.column("embedding").to_pylist()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(a.column("embedding").to_pylist()),
+        np.array(b.column("embedding").to_pylist()),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     fa, fb = _table(tmp_path / "inline", "failures"), _table(tmp_path / "ahead", "failures")
     assert fa.to_pylist() == fb.to_pylist()
     assert set(fb.column("stage").to_pylist()) == {"decode"}
@@ -204,6 +258,8 @@ def test_job_with_decode_threads_matches_inline(job_inputs, tmp_path):
 
 def test_decode_threads_option():
     from apache_beam.options.pipeline_options import PipelineOptions
+
     from pipeline.options import JobOptions
+
     opts = PipelineOptions(["--input", "x", "--output", "y", "--decode_threads", "3"])
     assert opts.view_as(JobOptions).decode_threads == 3

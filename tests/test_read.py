@@ -1,4 +1,5 @@
 """ReadImages: formats, keys, corrupt shards, dedupe, glob errors (ARCHITECTURE.md, "Inputs")."""
+
 import hashlib
 import os
 
@@ -10,8 +11,14 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from tests import corpus
 from transforms.decode import DecodeAndResize, decode_image
-from transforms.read import (ReadImages, _MatchFiles, detect_format, iter_entries, masked_crc32c,
-                             split_member)
+from transforms.read import (
+    ReadImages,
+    _MatchFiles,
+    detect_format,
+    iter_entries,
+    masked_crc32c,
+    split_member,
+)
 from transforms.records import FAILURES, STAGE_READ
 
 
@@ -26,12 +33,24 @@ def _entries(path, fmt="auto", with_data=True):
 
 # ------------------------------------------------------------------------------- units
 
-@pytest.mark.parametrize("name, fmt", [
-    ("a/b.tfrecord", "tfrecord"), ("x.TFREC", "tfrecord"), ("x.tfrecords.gz", "tfrecord"),
-    ("gs://b/train-00003-of-01024", "tfrecord"), ("s.tar", "webdataset"), ("s.tar.gz", "webdataset"),
-    ("p.JPG", "images"), ("p.jpeg", "images"), ("p.tiff", "images"), ("p.webp", "images"),
-    ("notes.txt", None), ("_SUCCESS", None),
-])
+
+@pytest.mark.parametrize(
+    "name, fmt",
+    [
+        ("a/b.tfrecord", "tfrecord"),
+        ("x.TFREC", "tfrecord"),
+        ("x.tfrecords.gz", "tfrecord"),
+        ("gs://b/train-00003-of-01024", "tfrecord"),
+        ("s.tar", "webdataset"),
+        ("s.tar.gz", "webdataset"),
+        ("p.JPG", "images"),
+        ("p.jpeg", "images"),
+        ("p.tiff", "images"),
+        ("p.webp", "images"),
+        ("notes.txt", None),
+        ("_SUCCESS", None),
+    ],
+)
 def test_detect_format(name, fmt):
     assert detect_format(name) == fmt
     assert detect_format(name, "images") == "images"
@@ -47,6 +66,7 @@ def test_split_member_like_webdataset():
 def test_masked_crc_matches_tensorflow_framing(tmp_path):
     """Our framing reads TF-written files, and TF reads files written with the corpus writer."""
     import tensorflow as tf
+
     tf_path, our_path = str(tmp_path / "tf.tfrecord"), str(tmp_path / "ours.tfrecord")
     payloads = [corpus.make_example(corpus.make_jpeg(16, 8, seed=i), key=f"k{i}") for i in range(3)]
     with tf.io.TFRecordWriter(tf_path) as w:
@@ -61,14 +81,17 @@ def test_masked_crc_matches_tensorflow_framing(tmp_path):
 def test_tfrecord_key_fallbacks(tmp_path):
     path = str(tmp_path / "keys.tfrecord")
     image = corpus.make_jpeg(8, 8)
-    corpus.write_tfrecord(path, [
-        corpus.make_example(image, key="from-key", **{"image/filename": "f.jpg"}),
-        corpus.make_example(image, key="sid", key_name="image/source_id"),
-        corpus.make_example(image, key="f2.jpg", key_name="image/filename"),
-        corpus.make_example(image),
-        corpus.make_example(None, key_feature="x", **{"image/raw": image}),
-        b"\xff\xff not a protobuf",
-    ])
+    corpus.write_tfrecord(
+        path,
+        [
+            corpus.make_example(image, key="from-key", **{"image/filename": "f.jpg"}),
+            corpus.make_example(image, key="sid", key_name="image/source_id"),
+            corpus.make_example(image, key="f2.jpg", key_name="image/filename"),
+            corpus.make_example(image),
+            corpus.make_example(None, key_feature="x", **{"image/raw": image}),
+            b"\xff\xff not a protobuf",
+        ],
+    )
     entries = _entries(path)
     assert [e.key for e in entries[:5]] == ["from-key", "sid", "f2.jpg", f"{path}:3", f"{path}:4"]
     assert [e.source for e in entries] == [f"{path}:{i}" for i in range(6)]
@@ -82,8 +105,9 @@ def test_tfrecord_key_fallbacks(tmp_path):
 def test_key_pass_keeps_no_bytes_and_sees_same_items(shards):
     for path in shards.paths.values():
         full, light = _entries(path), _entries(path, with_data=False)
-        assert [(e.key, e.index, e.source, e.error) for e in full] == \
-               [(e.key, e.index, e.source, e.error) for e in light]
+        assert [(e.key, e.index, e.source, e.error) for e in full] == [
+            (e.key, e.index, e.source, e.error) for e in light
+        ]
         assert all(e.data is None for e in light)
 
 
@@ -98,7 +122,9 @@ def test_truncated_tar_keeps_complete_samples(shards):
 def test_tar_cut_at_member_boundary_is_reported(tmp_path):
     """tarfile silently stops at a missing end-of-archive marker: we must not."""
     path = str(tmp_path / "cut.tar")
-    offsets = corpus.write_webdataset(path, [(f"s{i}", corpus.make_jpeg(8, 8, i)) for i in range(3)])
+    offsets = corpus.write_webdataset(
+        path, [(f"s{i}", corpus.make_jpeg(8, 8, i)) for i in range(3)]
+    )
     corpus.truncate_file(path, offsets[2])  # exactly before sample 2's header
     entries = _entries(path)
     assert [e.key for e in entries[:-1]] == ["s0", "s1"]
@@ -108,7 +134,9 @@ def test_tar_cut_at_member_boundary_is_reported(tmp_path):
 def test_tar_duplicate_member_and_hidden_files(tmp_path):
     path = str(tmp_path / "dup.tar")
     a, b = corpus.make_jpeg(8, 8, 1), corpus.make_jpeg(8, 8, 2)
-    corpus.write_webdataset(path, [("k", a), ("k", b), ("._k", {"jpg": b"x"}), ("m", {"jpg": a, "png": b})])
+    corpus.write_webdataset(
+        path, [("k", a), ("k", b), ("._k", {"jpg": b"x"}), ("m", {"jpg": a, "png": b})]
+    )
     entries = _entries(path)
     assert [(e.key, e.index) for e in entries] == [("k", 0), ("k", 1), ("m", 2)]
     assert entries[2].data == a and entries[2].source.endswith(":m.jpg")
@@ -132,6 +160,7 @@ def test_pattern_matching_nothing_fails_at_construction(tmp_path):
 
 # ------------------------------------------------------------------------------- pipelines
 
+
 def test_corrupt_shards_and_dedupe_in_a_pipeline(shards):
     sp = shards.paths
     expected_failures = [(key, phrase) for key, phrase in shards.failures.items()] + [
@@ -151,13 +180,18 @@ def test_corrupt_shards_and_dedupe_in_a_pipeline(shards):
 
     p = BeamTestPipeline()
     records, failures = p | ReadImages([os.path.dirname(sp["bad_crc"]) + "/*"])
-    assert_that(records | beam.Map(lambda r: (r.key, r.source)),
-                equal_to(list(shards.records.items())), label="records")
+    assert_that(
+        records | beam.Map(lambda r: (r.key, r.source)),
+        equal_to(list(shards.records.items())),
+        label="records",
+    )
     assert_that(failures, check_failures, label="failures")
     result = p.run()
     result.wait_until_finish()
-    counters = {c.key.metric.name: c.committed
-                for c in result.metrics().query(MetricsFilter().with_namespace("read"))["counters"]}
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(MetricsFilter().with_namespace("read"))["counters"]
+    }
     assert counters["read_images"] == len(shards.records)
     assert counters["read_failures"] == len(expected_failures)
 
@@ -172,10 +206,16 @@ def test_same_images_as_files_tfrecord_webdataset_give_same_pixels(tmp_path):
     files = corpus.write_image_corpus(str(tmp_path / "files"))
     cases = {name: open(path, "rb").read() for name, path in files.items()}
     file_names = {name: os.path.basename(files[name]) for name in cases}
-    corpus.write_tfrecord(str(tmp_path / "all.tfrecord"),
-                          [(f"tf/{name}", data) for name, data in cases.items()])
-    corpus.write_webdataset(str(tmp_path / "all.tar"), [
-        (f"wds/{name}", {os.path.splitext(file_names[name])[1][1:]: data}) for name, data in cases.items()])
+    corpus.write_tfrecord(
+        str(tmp_path / "all.tfrecord"), [(f"tf/{name}", data) for name, data in cases.items()]
+    )
+    corpus.write_webdataset(
+        str(tmp_path / "all.tar"),
+        [
+            (f"wds/{name}", {os.path.splitext(file_names[name])[1][1:]: data})
+            for name, data in cases.items()
+        ],
+    )
 
     def outcome(name, data):
         try:
@@ -187,23 +227,38 @@ def test_same_images_as_files_tfrecord_webdataset_give_same_pixels(tmp_path):
     expected = sorted(outcome(name, data) for name, data in cases.items()) * 3
     with BeamTestPipeline() as p:
         records, read_failures = p | ReadImages(
-            [str(tmp_path / "files" / "*"), str(tmp_path / "all.tfrecord"), str(tmp_path / "all.tar")])
+            [
+                str(tmp_path / "files" / "*"),
+                str(tmp_path / "all.tfrecord"),
+                str(tmp_path / "all.tar"),
+            ]
+        )
         decoded = records | beam.ParDo(DecodeAndResize()).with_outputs(FAILURES, main="decoded")
         results = decoded.decoded | "Results" >> beam.Map(
-            lambda d: (_stem(d.key), (d.width, d.height, hashlib.sha1(d.pixels.tobytes()).hexdigest())))
-        failed = decoded[FAILURES] | "Failed" >> beam.Map(lambda f: (_stem(f.key), "decode-failure"))
+            lambda d: (
+                _stem(d.key),
+                (d.width, d.height, hashlib.sha1(d.pixels.tobytes()).hexdigest()),
+            )
+        )
+        failed = decoded[FAILURES] | "Failed" >> beam.Map(
+            lambda f: (_stem(f.key), "decode-failure")
+        )
         assert_that((results, failed) | beam.Flatten(), equal_to(expected))
         assert_that(read_failures, equal_to([]), label="no read failures")
 
 
 def test_image_files_skip_key_pass_and_keep_zero_byte_files(tmp_path):
     paths = corpus.write_image_corpus(str(tmp_path), ["zero_bytes", "one_pixel", "bmp"])
-    transform = ReadImages([str(tmp_path / "*.jpg"), str(tmp_path / "*.png"), str(tmp_path / "*.bmp")])
+    transform = ReadImages(
+        [str(tmp_path / "*.jpg"), str(tmp_path / "*.png"), str(tmp_path / "*.bmp")]
+    )
     assert not transform._needs_key_pass()
     with BeamTestPipeline() as p:
         records, _ = p | transform
-        assert_that(records | beam.Map(lambda r: (r.key, r.source, len(r.data))),
-                    equal_to([(path, path, os.path.getsize(path)) for path in paths.values()]))
+        assert_that(
+            records | beam.Map(lambda r: (r.key, r.source, len(r.data))),
+            equal_to([(path, path, os.path.getsize(path)) for path in paths.values()]),
+        )
 
 
 def test_overlapping_patterns_read_each_file_once(tmp_path):

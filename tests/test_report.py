@@ -1,5 +1,6 @@
 """report.html: written by every run, re-rendered by `python -m pipeline.report OUTPUT` (local and
 gs://), self-contained, and it loads in headless Chromium with every thumbnail it claims."""
+
 import io
 import os
 import re
@@ -41,9 +42,12 @@ def test_every_run_writes_a_self_contained_report(models):
 def test_sample_thumbnails_come_from_decoded_pixels_with_their_aspect(models):
     output, _, _ = first_run(*models)
     samples = pq.read_table(output / "samples.parquet").to_pylist()
-    keys = set(pq.ParquetDataset(
-        [str(p) for p in output.glob("results-*.parquet")]).read(columns=["key"])
-        .column("key").to_pylist())
+    keys = set(
+        pq.ParquetDataset([str(p) for p in output.glob("results-*.parquet")])
+        .read(columns=["key"])
+        .column("key")
+        .to_pylist()
+    )
     assert {s["key"] for s in samples} == keys
     assert [s["key"] for s in samples] == sorted(keys, key=key_hash)
     chelsea = next(s for s in samples if s["key"].endswith("chelsea.jpg"))
@@ -76,8 +80,7 @@ def test_report_loads_in_chromium_with_every_thumbnail(models, tmp_path):
     png = tmp_path / "report.png"
     errors, seen = inspect_page(str(output / "report.html"), _PAGE_CHECK, str(png))
     assert errors == []
-    assert seen == {"claimed": len(PHOTOS), "imgs": len(PHOTOS), "loaded": len(PHOTOS),
-                    "svgs": 2}
+    assert seen == {"claimed": len(PHOTOS), "imgs": len(PHOTOS), "loaded": len(PHOTOS), "svgs": 2}
     pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
     assert pixels.shape[0] > 600 and pixels.std() > 10  # not blank
 
@@ -101,8 +104,11 @@ def test_sample_is_the_smallest_key_hashes_whatever_the_order(tmp_path):
 
 def test_empty_run_writes_an_empty_sample(tmp_path):
     with BeamTestPipeline() as p:
-        _ = p | beam.Create([], reshuffle=False).with_output_types(Decoded) | SampleThumbnails(
-            str(tmp_path))
+        _ = (
+            p
+            | beam.Create([], reshuffle=False).with_output_types(Decoded)
+            | SampleThumbnails(str(tmp_path))
+        )
     assert pq.read_table(tmp_path / "samples.parquet").num_rows == 0
 
 
@@ -116,11 +122,13 @@ def test_thumbnail_restores_the_aspect_of_a_squashed_image():
 
 def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
     page = tmp_path / "bad.html"
-    page.write_text("<!DOCTYPE html><html><head><meta http-equiv='Content-Security-Policy' "
-                    "content=\"default-src 'none'; img-src data:\"></head><body>"
-                    "<h2>Contact sheet: 1 sample image</h2><div class='card'>"
-                    "<img src='data:image/jpeg;base64,AAAA'></div>"
-                    "<img src='http://127.0.0.1:9/x.png'></body></html>")
+    page.write_text(
+        "<!DOCTYPE html><html><head><meta http-equiv='Content-Security-Policy' "
+        "content=\"default-src 'none'; img-src data:\"></head><body>"
+        "<h2>Contact sheet: 1 sample image</h2><div class='card'>"
+        "<img src='data:image/jpeg;base64,AAAA'></div>"
+        "<img src='http://127.0.0.1:9/x.png'></body></html>"
+    )
     errors, seen = inspect_page(str(page), _PAGE_CHECK, str(tmp_path / "bad.png"))
     assert errors  # the blocked network image
     assert seen["claimed"] == 1 and seen["loaded"] == 0

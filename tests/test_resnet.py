@@ -1,4 +1,5 @@
 """ResNetV2 (TF) against the float64 NumPy reference on random checkpoints in the BiT layout."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -88,11 +89,23 @@ def test_architecture_round_trips_and_arguments_are_keywords():
 @pytest.mark.parametrize(
     "mutate, key",
     [
-        (lambda w: w.pop("resnet/block2/unit01/b/group_norm/beta"), "resnet/block2/unit01/b/group_norm/beta"),
-        (lambda w: w.__setitem__("resnet/block5/unit01/a/group_norm/gamma", np.ones(3, np.float32)),
-         "resnet/block5/unit01/a/group_norm/gamma"),
-        (lambda w: w.__setitem__("resnet/block3/unit01/c/standardized_conv2d/kernel", np.ones((1, 1, 256, 5), np.float32)),
-         "resnet/block3/unit01/c/standardized_conv2d/kernel"),
+        (
+            lambda w: w.pop("resnet/block2/unit01/b/group_norm/beta"),
+            "resnet/block2/unit01/b/group_norm/beta",
+        ),
+        (
+            lambda w: w.__setitem__(
+                "resnet/block5/unit01/a/group_norm/gamma", np.ones(3, np.float32)
+            ),
+            "resnet/block5/unit01/a/group_norm/gamma",
+        ),
+        (
+            lambda w: w.__setitem__(
+                "resnet/block3/unit01/c/standardized_conv2d/kernel",
+                np.ones((1, 1, 256, 5), np.float32),
+            ),
+            "resnet/block3/unit01/c/standardized_conv2d/kernel",
+        ),
         (lambda w: w.pop("resnet/head/conv2d/bias"), "resnet/head/conv2d/bias"),
     ],
     ids=["missing", "extra", "misshaped", "missing-head-bias"],
@@ -142,7 +155,7 @@ def test_channel_moments_paths_match_float64():
 
     x = np.random.default_rng(3).normal(0.5, 2.0, (2, 13, 9, 64)).astype(np.float32)
     x64 = x.astype(np.float64)
-    ref_mean, ref_sq = x64.mean(axis=(1, 2)), (x64 ** 2).mean(axis=(1, 2))
+    ref_mean, ref_sq = x64.mean(axis=(1, 2)), (x64**2).mean(axis=(1, 2))
     for moments in (group_norm._channel_moments, group_norm._channel_moments_xla):
         mean, mean_sq = moments(tf.constant(x))
         np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)

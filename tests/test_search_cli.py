@@ -1,4 +1,5 @@
 """`python -m search` (./run.sh index / search): output formats and exit codes, in process."""
+
 import json
 import subprocess
 import sys
@@ -48,8 +49,10 @@ def test_tag_query_prints_a_table_and_lists_the_synsets_of_a_homonym(indexed, ca
     output, _ = indexed
     rc, out, err = run(capsys, "search", str(output) + "/index", "--tag", "crane", "--k", "3")
     assert rc == 0
-    assert f"names 2 synsets, all matched: {so.CRANE_BIRD[0]} (crane), {so.CRANE_MACHINE[0]} " \
-           "(crane)" in err
+    assert (
+        f"names 2 synsets, all matched: {so.CRANE_BIRD[0]} (crane), {so.CRANE_MACHINE[0]} "
+        "(crane)" in err
+    )
     lines = out.strip().splitlines()
     assert lines[0].split() == ["#", "score", "key", "tags"] and len(lines) == 4
     assert lines[1].split()[0] == "1" and "[n0" in lines[1]
@@ -62,13 +65,16 @@ def test_key_query_with_k(indexed, capsys):
     assert [h["key"] for h in json.loads(out)] != [] and photos[0] not in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tag", "no such tag"], "unknown tag 'no such tag'"),
-    (["--key", "missing-key"], "key 'missing-key' is not in the index"),
-    (["--key", "a", "--tag", "dog"], "give one of --image, --key or --tag"),
-    ([], "give one of --image, --key or --tag"),
-    (["--tag", "dog", "--k", "0"], "--k must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tag", "no such tag"], "unknown tag 'no such tag'"),
+        (["--key", "missing-key"], "key 'missing-key' is not in the index"),
+        (["--key", "a", "--tag", "dog"], "give one of --image, --key or --tag"),
+        ([], "give one of --image, --key or --tag"),
+        (["--tag", "dog", "--k", "0"], "--k must be at least 1"),
+    ],
+)
 def test_bad_queries_exit_2_with_one_line(indexed, capsys, argv, message):
     output, _ = indexed
     rc, out, err = run(capsys, "search", output, *argv)
@@ -101,6 +107,10 @@ def test_missing_index_and_usage_errors_exit_2(tmp_path, capsys):
 
 
 def test_module_entry_point_runs(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "search", "search", str(tmp_path), "--tag", "x"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "search", "search", str(tmp_path), "--tag", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "no index at" in done.stderr

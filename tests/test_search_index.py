@@ -1,6 +1,7 @@
 """`search.index`: an index built from a real job output holds its rows as written; runs append;
 runs with another model, basis or preprocessing are refused; gs:// outputs are read from the GCS
 emulator into a local index; the IVF-PQ path is trained and kept up to date on append."""
+
 import json
 import logging
 import pathlib
@@ -26,7 +27,8 @@ def test_index_holds_every_result_row_with_its_embedding(job_output, tmp_path, c
     assert rows.column("source").to_pylist() == written.column("source").to_pylist()
     np.testing.assert_array_equal(
         np.stack(rows.column("vector").to_pylist()),
-        np.stack(written.column("embedding").to_pylist()))
+        np.stack(written.column("embedding").to_pylist()),
+    )
     # Without a categories column, the tags are what a tag query matches.
     first = written.column("tags")[0].as_py()
     assert rows.column("wnids")[0].as_py() == [t["wnid"] for t in first]
@@ -43,8 +45,9 @@ def test_index_holds_every_result_row_with_its_embedding(job_output, tmp_path, c
 def test_default_index_dir_is_next_to_a_local_output_and_local_for_gcs(tmp_path, monkeypatch):
     monkeypatch.setenv("BIT_CACHE_DIR", str(tmp_path))
     assert default_index_dir("/data/out/") == "/data/out/index"
-    assert default_index_dir("gs://b/tags/2024") == str(tmp_path / "index" / "gs" / "b" / "tags"
-                                                        / "2024")
+    assert default_index_dir("gs://b/tags/2024") == str(
+        tmp_path / "index" / "gs" / "b" / "tags" / "2024"
+    )
 
 
 def test_runs_append_and_reindexing_adds_nothing(job_output, tmp_path):
@@ -65,8 +68,10 @@ def test_runs_append_and_reindexing_adds_nothing(job_output, tmp_path):
     assert [w for w, _ in query.resolve_tag(index, "domestic cat")] == [so.CAT[0]]
 
 
-@pytest.mark.parametrize("key, value", [
-    ("embed_model_sha256", "f" * 64), ("pca_basis_sha256", "e" * 64), ("image_size", "224")])
+@pytest.mark.parametrize(
+    "key, value",
+    [("embed_model_sha256", "f" * 64), ("pca_basis_sha256", "e" * 64), ("image_size", "224")],
+)
 def test_a_run_with_other_vectors_is_refused(job_output, tmp_path, key, value):
     output, _ = job_output
     index_dir = str(tmp_path / "ix")
@@ -84,8 +89,9 @@ def test_missing_results_are_a_clear_error(tmp_path):
         open_index(str(tmp_path))
 
 
-def test_gcs_output_is_indexed_locally_and_searched(job_output, gcs_emulator, tmp_path,
-                                                    monkeypatch):
+def test_gcs_output_is_indexed_locally_and_searched(
+    job_output, gcs_emulator, tmp_path, monkeypatch
+):
     monkeypatch.setenv("BIT_CACHE_DIR", str(tmp_path / "cache"))
     output, _ = job_output
     local = pathlib.Path(so.retag(output, str(tmp_path / "tagged")))
@@ -110,8 +116,9 @@ def test_gcs_output_is_indexed_locally_and_searched(job_output, gcs_emulator, tm
 def test_ivf_pq_index_is_trained_used_and_updated_on_append(tmp_path):
     vectors = so.clustered(600, 32)
     index_dir = str(tmp_path / "ix")
-    report = build_index(so.synthetic_output(str(tmp_path / "a"), vectors), index_dir,
-                         ann_min_rows=500)
+    report = build_index(
+        so.synthetic_output(str(tmp_path / "a"), vectors), index_dir, ann_min_rows=500
+    )
     assert report["vector_index"] == "ivf_pq"
     meta = read_meta(index_dir)["vector_index"]
     assert meta["num_partitions"] == ann.num_partitions(600) == 2
@@ -129,8 +136,9 @@ def test_ivf_pq_index_is_trained_used_and_updated_on_append(tmp_path):
     assert np.mean(recall) >= 0.9
     # An append below twice the trained size goes into the existing index (no retraining).
     more = so.clustered(100, 32, seed=5)
-    report = build_index(so.synthetic_output(str(tmp_path / "b"), more, prefix="t"), index_dir,
-                         ann_min_rows=500)
+    report = build_index(
+        so.synthetic_output(str(tmp_path / "b"), more, prefix="t"), index_dir, ann_min_rows=500
+    )
     assert report["rows"] == 700 and read_meta(index_dir)["vector_index"] == meta
     index = open_index(index_dir)
     assert index.images.index_stats("vector_idx").num_unindexed_rows == 0

@@ -1,5 +1,6 @@
 """`search.query` on an index of a real job output (retagged with hand-made tags and categories,
 tests/search_outputs.py): by image, by key, by tag, image within a tag, and the bad inputs."""
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -57,8 +58,15 @@ def test_tag_returns_images_whose_categories_contain_it_by_category_score(tagged
     synsets = query.resolve_tag(index, "dog")  # a hypernym: only in the categories
     assert synsets == [so.DOG]
     hits = query.by_tag(index, [so.DOG[0]], k=10)
-    expected = sorted(((c["score"], row["key"]) for row in table.to_pylist()
-                       for c in row["categories"] if c["wnid"] == so.DOG[0]), reverse=True)
+    expected = sorted(
+        (
+            (c["score"], row["key"])
+            for row in table.to_pylist()
+            for c in row["categories"]
+            if c["wnid"] == so.DOG[0]
+        ),
+        reverse=True,
+    )
     assert [(pytest.approx(h.score), h.key) for h in hits] == [(s, k) for s, k in expected]
     assert len(hits) == so.NUM_PHOTOS // 2 and {h.wnid for h in hits} == {so.DOG[0]}
     assert [h.key for h in query.by_tag(index, [so.DOG[0]], k=2)] == [k for _, k in expected[:2]]
@@ -81,8 +89,10 @@ def test_wnids_and_spaced_lemmas_resolve(tagged):
     # A known class that no indexed image has: no error, no rows.
     assert query.resolve_tag(index, "tabby cat") == [so.TABBY]
     assert query.resolve_tag(index, "flat-coated retriever")[0][0].startswith("n")
-    assert query.by_tag(index, [w for w, _ in query.resolve_tag(index, "flat-coated retriever")],
-                        k=5) == []
+    assert (
+        query.by_tag(index, [w for w, _ in query.resolve_tag(index, "flat-coated retriever")], k=5)
+        == []
+    )
 
 
 def test_without_categories_tags_match_only_the_tagged_classes(job_output, tmp_path):
@@ -94,8 +104,15 @@ def test_without_categories_tags_match_only_the_tagged_classes(job_output, tmp_p
     assert index.settings["tag_column"] == "tags"
     hits = query.by_tag(index, [w for w, _ in query.resolve_tag(index, "golden retriever")], k=10)
     table = so.results(tags_only)
-    expected = sorted(((t["score"], row["key"]) for row in table.to_pylist() for t in row["tags"]
-                       if t["wnid"] == so.GOLDEN[0]), reverse=True)
+    expected = sorted(
+        (
+            (t["score"], row["key"])
+            for row in table.to_pylist()
+            for t in row["tags"]
+            if t["wnid"] == so.GOLDEN[0]
+        ),
+        reverse=True,
+    )
     assert [(pytest.approx(h.score), h.key) for h in hits] == [(s, k) for s, k in expected]
     dogs = query.resolve_tag(index, "dog")  # known classes (the animal, the andiron) ...
     assert so.DOG in dogs and len(dogs) == 2
@@ -106,8 +123,11 @@ def test_image_within_a_tag_only_returns_images_of_that_tag(tagged, model):
     index, table, photos = tagged
     vector = query.embed_image(index, open(photos[1], "rb").read(), model)
     cats = query.by_vector(index, vector, k=10, wnids=[so.CAT[0]])
-    cat_keys = {row["key"] for row in table.to_pylist()
-                if any(c["wnid"] == so.CAT[0] for c in row["categories"])}
+    cat_keys = {
+        row["key"]
+        for row in table.to_pylist()
+        if any(c["wnid"] == so.CAT[0] for c in row["categories"])
+    }
     assert {h.key for h in cats} == cat_keys and photos[1] not in cat_keys
     assert {h.wnid for h in cats} == {so.CAT[0]}
     assert [h.score for h in cats] == sorted((h.score for h in cats), reverse=True)
@@ -144,19 +164,31 @@ def test_image_query_against_reduced_embeddings(job_output, tmp_path, model):
     dims = 4
     basis_path = tmp_path / "basis.npz"
     variance = (s[:dims] ** 2 / (len(embeddings) - 1)).astype(np.float64)
-    np.savez(basis_path, mean=mean, components=vt[:dims].astype(np.float32),
-             explained_variance=variance,
-             explained_variance_ratio=variance / np.sum(s ** 2 / (len(embeddings) - 1)),
-             num_samples=np.int64(len(embeddings)))
+    np.savez(
+        basis_path,
+        mean=mean,
+        components=vt[:dims].astype(np.float32),
+        explained_variance=variance,
+        explained_variance_ratio=variance / np.sum(s**2 / (len(embeddings) - 1)),
+        num_samples=np.int64(len(embeddings)),
+    )
     basis = pca.load_basis(str(basis_path))
     reduced = basis.project(embeddings)
     column = pa.FixedSizeListArray.from_arrays(
         pa.array(reduced.astype(np.float32).ravel()),
-        type=pa.list_(pa.field("element", pa.float32()), dims))
-    reduced_output = so.retag(output, str(tmp_path / "out"), extra_columns={
-        "embedding_reduced": column}, metadata={
-        "pca_basis": str(basis_path), "pca_basis_sha256": basis.sha256, "pca_dims": str(dims),
-        "pca_input_dim": str(embeddings.shape[1])})
+        type=pa.list_(pa.field("element", pa.float32()), dims),
+    )
+    reduced_output = so.retag(
+        output,
+        str(tmp_path / "out"),
+        extra_columns={"embedding_reduced": column},
+        metadata={
+            "pca_basis": str(basis_path),
+            "pca_basis_sha256": basis.sha256,
+            "pca_dims": str(dims),
+            "pca_input_dim": str(embeddings.shape[1]),
+        },
+    )
     build_index(reduced_output)
     index = open_index(reduced_output)
     assert index.settings["vector_column"] == "embedding_reduced" and index.settings["dim"] == dims

@@ -2,6 +2,7 @@
 
 The job tests run the real graph on the in-process runner with tiny images and checkpoints.
 """
+
 import hashlib
 import io
 import pathlib
@@ -17,13 +18,22 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.main import run
 from tests import corpus
 from transforms.records import ImageRecord
-from transforms.skip import (KnownKeys, MergeDigests, SkipKnownKeys, contains, key_digests,
-                             read_keys, sorted_unique, split_patterns)
+from transforms.skip import (
+    KnownKeys,
+    MergeDigests,
+    SkipKnownKeys,
+    contains,
+    key_digests,
+    read_keys,
+    sorted_unique,
+    split_patterns,
+)
 
 FIRST, ADDED = 20, 5
 
 
 # ------------------------------------------------------------------------------------ helpers
+
 
 def image_bytes(i: int) -> bytes:
     return corpus.make_jpeg(64 + (i % 4) * 8, 56 + (i % 3) * 8, seed=100 + i)
@@ -46,15 +56,31 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def job_args(inputs, output, models, *extra):
     tags, embed = models
-    return ["--input", str(inputs), "--output", str(output), "--tags_model", tags,
-            "--embed_model", embed, "--batch_size", "4", "--image_size", "64",
-            "--log_every_secs", "0", *extra]
+    return [
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--tags_model",
+        tags,
+        "--embed_model",
+        embed,
+        "--batch_size",
+        "4",
+        "--image_size",
+        "64",
+        "--log_every_secs",
+        "0",
+        *extra,
+    ]
 
 
 def result_keys(output) -> list:
     files = sorted(pathlib.Path(output).glob("results-*.parquet"))
     assert files, f"no results in {output}"
-    return sorted(k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist())
+    return sorted(
+        k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()
+    )
 
 
 def run_skip(records, pattern, expected_keys):
@@ -65,8 +91,9 @@ def run_skip(records, pattern, expected_keys):
     assert_that(kept, equal_to(expected_keys))
     result = p.run()
     result.wait_until_finish()
-    counters = result.metrics().query(
-        beam.metrics.MetricsFilter().with_name("skipped_images"))["counters"]
+    counters = result.metrics().query(beam.metrics.MetricsFilter().with_name("skipped_images"))[
+        "counters"
+    ]
     return sum(c.committed or 0 for c in counters)
 
 
@@ -76,9 +103,12 @@ def records(*keys):
 
 # ------------------------------------------------------------------------------- unit: read_keys
 
+
 def test_read_keys_reads_only_the_key_column(tmp_path):
     path = tmp_path / "results-00000-of-00001.parquet"
-    write_parquet(keys_table(["a", "b", "c/d.jpg"], embedding=pa.array([[1.0], [2.0], [3.0]])), path)
+    write_parquet(
+        keys_table(["a", "b", "c/d.jpg"], embedding=pa.array([[1.0], [2.0], [3.0]])), path
+    )
     assert read_keys(str(path)) == ["a", "b", "c/d.jpg"]
 
 
@@ -102,13 +132,17 @@ def test_read_keys_from_gcs(beam_gcs):
 
 
 def test_split_patterns():
-    assert split_patterns(" a/*.parquet, gs://b/r-*.parquet ,") == ["a/*.parquet", "gs://b/r-*.parquet"]
+    assert split_patterns(" a/*.parquet, gs://b/r-*.parquet ,") == [
+        "a/*.parquet",
+        "gs://b/r-*.parquet",
+    ]
     assert split_patterns(["a", " "]) == ["a"]
     with pytest.raises(ValueError):
         SkipKnownKeys(" , ")
 
 
 # --------------------------------------------------------------------------- unit: SkipKnownKeys
+
 
 def test_skip_known_keys_over_several_files_and_globs(tmp_path):
     (tmp_path / "run1").mkdir()
@@ -129,7 +163,9 @@ def test_skip_source_matching_nothing_skips_nothing(tmp_path):
 
 def test_skip_known_keys_from_gcs(beam_gcs):
     root = f"gs://{beam_gcs.new_bucket()}/runs"
-    beam_gcs.upload(f"{root}/1/results-00000-of-00001.parquet", parquet_bytes(keys_table(["a", "b"])))
+    beam_gcs.upload(
+        f"{root}/1/results-00000-of-00001.parquet", parquet_bytes(keys_table(["a", "b"]))
+    )
     beam_gcs.upload(f"{root}/2/results-00000-of-00001.parquet", parquet_bytes(keys_table(["c"])))
     assert run_skip(records("a", "b", "c", "z"), f"{root}/*/results-*.parquet", ["z"]) == 3
 
@@ -139,8 +175,10 @@ def test_known_keys_is_one_sorted_digest_array(tmp_path):
     write_parquet(keys_table(["b", "c"]), tmp_path / "results-00001-of-00002.parquet")
     with beam.Pipeline(runner=FnApiRunner()) as p:
         known = p | KnownKeys(f"{tmp_path}/results-*.parquet, {tmp_path}/results-0000[01]-*")
-        assert_that(known | beam.Map(lambda a: (a.dtype.str, a.tolist())),
-                    equal_to([("|S16", sorted(key_digests(["a", "b", "c"]).tolist()))]))
+        assert_that(
+            known | beam.Map(lambda a: (a.dtype.str, a.tolist())),
+            equal_to([("|S16", sorted(key_digests(["a", "b", "c"]).tolist()))]),
+        )
 
 
 def test_key_digests_are_16_bytes_of_blake2b():
@@ -180,8 +218,11 @@ def test_skip_is_exact_over_many_records_and_files(tmp_path):
     """More records than one lookup batch, known keys spread over files with row groups."""
     known = [f"k{i:05d}" for i in range(0, 4000, 2)]
     for part in range(3):
-        pq.write_table(keys_table(known[part::3]),
-                       str(tmp_path / f"results-{part:05d}-of-00003.parquet"), row_group_size=100)
+        pq.write_table(
+            keys_table(known[part::3]),
+            str(tmp_path / f"results-{part:05d}-of-00003.parquet"),
+            row_group_size=100,
+        )
     inputs = [f"k{i:05d}" for i in range(1500)]
     kept = [k for k in inputs if int(k[1:]) % 2]
     assert run_skip(records(*inputs), f"{tmp_path}/results-*.parquet", kept) == 750
@@ -194,6 +235,7 @@ def test_skip_keeps_records_whole():
 
 
 # ------------------------------------------------------------------------ the job, incrementally
+
 
 def assert_incremental_summary(summary):
     assert summary["skipped"] == FIRST
@@ -214,12 +256,21 @@ def test_incremental_run_over_image_files(models, tmp_path):
 
     for i in range(FIRST, FIRST + ADDED):
         (inputs / f"img{i:03d}.jpg").write_bytes(image_bytes(i))
-    second = run(job_args(inputs / "*.jpg", tmp_path / "run2", models, "--skip_keys_from",
-                          str(tmp_path / "run1" / "results-*.parquet")), save_main_session=False)
+    second = run(
+        job_args(
+            inputs / "*.jpg",
+            tmp_path / "run2",
+            models,
+            "--skip_keys_from",
+            str(tmp_path / "run1" / "results-*.parquet"),
+        ),
+        save_main_session=False,
+    )
     assert_incremental_summary(second)
     new_keys = result_keys(tmp_path / "run2")
     assert [pathlib.PurePath(k).name for k in new_keys] == [
-        f"img{i:03d}.jpg" for i in range(FIRST, FIRST + ADDED)]
+        f"img{i:03d}.jpg" for i in range(FIRST, FIRST + ADDED)
+    ]
     assert not set(new_keys) & set(old_keys)
 
 
@@ -228,17 +279,31 @@ def test_incremental_run_with_a_gcs_skip_source(models, gcs_emulator, tmp_path):
     are read back from gs:// (where a nightly job keeps them)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    corpus.write_tfrecord(inputs / "day1-00000-of-00001.tfrecord",
-                          [(f"photo-{i}", image_bytes(i)) for i in range(FIRST)])
+    corpus.write_tfrecord(
+        inputs / "day1-00000-of-00001.tfrecord",
+        [(f"photo-{i}", image_bytes(i)) for i in range(FIRST)],
+    )
     first = run(job_args(inputs / "*.tfrecord", tmp_path / "run1", models), save_main_session=False)
     assert first["results"] == FIRST and first["accounted"]
 
     bucket = gcs_emulator.new_bucket()
     for path in sorted((tmp_path / "run1").glob("results-*.parquet")):
         gcs_emulator.upload_file(f"gs://{bucket}/nightly/run1/{path.name}", path)
-    corpus.write_tfrecord(inputs / "day2-00000-of-00001.tfrecord",
-                          [(f"photo-{i}", image_bytes(i)) for i in range(FIRST, FIRST + ADDED)])
-    second = run(job_args(inputs / "*.tfrecord", tmp_path / "run2", models, "--skip_keys_from",
-                          f"gs://{bucket}/nightly/*/results-*.parquet"), save_main_session=False)
+    corpus.write_tfrecord(
+        inputs / "day2-00000-of-00001.tfrecord",
+        [(f"photo-{i}", image_bytes(i)) for i in range(FIRST, FIRST + ADDED)],
+    )
+    second = run(
+        job_args(
+            inputs / "*.tfrecord",
+            tmp_path / "run2",
+            models,
+            "--skip_keys_from",
+            f"gs://{bucket}/nightly/*/results-*.parquet",
+        ),
+        save_main_session=False,
+    )
     assert_incremental_summary(second)
-    assert result_keys(tmp_path / "run2") == sorted(f"photo-{i}" for i in range(FIRST, FIRST + ADDED))
+    assert result_keys(tmp_path / "run2") == sorted(
+        f"photo-{i}" for i in range(FIRST, FIRST + ADDED)
+    )

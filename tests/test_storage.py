@@ -1,4 +1,5 @@
 """model/storage.py: the same open_file for local paths and gs:// (emulator)."""
+
 import socket
 import time
 

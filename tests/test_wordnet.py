@@ -1,5 +1,6 @@
 """WordNet categories: the shipped hierarchy against hand-checked chains, and the vectorised
 roll-up against a brute-force walk of the shipped file."""
+
 import functools
 import gzip
 import shutil
@@ -34,8 +35,15 @@ def test_golden_retriever_rolls_up_to_entity(hierarchy):
     chain = hierarchy.ancestors(GOLDEN_RETRIEVER)
     assert len(chain) == 19
     names = labels_of(hierarchy, chain)
-    assert names[:7] == ["golden_retriever", "retriever", "sporting_dog, gun_dog", "hunting_dog",
-                         "dog, domestic_dog, Canis_familiaris", "canine, canid", "carnivore"]
+    assert names[:7] == [
+        "golden_retriever",
+        "retriever",
+        "sporting_dog, gun_dog",
+        "hunting_dog",
+        "dog, domestic_dog, Canis_familiaris",
+        "canine, canid",
+        "carnivore",
+    ]
     assert "domestic_animal, domesticated_animal" in names  # through dog's second parent
     assert names[-3:] == ["object, physical_object", "physical_entity", "entity"]
     assert hierarchy.depths[hierarchy.index(GOLDEN_RETRIEVER)] == 17
@@ -53,8 +61,11 @@ def test_dog_has_two_hypernyms_and_is_deeper_than_both(hierarchy):
 def test_instance_hypernym_is_followed(hierarchy):
     chain = hierarchy.ancestors(STOKER)
     assert labels_of(hierarchy, chain[:4]) == [
-        "Stoker, Bram_Stoker, Abraham_Stoker", "writer, author", "communicator",
-        "person, individual, someone, somebody, mortal, soul"]
+        "Stoker, Bram_Stoker, Abraham_Stoker",
+        "writer, author",
+        "communicator",
+        "person, individual, someone, somebody, mortal, soul",
+    ]
     assert {"n00007347", "n00004475"} <= set(chain)  # person -> causal_agent and organism
     assert chain[-1] == wordnet.ROOT
 
@@ -103,7 +114,7 @@ def brute_force(classes, scores, min_depth):
     return sorted(best.items(), key=lambda ws: (-ws[1], -depth_of[ws[0]], ws[0]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_hypernyms_cached():
     return read_hypernyms()
 
@@ -123,8 +134,9 @@ def test_vectorised_roll_up_equals_brute_force(hierarchy, min_depth):
     for r in range(b):
         lo, hi = got.offsets[r], got.offsets[r + 1]
         row = [(hierarchy.wnids[i], float(s)) for i, s in zip(got.ids[lo:hi], got.scores[lo:hi])]
-        want = brute_force(classes[offsets[r]:offsets[r + 1]],
-                           scores[offsets[r]:offsets[r + 1]], min_depth)
+        want = brute_force(
+            classes[offsets[r] : offsets[r + 1]], scores[offsets[r] : offsets[r + 1]], min_depth
+        )
         assert row == want
 
 
@@ -155,9 +167,11 @@ def fake_data_noun(synsets):
         lines = []
         for name, words, pointers in synsets:
             ptrs = " ".join(f"{sym} {offsets[p]:08d} n 0000" for sym, p in pointers)
-            lines.append(f"{offsets[name]:08d} 05 n {len(words):02x} "
-                         + " ".join(f"{w} 0" for w in words)
-                         + f" {len(pointers):03d} {ptrs} | a gloss  \n")
+            lines.append(
+                f"{offsets[name]:08d} 05 n {len(words):02x} "
+                + " ".join(f"{w} 0" for w in words)
+                + f" {len(pointers):03d} {ptrs} | a gloss  \n"
+            )
         return lines
 
     lengths = [len(line) for line in render({name: 0 for name, _, _ in synsets})]
@@ -170,22 +184,27 @@ def fake_data_noun(synsets):
 
 def test_build_script_derives_the_closure_from_data_noun():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location(
-        "build_wordnet", f"{wordnet.DATA_DIR}/build_wordnet.py")
+        "build_wordnet", f"{wordnet.DATA_DIR}/build_wordnet.py"
+    )
     build_wordnet = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_wordnet)
-    data, offsets = fake_data_noun([
-        ("entity", ["entity"], []),
-        ("animal", ["animal", "beast"], [("@", "entity")]),
-        ("pet", ["pet"], [("@", "entity"), ("~", "animal")]),  # `~` (hyponym) is not followed
-        ("rock", ["rock"], [("@", "entity")]),  # above no class: left out
-        ("dog", ["dog", "domestic_dog"], [("@", "animal"), ("@", "pet")]),
-        ("rex", ["Rex"], [("@i", "dog")]),
-    ])
+    data, offsets = fake_data_noun(
+        [
+            ("entity", ["entity"], []),
+            ("animal", ["animal", "beast"], [("@", "entity")]),
+            ("pet", ["pet"], [("@", "entity"), ("~", "animal")]),  # `~` (hyponym) is not followed
+            ("rock", ["rock"], [("@", "entity")]),  # above no class: left out
+            ("dog", ["dog", "domestic_dog"], [("@", "animal"), ("@", "pet")]),
+            ("rex", ["Rex"], [("@i", "dog")]),
+        ]
+    )
     wnid = {name: f"n{offset:08d}" for name, offset in offsets.items()}
     build_wordnet.ROOT = wnid["entity"]
     packed, text, license_text = build_wordnet.build(
-        data, [wnid["dog"], wnid["rex"]], ["dog, domestic_dog", "Rex"])
+        data, [wnid["dog"], wnid["rex"]], ["dog, domestic_dog", "Rex"]
+    )
     assert gzip.decompress(packed) == text and license_text.count("\n") == 29
     rows = [line.split("\t") for line in text.decode().splitlines()]
     assert rows == sorted(rows)

@@ -10,6 +10,7 @@ pixel-count limit is checked from the header, before any pixel is decoded, and p
 opened through Pillow's plugin registry directly, so Pillow's process-wide `Image.MAX_IMAGE_PIXELS`
 is neither read nor changed (no global state shared between threads).
 """
+
 from __future__ import annotations
 
 import io
@@ -78,10 +79,21 @@ def decode_image(
         return _decode(data, image_size, max_pixels, resize)
     except DecodeError:
         raise
-    except Image.DecompressionBombError as exc:  # raised by a plugin mid-decode (e.g. GIF frame growth)
+    except (
+        Image.DecompressionBombError
+    ) as exc:  # raised by a plugin mid-decode (e.g. GIF frame growth)
         raise DecodeError(f"image is over the decompression-bomb pixel limit ({exc})") from None
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError,
-            KeyError, zlib.error) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        struct.error,
+        EOFError,
+        IndexError,
+        TypeError,
+        KeyError,
+        zlib.error,
+    ) as exc:
         raise DecodeError(_describe_pillow_error(exc)) from None
 
 
@@ -91,8 +103,12 @@ def _decode(data: bytes, size: int, max_pixels: int | None, resize: str):
     if max_pixels and width * height > max_pixels:
         raise DecodeError(f"image is {width}x{height}, over the {max_pixels}-pixel limit")
     transpose = _orientation(im)
-    if transpose in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
-                     Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90):
+    if transpose in (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    ):
         width, height = height, width
     box = _draft(im, size)
     im = _to_rgb_or_l(im)
@@ -133,7 +149,8 @@ def _sniff(data: bytes) -> str:
     """Why bytes that no image plugin accepts are not an image, in words."""
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or (
-            head.startswith(b"<") and b"<html" in head):
+        head.startswith(b"<") and b"<html" in head
+    ):
         return "not an image (looks like HTML)"
     if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
         return "not a raster image (looks like SVG, which is not supported)"
@@ -190,7 +207,8 @@ def _to_rgb_or_l(im: Image.Image) -> Image.Image:
     """First frame as RGB, or L for grey (resized as one channel, expanded at the end)."""
     mode = im.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-            mode in ("P", "L", "RGB") and "transparency" in im.info):
+        mode in ("P", "L", "RGB") and "transparency" in im.info
+    ):
         return _composite_on_white(im.convert("RGBA"))  # applies a palette / tRNS transparency too
     if mode in ("RGB", "L"):
         return im
@@ -248,13 +266,19 @@ def _describe_pillow_error(exc: BaseException) -> str:
         return "truncated image file"
     if "broken data stream" in low or isinstance(exc, zlib.error):
         return f"corrupt image data ({text or type(exc).__name__})"
-    return f"cannot decode image ({type(exc).__name__}: {text})" if text else \
-        f"cannot decode image ({type(exc).__name__})"
+    return (
+        f"cannot decode image ({type(exc).__name__}: {text})"
+        if text
+        else f"cannot decode image ({type(exc).__name__})"
+    )
 
 
-def decode_record(record: ImageRecord, image_size: int = DEFAULT_IMAGE_SIZE,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, resize: str = "squash"
-                  ) -> Decoded | Failure:
+def decode_record(
+    record: ImageRecord,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    resize: str = "squash",
+) -> Decoded | Failure:
     """One record -> `Decoded`, or the `Failure(stage="decode")` row saying why not (never raises:
     any exception from one image, even an unexpected one, becomes that image's failure row)."""
     try:
@@ -272,8 +296,12 @@ class DecodeAndResize(beam.DoFn):
     Counters (namespace "decode"): decoded_images, decode_failures.
     """
 
-    def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 resize: str = "squash"):
+    def __init__(
+        self,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        resize: str = "squash",
+    ):
         check_resize(resize)
         self._args = (image_size, max_pixels, resize)
         self._decoded = counters.DECODED_IMAGES.metric()

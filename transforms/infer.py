@@ -6,6 +6,7 @@ latency distribution. Our handler turns one batch of `Decoded` images into ONE `
 of result rows (top-k tags, embeddings) built from flat NumPy arrays: no per-image Python dicts on the
 hot path. A batch the model cannot run becomes one `Failure` per image, never a crashed job.
 """
+
 import logging
 import os
 import threading
@@ -18,8 +19,7 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from model import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL  # noqa: F401 (re-exported)
-from transforms import counters
-from transforms import progress
+from transforms import counters, progress
 from transforms.records import FAILURES, STAGE_INFERENCE, Decoded, Failure, error_text
 from transforms.write import results_batch, top_k
 
@@ -31,6 +31,7 @@ class InferenceConfig(NamedTuple):
     """Everything a worker needs to load the model and shape its output rows (picklable).
 
     Built from the job's flags by `from_options`, the one place that maps flags to it."""
+
     tags_model: str
     embed_model: str
     schema: pa.Schema
@@ -53,13 +54,23 @@ class InferenceConfig(NamedTuple):
         """The config for the job's flags (`pipeline.options.JobOptions`); `schema` None is
         enough to load and check the models before the output schema is known."""
         return cls(
-            tags_model=opts.tags_model, embed_model=opts.embed_model, schema=schema,
-            batch_size=opts.batch_size, precision=opts.precision, jit_compile=opts.xla,
-            cache_dir=opts.model_cache_dir, top_k=opts.top_k, min_score=opts.min_score,
-            embedding_dtype=opts.embedding_dtype, normalize_embeddings=opts.normalize_embeddings,
-            write_all_scores=opts.write_all_scores, log_every_secs=opts.log_every_secs,
-            categories=not opts.no_categories, categories_min_depth=opts.categories_min_depth,
-            pca_basis=opts.pca_basis)
+            tags_model=opts.tags_model,
+            embed_model=opts.embed_model,
+            schema=schema,
+            batch_size=opts.batch_size,
+            precision=opts.precision,
+            jit_compile=opts.xla,
+            cache_dir=opts.model_cache_dir,
+            top_k=opts.top_k,
+            min_score=opts.min_score,
+            embedding_dtype=opts.embedding_dtype,
+            normalize_embeddings=opts.normalize_embeddings,
+            write_all_scores=opts.write_all_scores,
+            log_every_secs=opts.log_every_secs,
+            categories=not opts.no_categories,
+            categories_min_depth=opts.categories_min_depth,
+            pca_basis=opts.pca_basis,
+        )
 
 
 class ModelError(RuntimeError):
@@ -86,15 +97,23 @@ def _model_key(c: InferenceConfig):
 def load_model(config: InferenceConfig):
     """`TagAndEmbedModel` for `config`, loaded once per process."""
     from model.bit import TagAndEmbedModel  # TensorFlow is imported where models run only
+
     key = _model_key(config)
     with _LOADED_LOCK:
         if key not in _LOADED:
             _LOADED[key] = model = TagAndEmbedModel.load(
-                config.tags_model, config.embed_model, precision=config.precision,
-                jit_compile=config.jit_compile, batch_size=config.batch_size,
-                cache_dir=config.cache_dir)
-            _LOG.info("models loaded in this process (pid %d); GroupNorm: %s", os.getpid(),
-                      model.group_norm())
+                config.tags_model,
+                config.embed_model,
+                precision=config.precision,
+                jit_compile=config.jit_compile,
+                batch_size=config.batch_size,
+                cache_dir=config.cache_dir,
+            )
+            _LOG.info(
+                "models loaded in this process (pid %d); GroupNorm: %s",
+                os.getpid(),
+                model.group_norm(),
+            )
         return _LOADED[key]
 
 
@@ -104,17 +123,26 @@ def check_models(config: InferenceConfig, keep_loaded: bool = True) -> ModelInfo
     Raises `ModelError` with the loader's message. With `keep_loaded`, the model stays cached for
     workers of this process (in-process runner)."""
     from model.labels import imagenet21k
+
     try:
         model = load_model(config)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot load the models (--tags_model {config.tags_model}, "
-                         f"--embed_model {config.embed_model}): {error_text(exc)}") from exc
+        raise ModelError(
+            f"cannot load the models (--tags_model {config.tags_model}, "
+            f"--embed_model {config.embed_model}): {error_text(exc)}"
+        ) from exc
     labels = imagenet21k()
     if model.num_classes != len(labels):
-        raise ModelError(f"the tags model {config.tags_model} has {model.num_classes} classes; "
-                         f"the job tags with the {len(labels)} ImageNet-21k classes (a BiT-M model)")
-    info = ModelInfo(model.num_classes, model.embedding_dim,
-                     {**model.metadata(), "label_set": labels.version}, str(model.group_norm()))
+        raise ModelError(
+            f"the tags model {config.tags_model} has {model.num_classes} classes; "
+            f"the job tags with the {len(labels)} ImageNet-21k classes (a BiT-M model)"
+        )
+    info = ModelInfo(
+        model.num_classes,
+        model.embedding_dim,
+        {**model.metadata(), "label_set": labels.version},
+        str(model.group_norm()),
+    )
     if not keep_loaded:
         with _LOADED_LOCK:
             _LOADED.pop(_model_key(config), None)
@@ -131,14 +159,17 @@ def load_pca_basis(config: InferenceConfig):
     if not config.pca_basis:
         return None
     from model.pca import load_basis
+
     with _LOADED_LOCK:
         if config.pca_basis not in _BASES:
             _BASES[config.pca_basis] = load_basis(config.pca_basis)
         basis = _BASES[config.pca_basis]
     want = (config.schema.metadata or {}).get(b"pca_basis_sha256") if config.schema else None
     if want is not None and basis.sha256 != want.decode():
-        raise ModelError(f"the PCA basis {config.pca_basis} changed since the job started "
-                         f"(sha256 {basis.sha256}, expected {want.decode()})")
+        raise ModelError(
+            f"the PCA basis {config.pca_basis} changed since the job started "
+            f"(sha256 {basis.sha256}, expected {want.decode()})"
+        )
     return basis
 
 
@@ -146,8 +177,13 @@ def library_versions() -> dict:
     """Versions of the numerical libraries, for summary.json."""
     import PIL
     import tensorflow as tf
-    return {"tensorflow": tf.__version__, "numpy": np.__version__, "pyarrow": pa.__version__,
-            "pillow": PIL.__version__}
+
+    return {
+        "tensorflow": tf.__version__,
+        "numpy": np.__version__,
+        "pyarrow": pa.__version__,
+        "pillow": PIL.__version__,
+    }
 
 
 class _Progress:
@@ -167,12 +203,22 @@ class _Progress:
             if self._every > 0 and now - self._last >= self._every and not progress.active():
                 self._last = now
                 elapsed = now - self._start
-                _LOG.info("inference progress: %d images done, %.1f images/s (this worker)",
-                          self._done, self._done / elapsed if elapsed else 0.0)
+                _LOG.info(
+                    "inference progress: %d images done, %.1f images/s (this worker)",
+                    self._done,
+                    self._done / elapsed if elapsed else 0.0,
+                )
 
 
-def postprocess(batch: Sequence[Decoded], scores: np.ndarray, embeddings: np.ndarray,
-                config: InferenceConfig, labels, hierarchy=None, basis=None) -> pa.RecordBatch:
+def postprocess(
+    batch: Sequence[Decoded],
+    scores: np.ndarray,
+    embeddings: np.ndarray,
+    config: InferenceConfig,
+    labels,
+    hierarchy=None,
+    basis=None,
+) -> pa.RecordBatch:
     """Model outputs of one batch -> one Arrow record batch of result rows (ARCHITECTURE.md, "Outputs").
 
     `hierarchy` (`model.wordnet.Hierarchy`) gives the categories column, `basis`
@@ -207,8 +253,11 @@ class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]
     """Loads `TagAndEmbedModel` once per worker and runs it on fixed-size batches of `Decoded`."""
 
     def __init__(self, config: InferenceConfig, model_copies: Optional[int] = None):
-        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size,
-                         model_copies=model_copies)
+        super().__init__(
+            min_batch_size=config.batch_size,
+            max_batch_size=config.batch_size,
+            model_copies=model_copies,
+        )
         self._config = config
         self._labels = None
         self._hierarchy = None
@@ -219,9 +268,11 @@ class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]
         """Labels, WordNet hierarchy and PCA basis of this process (a model shared across
         processes is loaded by one of them only, so run_inference calls this too)."""
         from model.labels import imagenet21k
+
         self._labels = imagenet21k()
         if self._config.categories:
             from model.wordnet import imagenet21k_hierarchy
+
             self._hierarchy = imagenet21k_hierarchy()
         self._basis = load_pca_basis(self._config)
 
@@ -229,8 +280,9 @@ class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]
         self._load_shaping_data()
         return load_model(self._config)
 
-    def run_inference(self, batch: Sequence[Decoded], model, inference_args=None
-                      ) -> Iterable[Union[pa.RecordBatch, Failure]]:
+    def run_inference(
+        self, batch: Sequence[Decoded], model, inference_args=None
+    ) -> Iterable[pa.RecordBatch | Failure]:
         if self._labels is None:
             self._load_shaping_data()
         if self._progress is None:
@@ -238,8 +290,15 @@ class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]
         try:
             images = np.stack([d.pixels for d in batch])
             outputs = model(images)
-            rows = postprocess(batch, outputs.scores, outputs.embeddings, self._config,
-                               self._labels, self._hierarchy, self._basis)
+            rows = postprocess(
+                batch,
+                outputs.scores,
+                outputs.embeddings,
+                self._config,
+                self._labels,
+                self._hierarchy,
+                self._basis,
+            )
         except Exception as exc:  # noqa: BLE001
             # One failure row per image: the job goes on and the user learns why.
             _LOG.warning("inference failed for a batch of %d images: %s", len(batch), exc)
@@ -278,7 +337,9 @@ class InferTagsAndEmbeddings(beam.PTransform):
         self._handler = BitModelHandler(config, model_copies=model_copies)
 
     def expand(self, decoded):
-        outputs = (decoded
-                   | "RunInference" >> RunInference(self._handler)
-                   | "Split" >> beam.ParDo(_SplitOutputs()).with_outputs(FAILURES, main="results"))
+        outputs = (
+            decoded
+            | "RunInference" >> RunInference(self._handler)
+            | "Split" >> beam.ParDo(_SplitOutputs()).with_outputs(FAILURES, main="results")
+        )
         return outputs.results, outputs[FAILURES]

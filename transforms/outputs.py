@@ -13,8 +13,13 @@ from apache_beam.metrics.metric import MetricsFilter
 from transforms import counters
 from transforms.read import match_files
 
-OUTPUT_PATTERNS = ("results-*.parquet", "failures-*.parquet", "summary.json", "samples.parquet",
-                   "report.html")
+OUTPUT_PATTERNS = (
+    "results-*.parquet",
+    "failures-*.parquet",
+    "summary.json",
+    "samples.parquet",
+    "report.html",
+)
 
 
 class OutputExistsError(RuntimeError):

@@ -6,22 +6,24 @@ until then. So the launcher `activate()`s a `ProgressSink` before the run, a thr
 processes of a multi-process or Dataflow run) `add` does nothing: those runs report progress through
 their worker log lines and Beam counters instead.
 """
+
 import threading
 import time
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
 
-FILES = "files"              # files matched (inputs)
+FILES = "files"  # files matched (inputs)
 SHARD_FILES = "shard_files"  # of which TFRecord / tar shards (image count known after the read)
-FILES_READ = "files_read"    # files and shards read to the end
-READ = "read"                # images read (after skipping known keys)
-DONE = "done"                # images with a result row
-FAILED = "failed"            # images with a failure row (any stage)
+FILES_READ = "files_read"  # files and shards read to the end
+READ = "read"  # images read (after skipping known keys)
+DONE = "done"  # images with a result row
+FAILED = "failed"  # images with a failure row (any stage)
 
 
 class Snapshot(NamedTuple):
     """Counts at one moment; `total` is None until every input file has been read (shards)."""
+
     done: int
     failed: int
     total: Optional[int]

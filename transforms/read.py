@@ -30,6 +30,7 @@ Choices:
   fails the job (Beam's FileSystems already retry transient GCS errors).
 - `.gz`/`.bz2`/... suffixes are decompressed transparently by FileSystems for TFRecord and tar inputs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,9 +46,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import counters
+from transforms import counters, progress
 from transforms.gcs import GcsDoFn
-from transforms import progress
 from transforms.records import FAILURES, STAGE_READ, Failure, ImageRecord, error_text
 
 INPUT_FORMATS = ("auto", "tfrecord", "webdataset", "images")
@@ -82,21 +82,24 @@ class UnknownFormatError(ValueError):
 
 class ReadResult(NamedTuple):
     """What `ReadImages` returns: the records and the read failures (two PCollections)."""
-    records: beam.PCollection   # of ImageRecord
+
+    records: beam.PCollection  # of ImageRecord
     failures: beam.PCollection  # of Failure, stage "read"
 
 
 class Entry(NamedTuple):
     """One item of a shard as both passes see it (data is None in the key pass)."""
+
     key: str
-    index: int       # position in the shard (record or sample number); orders duplicates
+    index: int  # position in the shard (record or sample number); orders duplicates
     source: str
     data: Optional[bytes] = None
     error: Optional[str] = None  # "Type: message" when this item is a failure
-    fatal: bool = False          # the shard ends here (corrupt / truncated / unreadable)
+    fatal: bool = False  # the shard ends here (corrupt / truncated / unreadable)
 
 
 # ---------------------------------------------------------------------------------------- formats
+
 
 def detect_format(uri: str, input_format: str = "auto") -> Optional[str]:
     """'tfrecord' | 'webdataset' | 'images' for a file, or None when `auto` cannot tell."""
@@ -116,13 +119,21 @@ def detect_format(uri: str, input_format: str = "auto") -> Optional[str]:
     return None
 
 
-def iter_entries(uri: str, fmt: Optional[str], key_feature: str = "image/encoded",
-                 with_data: bool = True) -> Iterator[Entry]:
+def iter_entries(
+    uri: str, fmt: Optional[str], key_feature: str = "image/encoded", with_data: bool = True
+) -> Iterator[Entry]:
     """Every item of one file, in order; a shard-level problem ends it with one `fatal` Entry."""
     if fmt is None:
-        yield _fatal(uri, 0, UnknownFormatError(
-            f"cannot tell the input format of {uri} from its extension; "
-            f"pass --input_format (one of {', '.join(INPUT_FORMATS[1:])})"), key=uri, source=uri)
+        yield _fatal(
+            uri,
+            0,
+            UnknownFormatError(
+                f"cannot tell the input format of {uri} from its extension; "
+                f"pass --input_format (one of {', '.join(INPUT_FORMATS[1:])})"
+            ),
+            key=uri,
+            source=uri,
+        )
         return
     if fmt == "images":
         yield from _iter_image_file(uri, with_data)
@@ -140,8 +151,11 @@ def iter_entries(uri: str, fmt: Optional[str], key_feature: str = "image/encoded
                 position[0] = entry.index + 1
                 yield entry
     except Exception as exc:  # noqa: BLE001 - an unreadable shard is a failure row, not a dead job
-        yield _fatal(uri, position[0], OSError(
-            f"cannot read {uri} after {position[0]} items: {error_text(exc)}"))
+        yield _fatal(
+            uri,
+            position[0],
+            OSError(f"cannot read {uri} after {position[0]} items: {error_text(exc)}"),
+        )
 
 
 def _fatal(uri: str, index: int, exc: BaseException, key: str = None, source: str = None) -> Entry:
@@ -176,15 +190,18 @@ def _read_exact(f, n: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------- TFRecord
 
+
 def _crc32c_function():
     """The fastest CRC-32C at hand: google-crc32c (a Beam[gcp] dependency), crc32c, or pure Python."""
     try:
         import google_crc32c
+
         return google_crc32c.value
     except ImportError:
         pass
     try:
         import crc32c
+
         return crc32c.crc32c
     except ImportError:
         return _crc32c_python
@@ -237,8 +254,11 @@ def _iter_tfrecord(uri: str, f, key_feature: str, with_data: bool) -> Iterator[E
             footer = _read_exact(f, 4) if len(data) == length else b""
             problem = _check_data(data, length, footer)
         if problem:
-            yield _fatal(uri, index, CorruptShardError(
-                f"corrupt TFRecord at byte {offset} of {uri}: {problem}"))
+            yield _fatal(
+                uri,
+                index,
+                CorruptShardError(f"corrupt TFRecord at byte {offset} of {uri}: {problem}"),
+            )
             return
         yield _example_entry(example_pb2, data, uri, index, key_feature, with_data)
         offset += 16 + length
@@ -266,21 +286,36 @@ def _check_data(data: bytes, length: int, footer: bytes) -> Optional[str]:
     return None
 
 
-def _example_entry(example_pb2, data: bytes, uri: str, index: int, key_feature: str,
-                   with_data: bool) -> Entry:
+def _example_entry(
+    example_pb2, data: bytes, uri: str, index: int, key_feature: str, with_data: bool
+) -> Entry:
     source = f"{uri}:{index}"
     try:
         example = example_pb2.Example.FromString(data)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
-        return Entry(source, index, source, error=error_text(
-            MissingImageError(f"record is not a tf.train.Example ({error_text(exc)})")))
+        return Entry(
+            source,
+            index,
+            source,
+            error=error_text(
+                MissingImageError(f"record is not a tf.train.Example ({error_text(exc)})")
+            ),
+        )
     features = example.features.feature
     key = _example_key(features) or source
     image = features[key_feature].bytes_list.value if key_feature in features else ()
     if not image:
         names = ", ".join(sorted(features)) or "none"
-        return Entry(key, index, source, error=error_text(MissingImageError(
-            f"record has no {key_feature!r} bytes feature (features: {names})")))
+        return Entry(
+            key,
+            index,
+            source,
+            error=error_text(
+                MissingImageError(
+                    f"record has no {key_feature!r} bytes feature (features: {names})"
+                )
+            ),
+        )
     return Entry(key, index, source, image[0] if with_data else None)
 
 
@@ -297,6 +332,7 @@ def _example_key(features) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------- WebDataset
+
 
 class _CountingReader:
     """File wrapper that counts bytes read and notices end of file (to spot a cut-off tar)."""
@@ -333,10 +369,15 @@ class _Sample:
     def entry(self, uri: str, with_data: bool) -> Entry:
         if self.image_member is None:
             names = ", ".join(posixpath.basename(m) for m in self.members)
-            return Entry(self.key, self.index, f"{uri}:{self.members[0]}", error=error_text(
-                MissingImageError(f"no image member; members: {names}")))
-        return Entry(self.key, self.index, f"{uri}:{self.image_member}",
-                     self.image if with_data else None)
+            return Entry(
+                self.key,
+                self.index,
+                f"{uri}:{self.members[0]}",
+                error=error_text(MissingImageError(f"no image member; members: {names}")),
+            )
+        return Entry(
+            self.key, self.index, f"{uri}:{self.image_member}", self.image if with_data else None
+        )
 
 
 def _is_image_ext(ext: str) -> bool:
@@ -380,8 +421,11 @@ def _iter_tar(uri: str, f, with_data: bool) -> Iterator[Entry]:
             offset = tar.offset  # tarfile ends quietly when a cut falls on a header: we do not
             raise tarfile.ReadError("end of file before the end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        yield _fatal(uri, index, CorruptShardError(
-            f"corrupt or truncated tar at byte {offset} of {uri}: {exc}"))
+        yield _fatal(
+            uri,
+            index,
+            CorruptShardError(f"corrupt or truncated tar at byte {offset} of {uri}: {exc}"),
+        )
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, keep: bool) -> Optional[bytes]:
@@ -403,8 +447,9 @@ def split_patterns(patterns) -> list:
 
 def match_files(pattern: str) -> list:
     """The file URIs one glob matches (local or gs://), directories left out."""
-    return [m.path for m in FileSystems.match([pattern])[0].metadata_list
-            if not m.path.endswith("/")]
+    return [
+        m.path for m in FileSystems.match([pattern])[0].metadata_list if not m.path.endswith("/")
+    ]
 
 
 # ---------------------------------------------------------------------------------- input forms
@@ -414,7 +459,8 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 class Expansion(NamedTuple):
     """What one `--input` item stands for: the files to read, and the folder files left out."""
-    files: list    # URIs to read (a glob's matches, or a folder's accepted files)
+
+    files: list  # URIs to read (a glob's matches, or a folder's accepted files)
     skipped: list  # files in a folder whose extension --input_format does not accept
 
 
@@ -463,6 +509,7 @@ def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
 
 # ---------------------------------------------------------------------------------------- Beam
 
+
 class _MatchFiles(GcsDoFn):
     """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors).
 
@@ -478,12 +525,16 @@ class _MatchFiles(GcsDoFn):
         if skipped:
             counters.READ_SKIPPED_FILES.metric().inc(len(skipped))
             examples = ", ".join(posixpath.basename(s) for s in skipped[:3])
-            note += (f"; skipped {len(skipped)} file(s) that --input_format {self._format} "
-                     f"does not read (e.g. {examples})")
+            note += (
+                f"; skipped {len(skipped)} file(s) that --input_format {self._format} "
+                f"does not read (e.g. {examples})"
+            )
         _LOG.info("input %s: %d file(s)%s", pattern, len(paths), note)
         if not paths:
-            raise ValueError(f"input pattern {pattern!r} matched no files"
-                             + (f" that --input_format {self._format} reads" if skipped else ""))
+            raise ValueError(
+                f"input pattern {pattern!r} matched no files"
+                + (f" that --input_format {self._format} reads" if skipped else "")
+            )
         counters.READ_FILES.metric().inc(len(paths))
         progress.matched(len(paths), shards)
         yield from paths
@@ -496,8 +547,9 @@ class _ExtractKeys(GcsDoFn):
         self._format, self._key_feature = input_format, key_feature
 
     def process(self, uri: str):
-        for entry in iter_entries(uri, detect_format(uri, self._format), self._key_feature,
-                                  with_data=False):
+        for entry in iter_entries(
+            uri, detect_format(uri, self._format), self._key_feature, with_data=False
+        ):
             if not entry.fatal:
                 yield entry.key, (uri, entry.index, entry.source)
 
@@ -528,7 +580,8 @@ class _ReadShard(GcsDoFn):
             if error is not None:
                 self._failures.inc()
                 yield beam.pvalue.TaggedOutput(
-                    FAILURES, Failure(entry.key, entry.source, STAGE_READ, error))
+                    FAILURES, Failure(entry.key, entry.source, STAGE_READ, error)
+                )
             else:
                 self._records.inc()
                 yield ImageRecord(entry.key, entry.source, entry.data)
@@ -551,11 +604,18 @@ class ReadImages(beam.PTransform):
       read_skipped_files (folder files with an extension no reader accepts).
     """
 
-    def __init__(self, patterns, input_format: str = "auto", key_feature: str = "image/encoded",
-                 validate: bool = True):
+    def __init__(
+        self,
+        patterns,
+        input_format: str = "auto",
+        key_feature: str = "image/encoded",
+        validate: bool = True,
+    ):
         super().__init__()
-        self._patterns = [normalize_pattern(p) for p in
-                          split_patterns([patterns] if isinstance(patterns, str) else patterns)]
+        self._patterns = [
+            normalize_pattern(p)
+            for p in split_patterns([patterns] if isinstance(patterns, str) else patterns)
+        ]
         if not self._patterns:
             raise ValueError("no input patterns given")
         if input_format not in INPUT_FORMATS:
@@ -573,22 +633,25 @@ class ReadImages(beam.PTransform):
         return True
 
     def expand(self, pbegin):
-        uris = (pbegin
-                | "Patterns" >> beam.Create(self._patterns)
-                | "Match" >> beam.ParDo(_MatchFiles(self._format))
-                | "DistinctFiles" >> beam.Distinct()
-                | "SpreadFiles" >> beam.Reshuffle())
+        uris = (
+            pbegin
+            | "Patterns" >> beam.Create(self._patterns)
+            | "Match" >> beam.ParDo(_MatchFiles(self._format))
+            | "DistinctFiles" >> beam.Distinct()
+            | "SpreadFiles" >> beam.Reshuffle()
+        )
         losers = None
         if self._needs_key_pass():
             losers = beam.pvalue.AsDict(
                 uris
                 | "ExtractKeys" >> beam.ParDo(_ExtractKeys(self._format, self._key_feature))
                 | "GroupKeys" >> beam.GroupByKey()
-                | "FindDuplicates" >> beam.FlatMap(_losers))
+                | "FindDuplicates" >> beam.FlatMap(_losers)
+            )
         read = _ReadShard(self._format, self._key_feature)
-        outputs = (uris | "ReadShards" >> (beam.ParDo(read, losers) if losers is not None
-                                            else beam.ParDo(read))
-                   .with_outputs(FAILURES, main="records"))
+        outputs = uris | "ReadShards" >> (
+            beam.ParDo(read, losers) if losers is not None else beam.ParDo(read)
+        ).with_outputs(FAILURES, main="records")
         return ReadResult(outputs.records, outputs[FAILURES])
 
 

@@ -2,6 +2,7 @@
 
 Plain NamedTuples: cheap to create, picklable, and Beam encodes them without a custom coder.
 """
+
 from typing import NamedTuple
 
 import numpy as np
@@ -18,6 +19,7 @@ FAILURES = "failures"
 
 class ImageRecord(NamedTuple):
     """Encoded image bytes as read from an input, with a stable key."""
+
     key: str
     source: str  # file URI, or shard URI plus record index / tar member
     data: bytes
@@ -25,15 +27,17 @@ class ImageRecord(NamedTuple):
 
 class Decoded(NamedTuple):
     """A decoded, resized image ready for the model."""
+
     key: str
     source: str
-    width: int   # decoded size before resizing, after EXIF rotation
+    width: int  # decoded size before resizing, after EXIF rotation
     height: int
     pixels: np.ndarray  # uint8 [S, S, 3] RGB
 
 
 class Failure(NamedTuple):
     """An input that produced no result, and why."""
+
     key: str
     source: str
     stage: str  # one of STAGES

@@ -10,6 +10,7 @@ looks like a random draw, not the alphabetically first files.
 samples.parquet: key string, source string, width int32, height int32 (decoded size),
 thumbnail binary (JPEG), sorted by key hash.
 """
+
 import hashlib
 import io
 
@@ -31,22 +32,26 @@ def key_hash(key: str) -> int:
 
 
 def samples_schema() -> pa.Schema:
-    return pa.schema([
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("thumbnail", pa.binary()),
-    ])
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("thumbnail", pa.binary()),
+        ]
+    )
 
 
-def thumbnail(pixels: np.ndarray, width: int, height: int, size: int = THUMBNAIL_PX,
-              resize: str = "squash") -> bytes:
+def thumbnail(
+    pixels: np.ndarray, width: int, height: int, size: int = THUMBNAIL_PX, resize: str = "squash"
+) -> bytes:
     """JPEG bytes of a `size`-px thumbnail of the model's input pixels [S, S, 3].
 
     After a `squash` resize the original aspect ratio (width:height) is restored; after a
     `center_crop` the pixels are the square crop and stay square."""
     from PIL import Image
+
     image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
     if resize == "squash" and width > 0 and height > 0:
         scale = size / max(width, height)
@@ -62,13 +67,16 @@ def thumbnail(pixels: np.ndarray, width: int, height: int, size: int = THUMBNAIL
 def write_samples(chosen, output: str, resize: str = "squash") -> str:
     """Writes the chosen (hash, Decoded) pairs as OUTPUT/samples.parquet; returns its path."""
     chosen = sorted(chosen, key=lambda item: item[0])
-    table = pa.table({
-        "key": [d.key for _, d in chosen],
-        "source": [d.source for _, d in chosen],
-        "width": pa.array([d.width for _, d in chosen], pa.int32()),
-        "height": pa.array([d.height for _, d in chosen], pa.int32()),
-        "thumbnail": [thumbnail(d.pixels, d.width, d.height, resize=resize) for _, d in chosen],
-    }, schema=samples_schema())
+    table = pa.table(
+        {
+            "key": [d.key for _, d in chosen],
+            "source": [d.source for _, d in chosen],
+            "width": pa.array([d.width for _, d in chosen], pa.int32()),
+            "height": pa.array([d.height for _, d in chosen], pa.int32()),
+            "thumbnail": [thumbnail(d.pixels, d.width, d.height, resize=resize) for _, d in chosen],
+        },
+        schema=samples_schema(),
+    )
     path = f"{output}/{SAMPLES_FILE}"
     with FileSystems.create(path, mime_type="application/octet-stream") as f:
         pq.write_table(table, f)
@@ -83,8 +91,10 @@ class SampleThumbnails(beam.PTransform):
         self._output, self._n, self._resize = output.rstrip("/"), int(n), resize
 
     def expand(self, decoded):
-        return (decoded
-                | "HashKeys" >> beam.Map(lambda d: (key_hash(d.key), d))
-                | "SmallestHashes" >> beam.combiners.Top.Of(self._n, key=lambda item: item[0],
-                                                            reverse=True)
-                | "WriteSamples" >> beam.Map(write_samples, self._output, self._resize))
+        return (
+            decoded
+            | "HashKeys" >> beam.Map(lambda d: (key_hash(d.key), d))
+            | "SmallestHashes"
+            >> beam.combiners.Top.Of(self._n, key=lambda item: item[0], reverse=True)
+            | "WriteSamples" >> beam.Map(write_samples, self._output, self._resize)
+        )

@@ -17,6 +17,7 @@ Design (sized for a nightly job over a bucket that grows to 100M+ keys):
 skips nothing (a first nightly run has no earlier results yet) and logs a warning. Only results
 are skipped: images that failed before are tried again.
 """
+
 import hashlib
 import logging
 from typing import Iterable, Iterator, Sequence
@@ -35,14 +36,15 @@ from transforms.records import ImageRecord
 DIGEST_BYTES = 16
 DIGEST_DTYPE = np.dtype(f"S{DIGEST_BYTES}")  # fixed width: compares as raw bytes (memcmp)
 KEY_BATCH_ROWS = 65_536  # keys hashed at a time while reading a results file
-LOOKUP_BATCH = 256       # records looked up at a time by the filter
+LOOKUP_BATCH = 256  # records looked up at a time by the filter
 _LOG = logging.getLogger(__name__)
 
 
 def key_digests(keys: Iterable[str]) -> np.ndarray:
     """The 16-byte BLAKE2b digests of `keys` (UTF-8), in order, as an `S16` array."""
-    joined = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=DIGEST_BYTES).digest()
-                      for k in keys)
+    joined = b"".join(
+        hashlib.blake2b(k.encode("utf-8"), digest_size=DIGEST_BYTES).digest() for k in keys
+    )
     return np.frombuffer(joined, dtype=DIGEST_DTYPE)
 
 
@@ -75,8 +77,10 @@ def iter_key_batches(path: str, batch_rows: int = KEY_BATCH_ROWS) -> Iterator[li
     with FileSystems.open(path) as f:
         parquet = pq.ParquetFile(f)
         if "key" not in parquet.schema_arrow.names:
-            raise KeyError(f"{path} has no 'key' column (columns: {parquet.schema_arrow.names}); "
-                           "--skip_keys_from takes results-*.parquet files of this job")
+            raise KeyError(
+                f"{path} has no 'key' column (columns: {parquet.schema_arrow.names}); "
+                "--skip_keys_from takes results-*.parquet files of this job"
+            )
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=["key"]):
             yield batch.column(0).to_pylist()
 
@@ -183,13 +187,15 @@ class KnownKeys(beam.PTransform):
             raise ValueError("--skip_keys_from needs at least one glob of results-*.parquet files")
 
     def expand(self, pbegin):
-        return (pbegin
-                | "Patterns" >> beam.Create(self._patterns)
-                | "Expand" >> beam.ParDo(_ExpandGlob())
-                | "DistinctFiles" >> beam.Distinct()
-                | "SpreadFiles" >> beam.Reshuffle()
-                | "FileDigests" >> beam.ParDo(_FileDigests())
-                | "Merge" >> beam.CombineGlobally(MergeDigests()))
+        return (
+            pbegin
+            | "Patterns" >> beam.Create(self._patterns)
+            | "Expand" >> beam.ParDo(_ExpandGlob())
+            | "DistinctFiles" >> beam.Distinct()
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "FileDigests" >> beam.ParDo(_FileDigests())
+            | "Merge" >> beam.CombineGlobally(MergeDigests())
+        )
 
 
 class SkipKnownKeys(beam.PTransform):

@@ -16,9 +16,10 @@ Settings, and why:
   is compliant), so every reader sees plain lists, and list items are named "element" in the Arrow
   schema, so `pq.read_schema(file)` equals the schema written.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -30,10 +31,21 @@ from transforms.gcs import GcsDoFn
 from transforms.records import Failure
 
 __all__ = [
-    "CODEC", "ROW_GROUP_BYTES", "SHARD_NAME_TEMPLATE", "FILE_NAME_SUFFIX", "KINDS",
-    "tag_type", "category_type", "results_schema", "failures_schema", "top_k", "results_batch",
+    "CODEC",
+    "ROW_GROUP_BYTES",
+    "SHARD_NAME_TEMPLATE",
+    "FILE_NAME_SUFFIX",
+    "KINDS",
+    "tag_type",
+    "category_type",
+    "results_schema",
+    "failures_schema",
+    "top_k",
+    "results_batch",
     "failures_batch",
-    "RebatchTables", "WriteParquet", "BatchFailures",
+    "RebatchTables",
+    "WriteParquet",
+    "BatchFailures",
 ]
 
 CODEC = "zstd"
@@ -48,23 +60,28 @@ _EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 # ---------------------------------------------------------------------------------------- schemas
 
+
 def tag_type() -> pa.StructType:
     """struct<index: int32, wnid: string, label: string, score: float32>, one predicted tag."""
-    return pa.struct([
-        pa.field("index", pa.int32()),
-        pa.field("wnid", pa.string()),
-        pa.field("label", pa.string()),
-        pa.field("score", pa.float32()),
-    ])
+    return pa.struct(
+        [
+            pa.field("index", pa.int32()),
+            pa.field("wnid", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+        ]
+    )
 
 
 def category_type() -> pa.StructType:
     """struct<wnid: string, label: string, score: float32>, one WordNet category of an image."""
-    return pa.struct([
-        pa.field("wnid", pa.string()),
-        pa.field("label", pa.string()),
-        pa.field("score", pa.float32()),
-    ])
+    return pa.struct(
+        [
+            pa.field("wnid", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+        ]
+    )
 
 
 def _list(value_type: pa.DataType, size: int = -1) -> pa.DataType:
@@ -83,10 +100,15 @@ def _metadata(metadata: Optional[Mapping[str, str]]) -> Optional[dict]:
     return dict(metadata)
 
 
-def results_schema(embedding_dim: int, embedding_dtype: str = "float32",
-                   write_all_scores: bool = False, num_classes: int = 21843,
-                   metadata: Optional[Mapping[str, str]] = None, categories: bool = False,
-                   reduced_dim: Optional[int] = None) -> pa.Schema:
+def results_schema(
+    embedding_dim: int,
+    embedding_dtype: str = "float32",
+    write_all_scores: bool = False,
+    num_classes: int = 21843,
+    metadata: Optional[Mapping[str, str]] = None,
+    categories: bool = False,
+    reduced_dim: Optional[int] = None,
+) -> pa.Schema:
     """Schema of `results-*.parquet` (ARCHITECTURE.md, "Outputs").
 
     Columns: key, source, width, height, tags, categories (with `categories`), embedding,
@@ -97,8 +119,9 @@ def results_schema(embedding_dim: int, embedding_dtype: str = "float32",
     schema metadata, which pyarrow writes into the Parquet footer's key-value metadata.
     """
     if embedding_dtype not in _EMBEDDING_TYPES:
-        raise ValueError(f"embedding_dtype must be one of {sorted(_EMBEDDING_TYPES)}, "
-                         f"got {embedding_dtype!r}")
+        raise ValueError(
+            f"embedding_dtype must be one of {sorted(_EMBEDDING_TYPES)}, got {embedding_dtype!r}"
+        )
     if int(embedding_dim) <= 0:
         raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
     fields = [
@@ -111,7 +134,8 @@ def results_schema(embedding_dim: int, embedding_dtype: str = "float32",
     if categories:
         fields.append(pa.field("categories", _list(category_type())))
     fields.append(
-        pa.field("embedding", _list(_EMBEDDING_TYPES[embedding_dtype], int(embedding_dim))))
+        pa.field("embedding", _list(_EMBEDDING_TYPES[embedding_dtype], int(embedding_dim)))
+    )
     if reduced_dim is not None:
         if int(reduced_dim) <= 0:
             raise ValueError(f"reduced_dim must be positive, got {reduced_dim}")
@@ -125,15 +149,19 @@ def results_schema(embedding_dim: int, embedding_dtype: str = "float32",
 
 def failures_schema(metadata: Optional[Mapping[str, str]] = None) -> pa.Schema:
     """Schema of `failures-*.parquet`: key (not null), source, stage, error."""
-    return pa.schema([
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("stage", pa.string()),
-        pa.field("error", pa.string()),
-    ], metadata=_metadata(metadata))
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("stage", pa.string()),
+            pa.field("error", pa.string()),
+        ],
+        metadata=_metadata(metadata),
+    )
 
 
 # ----------------------------------------------------------------------------------------- top-k
+
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k highest scores of each row: (indices int32 [B, k], scores [B, k]), descending.
@@ -225,17 +253,27 @@ def _categories(hierarchy, offsets, classes, scores, min_depth, typ) -> pa.Array
     wnids, names = _label_arrays(hierarchy)
     take = pa.array(rolled.ids)
     values = pa.StructArray.from_arrays(
-        [wnids.take(take), names.take(take), pa.array(rolled.scores)],
-        fields=list(typ.value_type))
+        [wnids.take(take), names.take(take), pa.array(rolled.scores)], fields=list(typ.value_type)
+    )
     return pa.ListArray.from_arrays(pa.array(rolled.offsets), values, type=typ)
 
 
-def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
-                  top_indices: np.ndarray, top_scores: np.ndarray, labels,
-                  embeddings: np.ndarray, schema: pa.Schema, min_score: float = 0.0,
-                  all_scores: Optional[np.ndarray] = None, hierarchy=None,
-                  categories_min_depth: int = 0,
-                  embeddings_reduced: Optional[np.ndarray] = None) -> pa.RecordBatch:
+def results_batch(
+    keys: Sequence[str],
+    sources: Sequence[str],
+    widths,
+    heights,
+    top_indices: np.ndarray,
+    top_scores: np.ndarray,
+    labels,
+    embeddings: np.ndarray,
+    schema: pa.Schema,
+    min_score: float = 0.0,
+    all_scores: Optional[np.ndarray] = None,
+    hierarchy=None,
+    categories_min_depth: int = 0,
+    embeddings_reduced: Optional[np.ndarray] = None,
+) -> pa.RecordBatch:
     """One `results` record batch of B rows, built column-wise from NumPy arrays.
 
     top_indices int [B, k] and top_scores float32 [B, k] are the top-k tags (as from `top_k`);
@@ -252,8 +290,10 @@ def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
     top_indices = np.asarray(top_indices)
     top_scores = np.asarray(top_scores, dtype=np.float32)
     if top_indices.ndim != 2 or top_indices.shape != top_scores.shape or top_indices.shape[0] != b:
-        raise ValueError(f"top_indices {top_indices.shape} and top_scores {top_scores.shape} "
-                         f"must both be [{b}, k]")
+        raise ValueError(
+            f"top_indices {top_indices.shape} and top_scores {top_scores.shape} "
+            f"must both be [{b}, k]"
+        )
     if len(sources) != b or len(widths) != b or len(heights) != b:
         raise ValueError("keys, sources, widths and heights must have the same length")
     if not _is_descending(top_scores):
@@ -274,7 +314,8 @@ def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
     tags_type = schema.field("tags").type
     tag_values = pa.StructArray.from_arrays(
         [take, wnids.take(take), names.take(take), pa.array(flat_score)],
-        fields=list(tags_type.value_type))
+        fields=list(tags_type.value_type),
+    )
     tags = pa.ListArray.from_arrays(pa.array(offsets), tag_values, type=tags_type)
 
     columns = [
@@ -287,14 +328,25 @@ def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
     if "categories" in schema.names:
         if hierarchy is None:
             raise ValueError("schema has a 'categories' column: pass the WordNet hierarchy")
-        columns.append(_categories(hierarchy, offsets, flat_index, flat_score,
-                                   categories_min_depth, schema.field("categories").type))
+        columns.append(
+            _categories(
+                hierarchy,
+                offsets,
+                flat_index,
+                flat_score,
+                categories_min_depth,
+                schema.field("categories").type,
+            )
+        )
     columns.append(_fixed_size_list(embeddings, schema.field("embedding"), "embeddings", b))
     if "embedding_reduced" in schema.names:
         if embeddings_reduced is None:
             raise ValueError("schema has an 'embedding_reduced' column: pass embeddings_reduced")
-        columns.append(_fixed_size_list(embeddings_reduced, schema.field("embedding_reduced"),
-                                        "embeddings_reduced", b))
+        columns.append(
+            _fixed_size_list(
+                embeddings_reduced, schema.field("embedding_reduced"), "embeddings_reduced", b
+            )
+        )
     elif embeddings_reduced is not None:
         raise ValueError("embeddings_reduced given, but the schema has no 'embedding_reduced'")
     if "scores" in schema.names:
@@ -308,14 +360,16 @@ def results_batch(keys: Sequence[str], sources: Sequence[str], widths, heights,
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def failures_batch(failures: Iterable[Failure],
-                   schema: Optional[pa.Schema] = None) -> pa.RecordBatch:
+def failures_batch(
+    failures: Iterable[Failure], schema: Optional[pa.Schema] = None
+) -> pa.RecordBatch:
     """`failures` record batch from `Failure` records."""
     schema = schema if schema is not None else failures_schema()
     failures = list(failures)
     if failures:
-        keys, sources, stages, errors = zip(*((f.key, f.source, f.stage, f.error)
-                                              for f in failures))
+        keys, sources, stages, errors = zip(
+            *((f.key, f.source, f.stage, f.error) for f in failures)
+        )
     else:
         keys = sources = stages = errors = ()
     columns = [pa.array(c, pa.string()) for c in (keys, sources, stages, errors)]
@@ -325,6 +379,7 @@ def failures_batch(failures: Iterable[Failure],
 
 
 # ------------------------------------------------------------------------------------ Beam writers
+
 
 class RebatchTables(GcsDoFn):
     """Record batches / tables in, `pa.Table`s of about `row_group_bytes` out (one row group each).
@@ -346,14 +401,16 @@ class RebatchTables(GcsDoFn):
         self._batches, self._rows, self._bytes = [], 0, 0
         return table
 
-    def process(self, element: Union[pa.RecordBatch, pa.Table]):
+    def process(self, element: pa.RecordBatch | pa.Table):
         batches = element.to_batches() if isinstance(element, pa.Table) else [element]
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             if not batch.schema.equals(self._schema, check_metadata=False):
-                raise ValueError(f"record batch schema does not match the output schema:\n"
-                                 f"{batch.schema}\nvs.\n{self._schema}")
+                raise ValueError(
+                    f"record batch schema does not match the output schema:\n"
+                    f"{batch.schema}\nvs.\n{self._schema}"
+                )
             self._batches.append(batch)
             self._rows += batch.num_rows
             self._bytes += batch.nbytes
@@ -376,9 +433,15 @@ class WriteParquet(beam.PTransform):
     The schema's metadata is written to every file's footer, empty ones included.
     """
 
-    def __init__(self, output_prefix_path: str, kind: str, schema: pa.Schema,
-                 num_shards: int = 0, codec: str = CODEC,
-                 row_group_bytes: int = ROW_GROUP_BYTES):
+    def __init__(
+        self,
+        output_prefix_path: str,
+        kind: str,
+        schema: pa.Schema,
+        num_shards: int = 0,
+        codec: str = CODEC,
+        row_group_bytes: int = ROW_GROUP_BYTES,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -399,13 +462,15 @@ class WriteParquet(beam.PTransform):
             use_compliant_nested_type=True,
             file_name_suffix=FILE_NAME_SUFFIX,
             num_shards=self._num_shards,
-            shard_name_template=SHARD_NAME_TEMPLATE)
+            shard_name_template=SHARD_NAME_TEMPLATE,
+        )
 
     def expand(self, pcoll):
         return (
             pcoll
             | "Rebatch" >> beam.ParDo(RebatchTables(self._schema, self._row_group_bytes))
-            | "Write" >> self.write_transform())
+            | "Write" >> self.write_transform()
+        )
 
 
 class BatchFailures(beam.PTransform):
@@ -421,4 +486,5 @@ class BatchFailures(beam.PTransform):
         return (
             pcoll
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._max_batch_size)
-            | "ToRecordBatch" >> beam.Map(failures_batch, schema))
+            | "ToRecordBatch" >> beam.Map(failures_batch, schema)
+        )

@@ -15,6 +15,7 @@ Usage (the only network access is the package registry, through pip):
 
 The outputs are checked against the sha256 of the official files before being written.
 """
+
 import hashlib
 import os
 import sys
@@ -35,8 +36,10 @@ def build(wheel_path):
         synset_to_lemma = wheel.read("timm/data/_info/imagenet_synset_to_lemma.txt").decode("ascii")
     lemma_of = dict(line.split("\t", 1) for line in synset_to_lemma.splitlines() if line)
     ids = ids_bytes.decode("ascii").splitlines()
-    lines = [", ".join(lemma.strip().replace(" ", "_") for lemma in lemma_of[wnid].split(","))
-             for wnid in ids]
+    lines = [
+        ", ".join(lemma.strip().replace(" ", "_") for lemma in lemma_of[wnid].split(","))
+        for wnid in ids
+    ]
     return ids_bytes, ("\n".join(lines) + "\n").encode("ascii")
 
 
@@ -44,7 +47,10 @@ def main(argv):
     if len(argv) != 2:
         sys.exit(__doc__)
     ids_bytes, lemmas_bytes = build(argv[1])
-    for name, data, want in ((IDS_FILE, ids_bytes, IDS_SHA256), (LEMMAS_FILE, lemmas_bytes, LEMMAS_SHA256)):
+    for name, data, want in (
+        (IDS_FILE, ids_bytes, IDS_SHA256),
+        (LEMMAS_FILE, lemmas_bytes, LEMMAS_SHA256),
+    ):
         got = hashlib.sha256(data).hexdigest()
         if got != want:
             sys.exit(f"{name}: sha256 {got} != expected {want}; wrong timm version?")

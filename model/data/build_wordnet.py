@@ -23,6 +23,7 @@ Usage (the only network access is the Debian mirror, through apt):
 The output is checked against the recorded sha256 before being written, and WordNet's license
 notice (the 29-line header of data.noun) is written beside it as `WORDNET_LICENSE`.
 """
+
 import gzip
 import hashlib
 import os
@@ -59,12 +60,12 @@ def parse_data_noun(data: bytes):
             raise ValueError(f"synset {offset} is at byte {position}: not WordNet 3.0's data.noun")
         position += len(line) + 1
         n_words = int(fields[3], 16)
-        words = fields[4:4 + 2 * n_words:2]
+        words = fields[4 : 4 + 2 * n_words : 2]
         i = 4 + 2 * n_words
         n_pointers = int(fields[i])
         parents = []
         for j in range(n_pointers):
-            symbol, target, pos = fields[i + 1 + 4 * j:i + 4 + 4 * j]
+            symbol, target, pos = fields[i + 1 + 4 * j : i + 4 + 4 * j]
             if symbol in HYPERNYM_POINTERS and pos == "n":
                 parents.append("n" + target)
         synsets["n" + offset] = (", ".join(words), parents)
@@ -110,8 +111,10 @@ def build(data_noun: bytes, ids: list, lemmas: list):
         if synsets[wnid][0] != lemma:
             raise ValueError(f"{wnid}: data.noun lemmas {synsets[wnid][0]!r} != label {lemma!r}")
     nodes = closure(synsets, ids)
-    text = "".join(f"{w}\t{d}\t{' '.join(parents)}\t{label}\n"
-                   for w, (d, parents, label) in sorted(nodes.items()))
+    text = "".join(
+        f"{w}\t{d}\t{' '.join(parents)}\t{label}\n"
+        for w, (d, parents, label) in sorted(nodes.items())
+    )
     text_bytes = text.encode("ascii")
     return gzip.compress(text_bytes, compresslevel=9, mtime=0), text_bytes, license_text
 
@@ -136,8 +139,10 @@ def main(argv):
     with open(os.path.join(HERE, LICENSE_FILE), "w", encoding="ascii") as f:
         f.write(license_text)
     synsets = text.count(b"\n")
-    print(f"wrote {OUTPUT_FILE} ({len(packed)} bytes, {synsets} synsets, "
-          f"sha256 {hashlib.sha256(packed).hexdigest()}) and {LICENSE_FILE}")
+    print(
+        f"wrote {OUTPUT_FILE} ({len(packed)} bytes, {synsets} synsets, "
+        f"sha256 {hashlib.sha256(packed).hexdigest()}) and {LICENSE_FILE}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Never required: with no compiler, a failed build, or `BIT_TAGGER_FUSED_KERNELS=0
 None, the reason is logged once as a warning, and the model uses its TensorFlow-ops GroupNorm (the
 same results to float32 rounding, slower on CPU).
 """
+
 import hashlib
 import logging
 import os
@@ -60,8 +61,18 @@ def compiler():
 def _command(cxx, source, output):
     import tensorflow as tf
 
-    return [cxx, "-shared", "-fPIC", "-O3", "-w", *tf.sysconfig.get_compile_flags(), str(source),
-            "-o", str(output), *tf.sysconfig.get_link_flags()]
+    return [
+        cxx,
+        "-shared",
+        "-fPIC",
+        "-O3",
+        "-w",
+        *tf.sysconfig.get_compile_flags(),
+        str(source),
+        "-o",
+        str(output),
+        *tf.sysconfig.get_link_flags(),
+    ]
 
 
 def library_path(cxx=None):
@@ -93,8 +104,10 @@ def build(force=False):
     if done.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise KernelBuildError(f"compiling {SOURCE.name} with {cxx} failed (exit {done.returncode}): "
-                               + " | ".join(tail))
+        raise KernelBuildError(
+            f"compiling {SOURCE.name} with {cxx} failed (exit {done.returncode}): "
+            + " | ".join(tail)
+        )
     os.replace(tmp, path)
     return path
 
@@ -105,14 +118,21 @@ def load():
         if "library" not in _state:
             _state.update(_load_once())
             if _state["library"] is None:
-                _LOG.warning("fused GroupNorm+ReLU CPU kernel not used (%s); using TensorFlow ops, "
-                            "which are slower on CPU", _state["reason"])
+                _LOG.warning(
+                    "fused GroupNorm+ReLU CPU kernel not used (%s); using TensorFlow ops, "
+                    "which are slower on CPU",
+                    _state["reason"],
+                )
         return _state["library"]
 
 
 def _load_once():
     if disabled():
-        return {"library": None, "reason": f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}", "path": None}
+        return {
+            "library": None,
+            "reason": f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}",
+            "path": None,
+        }
     import tensorflow as tf
 
     try:

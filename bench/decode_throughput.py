@@ -3,10 +3,10 @@
     .venv/bin/python bench/decode_throughput.py [--images 500] [--rounds 7] [--size 224]
 
 500 photo-like 640x480 JPEGs (quality 90, random crops of scikit-image's sample photos) are decoded
-and resized to S x S. Single core: the process is pinned to one CPU, and the baseline and ours run in
-alternating rounds (order swapped each round); medians are reported, target ratio >= 0.9. Then the
-same work on 2 cores through a thread pool and a process pool (workers return only the shape, so the
-pool numbers measure decoding, not pickling 150 kB arrays back).
+and resized to S x S. Single core: the process is pinned to one CPU, and the baseline and ours run
+in alternating rounds (order swapped each round); medians are reported, target ratio >= 0.9. Then
+the same work on 2 cores through a thread pool and a process pool (workers return only the shape, so
+the pool numbers measure decoding, not pickling 150 kB arrays back).
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ def main(argv=None):
 
     images = make_images(args.images)
     print(
-        f"{len(images)} JPEGs 640x480 q90, mean {np.mean([len(d) for d in images]) / 1024:.0f} KiB; "
+        f"{len(images)} JPEGs 640x480 q90, "
+        f"mean {np.mean([len(d) for d in images]) / 1024:.0f} KiB; "
         f"target {args.size}x{args.size}; Pillow {Image.__version__}"
     )
     cpus = sorted(os.sched_getaffinity(0))
@@ -157,7 +158,8 @@ def main(argv=None):
     print(f"{'decode_image':<34}{mine:>10.1f}")
     print(f"{'ratio (target >= 0.90)':<34}{mine / base:>10.2f}")
     print(
-        f"RESULT name=decode_throughput ratio={mine / base:.3f} target=>=0.9 pass={'yes' if mine / base >= 0.9 else 'no'}"
+        f"RESULT name=decode_throughput ratio={mine / base:.3f} target=>=0.9 "
+        f"pass={'yes' if mine / base >= 0.9 else 'no'}"
     )
 
     print(f"\n{args.workers} workers, decode_image, medians of {max(3, args.rounds // 2)} rounds")

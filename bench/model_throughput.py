@@ -34,7 +34,10 @@ KERAS = "Keras ResNet50V2"
 
 
 def build_models(model="r50x1", precision="float32"):
-    """{name: traced fn}, {name: GMACs/img}, objects to keep alive: BiT fused, BiT TF-ops GN, Keras."""
+    """Build the benchmarked models: BiT fused, BiT TF-ops GN, Keras.
+
+    Returns {name: traced fn}, {name: GMACs/img} and the objects to keep alive.
+    """
     label, units, width, gmacs = ARCHS[model]
     weights = random_weights(units, width, 21843)
     bit = ResNetV2(units=units, width=width, num_classes=21843, dtype=precision)
@@ -105,18 +108,21 @@ def main(argv=None):
     med = {name: statistics.median(v) for name, v in rates.items()}
     print(
         f"CPU, {os.cpu_count()} cores, TF {tf.__version__}, batch {args.batch_size}, "
-        f"{args.image_size}x{args.image_size}, float32, {args.rounds} rounds x {args.batches} batches "
+        f"{args.image_size}x{args.image_size}, float32, "
+        f"{args.rounds} rounds x {args.batches} batches "
         f"after {args.warmup} warm-up rounds, medians; GroupNorm: {group_norm_implementation()}"
     )
     print(
-        "| model | GMACs/img | img/s (median) | img/s (min-max) | vs Keras | per FLOP | per-round median |"
+        "| model | GMACs/img | img/s (median) | img/s (min-max) "
+        "| vs Keras | per FLOP | per-round median |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         ratio = med[name] / med[KERAS]
         paired = statistics.median(b / k for b, k in zip(rates[name], rates[KERAS]))
         print(
-            f"| {name} | {gmacs[name]:.2f} | {med[name]:.2f} | {min(rates[name]):.2f}-{max(rates[name]):.2f} "
+            f"| {name} | {gmacs[name]:.2f} | {med[name]:.2f} "
+            f"| {min(rates[name]):.2f}-{max(rates[name]):.2f} "
             f"| {ratio:.3f} | {ratio * gmacs[name] / gmacs[KERAS]:.3f} | {paired:.3f} |"
         )
     bit, bit_tf = names[0], names[1]
@@ -124,11 +130,13 @@ def main(argv=None):
     per_flop = ratio * gmacs[bit] / gmacs[KERAS]
     if args.model != "r50x1":
         print(
-            f"{bit}: fused kernel / TF ops = {med[bit] / med[bit_tf]:.3f}x; per FLOP vs Keras {per_flop:.3f}"
+            f"{bit}: fused kernel / TF ops = {med[bit] / med[bit_tf]:.3f}x; "
+            f"per FLOP vs Keras {per_flop:.3f}"
         )
         return ratio
     print(
-        f"RESULT name=model_throughput ratio={ratio:.3f} target=>=0.82 pass={'yes' if ratio >= 0.82 else 'no'} "
+        f"RESULT name=model_throughput ratio={ratio:.3f} target=>=0.82 "
+        f"pass={'yes' if ratio >= 0.82 else 'no'} "
         f"per_flop={per_flop:.3f} tf_ops_ratio={med[bit_tf] / med[KERAS]:.3f}"
     )
     return ratio

@@ -161,7 +161,8 @@ def main(argv=None):
         base_cpu / statistics.median(cpu["job path"]),
     )
     print(
-        f"RESULT name=parquet_write ratio={job_ratio:.3f} target=>=0.9 pass={'yes' if job_ratio >= 0.9 else 'no'} cpu_ratio={job_cpu_ratio:.3f}"
+        f"RESULT name=parquet_write ratio={job_ratio:.3f} target=>=0.9 "
+        f"pass={'yes' if job_ratio >= 0.9 else 'no'} cpu_ratio={job_cpu_ratio:.3f}"
     )
     print(
         "ratio = bare pyarrow median / this path's median (target >= 0.9 for the job path); "

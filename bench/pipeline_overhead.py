@@ -1,4 +1,4 @@
-"""Whole-job overhead: `pipeline.main.run` (in-process runner) against the bare model, marginal images/s.
+"""Whole-job overhead: `pipeline.main.run` (in-process runner) vs the bare model, marginal images/s.
 
     .venv/bin/python bench/pipeline_overhead.py [--n1 64 --n2 256 --rounds 3 --decode_threads 0,1,2]
 

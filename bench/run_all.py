@@ -1,4 +1,4 @@
-"""Run every CPU benchmark, one subprocess each, and print one table of ratios against their targets.
+"""Run every CPU benchmark, one subprocess each, and print one table of ratios vs their targets.
 
     .venv/bin/python bench/run_all.py [--only memory,pipeline_overhead] [--log_dir DIR]
 

@@ -165,7 +165,7 @@ def measure(prepared: dict, skip: str, args) -> dict:
         "--inputs",
         str(args.inputs),
     ]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     shutil.rmtree(output, ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CHILD ")]
     if proc.returncode != 0 or not lines:

@@ -90,7 +90,10 @@ def _fingerprint(path):
 
 
 def _entry_point(obj, handle):
-    """(callable, output key or None, output size or None): `__call__` if saved, else serving_default."""
+    """The model's entry point: `__call__` if saved, else the serving_default signature.
+
+    Returns (callable, output key or None, output size or None).
+    """
     if callable(obj):
         specs = [f.structured_outputs for f in getattr(obj.__call__, "concrete_functions", [])]
         dims = {s.shape[-1] for s in specs if isinstance(s, tf.TensorSpec) and s.shape.rank}
@@ -98,7 +101,8 @@ def _entry_point(obj, handle):
     signature = getattr(obj, "signatures", {}).get("serving_default")
     if signature is None:
         raise HubError(
-            f"{handle}: the SavedModel has neither a __call__ function nor a serving_default signature"
+            f"{handle}: the SavedModel has neither a __call__ function "
+            "nor a serving_default signature"
         )
     inputs = signature.structured_input_signature[1]
     outputs = signature.structured_outputs
@@ -134,7 +138,7 @@ def _resolve(handle):
 
 
 def _tfhub_module_dir(handle):
-    """Where tensorflow_hub caches `handle` (its own rule: sha1 of the handle under TFHUB_CACHE_DIR)."""
+    """Where tensorflow_hub caches `handle` (its rule: sha1 of the handle under TFHUB_CACHE_DIR)."""
     from tensorflow_hub import resolver
 
     return os.path.join(
@@ -168,7 +172,10 @@ def _offline_hint(handle):
 
 
 def _check_reachable(handle, host, port, timeout=CONNECT_TIMEOUT_S):
-    """Fail within `timeout` s when `host:port` cannot be reached (tensorflow_hub's urlopen has no timeout)."""
+    """Fail within `timeout` s when `host:port` cannot be reached.
+
+    tensorflow_hub's urlopen has no timeout of its own.
+    """
     why = unreachable_reason(host, port, timeout)
     if why is not None:
         raise HubError(
@@ -177,7 +184,7 @@ def _check_reachable(handle, host, port, timeout=CONNECT_TIMEOUT_S):
 
 
 def _copy_remote_dir(source):
-    """Copy a remote SavedModel directory to the local cache once (atomic rename); return its path."""
+    """Copy a remote SavedModel dir to the local cache once (atomic rename); return its path."""
     from model import storage
 
     local = cache_path(source.rstrip("/"))

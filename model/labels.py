@@ -7,13 +7,13 @@ so a corrupt install fails loudly instead of mislabelling every image.
 """
 
 import functools
-import hashlib
 import os
 from typing import NamedTuple
 
 import numpy as np
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from model.data import DATA_DIR, read_checked
+
 IDS_FILE = "imagenet21k_wordnet_ids.txt"
 LEMMAS_FILE = "imagenet21k_wordnet_lemmas.txt"
 IDS_SHA256 = "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2"
@@ -43,17 +43,7 @@ class LabelSet(NamedTuple):
 
 def _read_checked(name, sha256):
     path = os.path.join(DATA_DIR, name)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise LabelError(f"label file {path} is missing from the install: {e}") from e
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256:
-        raise LabelError(
-            f"label file {path} is corrupt: sha256 {got}, expected {sha256}; "
-            "reinstall the package or rerun model/data/build_labels.py"
-        )
+    data = read_checked(path, sha256, "label file", "model/data/build_labels.py", LabelError)
     lines = data.decode("ascii").split("\n")[:-1]  # the files end with a newline
     if len(lines) != NUM_CLASSES:
         raise LabelError(f"label file {path} has {len(lines)} lines, expected {NUM_CLASSES}")

@@ -154,7 +154,7 @@ def unreachable_reason(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S)
 
 
 def _check_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise StorageUnavailableError unless a TCP connection to `endpoint` opens within `timeout` s."""
+    """Raise StorageUnavailableError unless a TCP connection to `endpoint` opens in `timeout` s."""
     url = urllib.parse.urlsplit(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     why = unreachable_reason(url.hostname, port, timeout)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import os
 from typing import NamedTuple, Optional
 
 import numpy as np
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from model.data import DATA_DIR, read_checked
+
 HYPERNYMS_FILE = "wordnet30_hypernyms.tsv.gz"
 HYPERNYMS_SHA256 = "8bbec5329f814e61aa6700822e01f73b41e27f4da9dfa71fe9b50abc29d9f589"
 VERSION_NAME = "wordnet-3.0"
@@ -144,17 +144,7 @@ class Hierarchy:
 def read_hypernyms(path: Optional[str] = None, sha256: Optional[str] = HYPERNYMS_SHA256):
     """(wnids, labels, depths, parent wnid lists) of the shipped file, its sha256 checked."""
     path = path or os.path.join(DATA_DIR, HYPERNYMS_FILE)
-    try:
-        with open(path, "rb") as f:
-            packed = f.read()
-    except OSError as e:
-        raise WordNetError(f"WordNet file {path} is missing from the install: {e}") from e
-    got = hashlib.sha256(packed).hexdigest()
-    if sha256 is not None and got != sha256:
-        raise WordNetError(
-            f"WordNet file {path} is corrupt: sha256 {got}, expected {sha256}; "
-            "reinstall the package or rerun model/data/build_wordnet.py"
-        )
+    packed = read_checked(path, sha256, "WordNet file", "model/data/build_wordnet.py", WordNetError)
     wnids, depths, parents, labels = [], [], [], []
     for line in gzip.decompress(packed).decode("ascii").split("\n")[:-1]:
         wnid, depth, parent_text, label = line.split("\t")

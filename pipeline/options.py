@@ -1,6 +1,6 @@
 """Command-line options of the job: a Beam `PipelineOptions` subclass with `--snake_case` flags.
 
-Every Beam flag (`--runner`, `--direct_num_workers`, Dataflow's `--project` ...) works alongside these.
+Every Beam flag (`--runner`, `--direct_num_workers`, Dataflow's `--project` ...) works with these.
 """
 
 import argparse

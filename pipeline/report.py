@@ -319,7 +319,10 @@ def render(data: dict, output: str) -> str:
             "<h2>Failures</h2>",
             _failures_section(data),
             "<h2>Tags</h2><div class='charts'><div>",
-            f"<h3>{len(tags)} most frequent tags (images with the tag in their top-{_e(top_k)})</h3>",
+            (
+                f"<h3>{len(tags)} most frequent tags "
+                f"(images with the tag in their top-{_e(top_k)})</h3>"
+            ),
             bar_chart(tags),
             "</div><div><h3>Top-1 score</h3>",
             histogram(data["top1"]),

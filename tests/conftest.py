@@ -17,7 +17,7 @@ from tests.gcs_emulator import gcs_emulator  # noqa: E402,F401  (the session fix
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """Tiny BiT checkpoints (units 1,1,1,1): tags with the 21,843-class head, a headless embedder."""
+    """Tiny BiT checkpoints (units 1,1,1,1): tags with the 21,843-class head, embed headless."""
     root = tmp_path_factory.mktemp("models")
     tags, embed = root / "tags.npz", root / "embed.npz"
     write_checkpoint(tags, units=(1, 1, 1, 1), width=1, num_classes=21843, seed=1)
@@ -27,7 +27,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def beam_gcs(gcs_emulator):  # noqa: F811
-    """The emulator, with Beam's GCS client made anonymous; Beam's credential cache restored after."""
+    """The emulator, with Beam's GCS client anonymous; Beam's credential cache restored after."""
     from apache_beam.internal.gcp import auth
 
     from transforms.gcs import configure_beam_gcs

@@ -1,10 +1,11 @@
 """Generated good and broken inputs, and the writers other tests reuse.
 
 Writers:   `write_tfrecord(path, records)`, `make_example(...)`, `write_webdataset(path, samples)`.
-Images:    `make_jpeg(w, h, seed)`, `make_png(w, h, seed)`, `photo_like(w, h, seed)`, `quadrants(...)`.
+Images:    `make_jpeg(w, h, seed)`, `make_png(w, h, seed)`, `photo_like(w, h, seed)`,
+           `quadrants(...)`.
 Corpus:    `IMAGE_CASES` (name -> (file name, bytes factory)), `EXPECTATIONS` (name -> `Expect`),
            `write_image_corpus(directory)` -> {name: path}.
-Shards:    `write_shard_corpus(directory)` -> `ShardCorpus` (paths plus what reading them must give).
+Shards:    `write_shard_corpus(directory)` -> `ShardCorpus` (paths plus what reading must give).
 
 Everything is built from code (no binary fixtures) and is deterministic.
 """
@@ -29,7 +30,7 @@ QUADRANT_COLOURS = (RED, GREEN, BLUE, YELLOW)
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Smooth random RGB content with some fine noise: compresses like a photo, not a flat colour."""
+    """Smooth random RGB content with fine noise: compresses like a photo, not a flat colour."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(
         0, 256, size=(max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8
@@ -61,7 +62,7 @@ def make_png(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def photo_set(count: int, seed: int = 0) -> dict:
-    """{name: (ext, bytes)}: `count` small photo-like images of different sizes, every third a PNG."""
+    """{name: (ext, bytes)}: `count` small photo-like images of varied sizes, every third a PNG."""
     images = {}
     for i in range(count):
         name, s = f"img{i:03d}", seed + i
@@ -207,7 +208,7 @@ HTML_PAGE = (
 
 
 class Expect(NamedTuple):
-    """What decoding a case gives: a result (width, height, colours) or a failure (stage, phrase)."""
+    """What decoding a case gives: a result (width, height, colours) or failure (stage, phrase)."""
 
     ok: bool
     width: Optional[int] = None
@@ -414,8 +415,11 @@ def _img(seed: int) -> bytes:
 
 
 def write_shard_corpus(directory: str) -> ShardCorpus:
-    """Broken and tricky shards: bad CRC in the middle, truncated TFRecord, Example without the image,
-    truncated tar, tar with non-image members, the same key twice (within and across shards)."""
+    """Broken and tricky shards.
+
+    Bad CRC in the middle, truncated TFRecord, Example without the image, truncated tar, tar with
+    non-image members, the same key twice (within and across shards).
+    """
     os.makedirs(directory, exist_ok=True)
     p = {
         name: os.path.join(directory, file_name)

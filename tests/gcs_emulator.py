@@ -10,7 +10,8 @@ The session-scoped fixture runs `gcp-storage-emulator` (in memory) in a subproce
 127.0.0.1 on a free port, sets `STORAGE_EMULATOR_HOST` for this process and its children
 (google-cloud-storage, Beam's GcsIO and gcsfs all honour it), and stops it at the end.
 `fail_next(n, status)` makes the next `n` requests fail with `status` (503, 429, ...), for
-retry tests (the emulator is shared: consume the faults you inject). Helpers talk to the JSON API with urllib, independent of the clients under test.
+retry tests (the emulator is shared: consume the faults you inject). Helpers talk to the JSON API
+with urllib, independent of the clients under test.
 """
 
 from __future__ import annotations
@@ -142,10 +143,10 @@ def start_emulator(timeout: float = 30.0) -> GcsEmulator:
         try:
             emulator._request("GET", "/", timeout=2)
             return emulator
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError) as exc:
             if time.monotonic() > deadline or proc.poll() is not None:
                 stop_emulator(emulator)
-                raise RuntimeError("GCS emulator did not become ready")
+                raise RuntimeError("GCS emulator did not become ready") from exc
             time.sleep(0.1)
 
 

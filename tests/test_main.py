@@ -26,7 +26,7 @@ NUM_IMAGES = 10
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """The same NUM_IMAGES photos-like images as files, as a TFRecord shard and as WebDataset shards."""
+    """The same NUM_IMAGES photo-like images as files, a TFRecord shard and WebDataset shards."""
     root = tmp_path_factory.mktemp("inputs")
     encoded = corpus.photo_set(NUM_IMAGES)
     files = root / "files"

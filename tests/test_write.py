@@ -1,4 +1,7 @@
-"""Tests of transforms/write.py: schemas (ARCHITECTURE.md, "Outputs"), record batches, top-k, Beam writers."""
+"""Tests of transforms/write.py: schemas, record batches, top-k, Beam writers.
+
+Schemas as specified in ARCHITECTURE.md, "Outputs".
+"""
 
 import glob
 import os
@@ -490,7 +493,7 @@ def test_categories_min_depth_and_missing_inputs(labels):
 
 
 def test_results_batch_needs_no_pandas():
-    """The runtime lock has no pandas (only the test lock does): building rows must not import it."""
+    """The runtime lock has no pandas (the test lock does): building rows must not import it."""
     import subprocess
     import sys
 

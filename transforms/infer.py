@@ -3,15 +3,15 @@
 Beam's `RunInference` loads the model once per worker process (through `Shared`, or across processes
 with `--model_copies`), batches with `BatchElements` at a fixed size and reports the inference batch
 latency distribution. Our handler turns one batch of `Decoded` images into ONE `pyarrow.RecordBatch`
-of result rows (top-k tags, embeddings) built from flat NumPy arrays: no per-image Python dicts on the
-hot path. A batch the model cannot run becomes one `Failure` per image, never a crashed job.
+of result rows (top-k tags, embeddings) built from flat NumPy arrays: no per-image Python dicts on
+the hot path. A batch the model cannot run becomes one `Failure` per image, never a crashed job.
 """
 
 import logging
 import os
 import threading
 import time
-from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -219,7 +219,7 @@ def postprocess(
     hierarchy=None,
     basis=None,
 ) -> pa.RecordBatch:
-    """Model outputs of one batch -> one Arrow record batch of result rows (ARCHITECTURE.md, "Outputs").
+    """Model outputs of one batch -> one Arrow batch of result rows (ARCHITECTURE.md, "Outputs").
 
     `hierarchy` (`model.wordnet.Hierarchy`) gives the categories column, `basis`
     (`model.pca.PcaBasis`) the reduced embeddings: the projection of the embedding as written
@@ -249,7 +249,7 @@ def postprocess(
     )
 
 
-class BitModelHandler(ModelHandler[Decoded, Union[pa.RecordBatch, Failure], Any]):
+class BitModelHandler(ModelHandler[Decoded, pa.RecordBatch | Failure, Any]):
     """Loads `TagAndEmbedModel` once per worker and runs it on fixed-size batches of `Decoded`."""
 
     def __init__(self, config: InferenceConfig, model_copies: Optional[int] = None):

@@ -1,34 +1,36 @@
-"""Read encoded images from TFRecord shards, WebDataset tars or image files (ARCHITECTURE.md, "Inputs").
+"""Read encoded images: TFRecord shards, WebDataset tars or image files (ARCHITECTURE.md, "Inputs").
 
 Graph (`ReadImages.expand`):
 
     patterns -> match (FileSystems, runtime) -> Distinct -> Reshuffle -> shard URIs
-    shard URIs -> key pass: (key, (uri, index, source)) -> GroupByKey -> losers {(uri, index): winner}
+    shard URIs -> key pass: (key, (uri, index, source)) -> GroupByKey
+               -> losers {(uri, index): winner}
     shard URIs -> read pass (losers as a side input) -> ImageRecord | Failure (tag FAILURES)
 
-Each shard or file is one unit of work, read by a DoFn that yields one record at a time, so memory stays
-at one sample. Keys must be unique: when a key occurs more than once, the occurrence with the smallest
-(shard URI, index in shard) is kept and the others become read failures "DuplicateKey: key also read
-from <winning source>". The key pass reads the shards once more but keeps no image bytes; it is skipped
-when every input is an image file (keys are then file URIs, unique by construction). Measured with a
-tiny model (bench/scale.py, 100k records in 100 TFRecord shards) it costs ~1% of the job's wall time
-on local disk and ~4% on the GCS emulator, under the 10% that would justify a one-pass key plan; its
-shuffle holds one small tuple per record and the side input only the duplicates, so on Dataflow a
-worker's memory does not depend on the number of keys.
+Each shard or file is one unit of work, read by a DoFn that yields one record at a time, so memory
+stays at one sample. Keys must be unique: when a key occurs more than once, the occurrence with the
+smallest (shard URI, index in shard) is kept and the others become read failures "DuplicateKey: key
+also read from <winning source>". The key pass reads the shards once more but keeps no image bytes;
+it is skipped when every input is an image file (keys are then file URIs, unique by construction).
+Measured with a tiny model (bench/scale.py, 100k records in 100 TFRecord shards) it costs ~1% of the
+job's wall time on local disk and ~4% on the GCS emulator, under the 10% that would justify a
+one-pass key plan; its shuffle holds one small tuple per record and the side input only the
+duplicates, so on Dataflow a worker's memory does not depend on the number of keys.
 
 Choices:
 - A zero-byte image file becomes a record (decode fails it with "empty file (0 bytes)").
 - A file whose format `auto` cannot tell from its extension becomes one read failure (not silence).
 - A corrupt or truncated TFRecord / tar: records read before it are kept, then ONE failure names the
-  shard and byte offset (of the uncompressed stream), keyed `<shard uri>:<index of the lost record>`.
-- WebDataset: tar members are grouped by KEY (path up to the first dot of the basename, as webdataset
-  does), consecutive members with the same KEY form a sample; the image is the first KEY.<image ext>
-  member. A sample without one is a failure "no image member; members: ...". Members without a KEY
-  (no dot in the basename, dotfiles, `__meta__` files) and non-files are ignored (counter
-  `read_ignored_members`). On a truncated tar the sample being read is dropped into the one failure.
-- I/O errors in the middle of a shard also become that shard's one failure, so one unreadable file never
-  fails the job (Beam's FileSystems already retry transient GCS errors).
-- `.gz`/`.bz2`/... suffixes are decompressed transparently by FileSystems for TFRecord and tar inputs.
+  shard and byte offset (of the uncompressed stream), keyed `<shard uri>:<index of lost record>`.
+- WebDataset: tar members are grouped by KEY (path up to the first dot of the basename, as
+  webdataset does), consecutive members with the same KEY form a sample; the image is the first
+  KEY.<image ext> member. A sample without one is a failure "no image member; members: ...".
+  Members without a KEY (no dot in the basename, dotfiles, `__meta__` files) and non-files are
+  ignored (counter `read_ignored_members`). On a truncated tar the sample being read is dropped
+  into the one failure.
+- I/O errors in the middle of a shard also become that shard's one failure, so one unreadable file
+  never fails the job (Beam's FileSystems already retry transient GCS errors).
+- `.gz`/`.bz2`/... suffixes are decompressed transparently by FileSystems for TFRecord/tar inputs.
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def _read_exact(f, n: int) -> bytes:
 
 
 def _crc32c_function():
-    """The fastest CRC-32C at hand: google-crc32c (a Beam[gcp] dependency), crc32c, or pure Python."""
+    """Fastest CRC-32C at hand: google-crc32c (a Beam[gcp] dependency), crc32c, or pure Python."""
     try:
         import google_crc32c
 
@@ -331,7 +333,7 @@ def _example_key(features) -> Optional[str]:
     return None
 
 
-# ---------------------------------------------------------------------------------------- WebDataset
+# --------------------------------------------------------------------------------------- WebDataset
 
 
 class _CountingReader:
@@ -555,7 +557,10 @@ class _ExtractKeys(GcsDoFn):
 
 
 def _losers(item):
-    """For a key read more than once: ((uri, index), winning source) of every occurrence but the first."""
+    """For a key read more than once: the occurrences that lose to the first.
+
+    Yields ((uri, index), winning source) for every occurrence but the first.
+    """
     _, occurrences = item
     occurrences = sorted(occurrences, key=lambda o: (o[0], o[1]))
     winner_source = occurrences[0][2]

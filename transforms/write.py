@@ -1,8 +1,8 @@
-"""Parquet output of the job (ARCHITECTURE.md, "Outputs"): schemas, Arrow record batches, Beam writers.
+"""Parquet output of the job (ARCHITECTURE.md, "Outputs"): schemas, Arrow batches, Beam writers.
 
 Rows are built column-wise from flat NumPy arrays (no per-row Python objects), so building a batch
-costs far less than writing it. Files are written with Beam's `WriteToParquetBatched`: every shard is
-written to a temporary file and renamed when the write is finalised, so a run that dies half-way
+costs far less than writing it. Files are written with Beam's `WriteToParquetBatched`: every shard
+is written to a temporary file and renamed when the write is finalised, so a run that dies half-way
 leaves no complete-looking `results-*` / `failures-*` file behind.
 
 Settings, and why:
@@ -474,7 +474,7 @@ class WriteParquet(beam.PTransform):
 
 
 class BatchFailures(beam.PTransform):
-    """PCollection of `Failure` -> `failures` record batches (BatchElements, then failures_batch)."""
+    """PCollection of `Failure` -> `failures` record batches (BatchElements then failures_batch)."""
 
     def __init__(self, max_batch_size: int = 10_000, schema: Optional[pa.Schema] = None):
         super().__init__()

@@ -37,7 +37,7 @@ _state = {}  # "library": loaded op module or None, "reason": why None, "path": 
 
 
 class KernelBuildError(RuntimeError):
-    """The kernels could not be compiled or loaded; the message says why and how to turn them off."""
+    """The kernels could not be built or loaded; the message says why and how to turn them off."""
 
 
 def kernel_dir():
@@ -87,7 +87,7 @@ def library_path(cxx=None):
 
 
 def build(force=False):
-    """Compile the kernels unless a build for this source/TF/compiler is cached; return the .so path."""
+    """Compile the kernels unless this source/TF/compiler build is cached; return the .so path."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (set CXX or install g++)")

@@ -51,7 +51,7 @@ class Hierarchy:
     """The hypernym closure of a label set: synsets (`wnids`, `labels`, `depths`, `parents`) and,
     per class index of the label set, its ancestors (CSR `ancestor_ptr` / `ancestor_ids`)."""
 
-    def __init__(self, wnids, labels, depths, parents, class_wnids, version=VERSION_NAME):
+    def __init__(self, wnids, labels, depths, parents, class_wnids, version=None):
         self.wnids = np.asarray(wnids, dtype=object)
         self.labels = np.asarray(labels, dtype=object)
         self.depths = np.asarray(depths, dtype=np.int32)
@@ -164,4 +164,6 @@ def imagenet21k_hierarchy() -> Hierarchy:
     wnids, labels, depths, parents = read_hypernyms()
     position = {w: i for i, w in enumerate(wnids)}
     parent_ids = [[position[p] for p in ps] for ps in parents]
-    return Hierarchy(wnids, labels, depths, parent_ids, list(imagenet21k().wnids))
+    return Hierarchy(
+        wnids, labels, depths, parent_ids, list(imagenet21k().wnids), version=VERSION_NAME
+    )

@@ -1,9 +1,10 @@
 """ARCHITECTURE.md matches the code, and the repository stands alone.
 
-Every `from X import a, b` line in ARCHITECTURE.md's Python blocks must import; no tracked file may
-point at a Markdown file that is not in the repository, or at a path outside it.
+Every `from X import a, b` statement in ARCHITECTURE.md's Python blocks must import; no tracked
+file may point at a Markdown file that is not in the repository, or at a path outside it.
 """
 
+import ast
 import pathlib
 import re
 import subprocess
@@ -11,7 +12,6 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-IMPORT = re.compile(r"^from ([\w.]+) import (.+)$")
 # A path out of the checkout, or a note that never was part of it.
 OUTSIDE = re.compile(
     r"\.\./shared|/work/|\b(?:DESIGN|BIT_FORMAT|PERF_NOTES|DATAFLOW_NOTES|"
@@ -22,14 +22,13 @@ TEXT_SUFFIXES = {".py", ".md", ".txt", ".sh", ".cfg", ".toml", ".cc", ".yml", ".
 
 
 def listed_imports():
+    """(module, name) of every `from X import ...` statement (one or more lines) in the blocks."""
     text = (ROOT / "ARCHITECTURE.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     found = []
-    for line in "\n".join(blocks).splitlines():
-        match = IMPORT.match(line.split("#", 1)[0].strip())
-        if match:
-            names = [n.strip() for n in match.group(2).split(",") if n.strip()]
-            found += [(match.group(1), name) for name in names]
+    for node in ast.walk(ast.parse("\n".join(blocks))):
+        if isinstance(node, ast.ImportFrom):
+            found += [(node.module, alias.name) for alias in node.names]
     return found
 
 

@@ -116,6 +116,15 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
     }
 
 
+def read_summary(output: str) -> dict | None:
+    """The `summary.json` of a finished run in `output`, or None when there is none (the report)."""
+    path = f"{output}/summary.json"
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
+
+
 def write_summary(output: str, summary: dict) -> str:
     path = f"{output}/summary.json"
     with FileSystems.create(path, mime_type="application/json") as f:

@@ -19,8 +19,11 @@ measured is reading, the duplicate-key pass, skipping, decoding, batching, writi
 3. Realistic inputs: `--real` 640x480 photo JPEGs at 224x224 (same tiny model), marginal between
    `--real_small` and `--real` images; CPU an image outside the model against Pillow's draft
    decode + bilinear resize alone (bench/decode_throughput.py `baseline`), measured in this run on
-   the same JPEGs. Target: <= 1.3x. TensorFlow runs on one thread here (job and bare model): its
-   idle threads spin and bill CPU time at random on a loaded machine, which swamps the difference.
+   the same JPEGs. Target: <= 1.3x. "Outside the model" is the job's CPU less the CPU of its own
+   model calls, timed inside the job around `TagAndEmbedModel.__call__` (the model costs ~90 ms an
+   image here and varies by ~5% between runs, so subtracting a separately timed bare model, also
+   printed, is mostly noise). TensorFlow runs on one thread here (job and bare model): its idle
+   threads spin and bill CPU time at random on a loaded machine, which swamps the difference.
 
 Generated inputs are cached under bench/out/scale/ (ignored by git). CPU time is the child's user
 + system time (all its threads). The machine is shared: the load average is printed with each
@@ -71,17 +74,66 @@ def child_job(spec: dict) -> dict:
     configure_beam_gcs()
     from pipeline.main import run
 
+    model_calls = _time_model_calls()
     start, cpu = time.perf_counter(), _cpu()
     summary = run(spec["argv"], save_main_session=False)
     report = {
         "wall": time.perf_counter() - start,
         "cpu": _cpu() - cpu,
         "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "model_cpu": model_calls["cpu"],
+        "model_images": model_calls["images"],
+        "model_padded": model_calls["padded"],
+        "model_batches": model_calls["batches"],
+        "steady_outside_ms": _steady_outside_ms(model_calls["calls"]),
         **{k: summary[k] for k in ("inputs", "results", "failures", "skipped")},
     }
     if spec.get("model_after"):  # the bare model right after, in this process: same conditions
         report["model"] = child_model(spec["model_after"])
     return report
+
+
+def _time_model_calls() -> dict:
+    """Counts this process's CPU time inside `TagAndEmbedModel.__call__` (the job's model calls,
+    padding of a short last batch and the first call's tracing included) into the returned dict.
+
+    The job runs its fused stage on one thread (in-process runner), so nothing else of the job runs
+    during a call: "job CPU - this" is the CPU outside the model, measured on the same model runs
+    as the job's, not on a separately timed bare model whose CPU varies by several % from run to
+    run (~5 ms an image at 224 px, more than Pillow's whole decode)."""
+    from model.bit import TagAndEmbedModel
+
+    totals = {"cpu": 0.0, "images": 0, "padded": 0, "batches": 0, "calls": []}
+    call = TagAndEmbedModel.__call__
+
+    def timed_call(self, images):
+        start = _cpu()
+        try:
+            return call(self, images)
+        finally:
+            end = _cpu()
+            totals["cpu"] += end - start
+            totals["images"] += len(images)
+            totals["padded"] += -(-len(images) // (self.batch_size or len(images) or 1)) * (
+                self.batch_size or len(images)
+            )
+            totals["batches"] += 1
+            totals["calls"].append((start, end, len(images)))
+
+    TagAndEmbedModel.__call__ = timed_call
+    return totals
+
+
+def _steady_outside_ms(calls: list) -> float:
+    """CPU ms an image outside the model between the end of the first model call and the start of
+    the last one: reading, decoding, batching, postprocessing of the batches in between, without
+    start-up and the end-of-bundle work (Parquet writes of the buffered row groups, samples)."""
+    if len(calls) < 3:
+        return float("nan")
+    inner = calls[1:-1]
+    images = sum(n for _, _, n in inner)
+    outside = (calls[-1][0] - calls[0][1]) - sum(end - start for start, end, _ in inner)
+    return outside * 1e3 / images
 
 
 def child_key_pass(spec: dict) -> dict:
@@ -174,8 +226,7 @@ def in_child(kind: str, spec: dict, env: dict = None) -> dict:
 
 def write_shards(directory: str, images: list, count: int, shard_size: int) -> list:
     """`count` records keyed input_key(i), image images[i % len(images)], in TFRecord shards."""
-    from tests.corpus import make_example
-    from transforms.read import tfrecord_frame
+    from tests.corpus import make_example, tfrecord_frame
 
     if os.path.isdir(directory):
         return sorted(os.path.join(directory, f) for f in os.listdir(directory))
@@ -224,18 +275,20 @@ def prepare(args) -> dict:
     checkpoint = os.path.join(OUT, "tiny.npz")
     if not os.path.exists(checkpoint):
         write_checkpoint(checkpoint, **TINY)
-    tiny = [make_jpeg(64, 64, seed=i) for i in range(DISTINCT)]
-    shards = write_shards(
-        os.path.join(OUT, f"tiny{args.images}_{args.shard_size}"),
-        tiny,
-        args.images,
-        args.shard_size,
-    )
-    skip = write_skip_list(
-        os.path.join(OUT, f"known{args.known}_{args.images}"), args.known, args.images
-    )
-    prepared = {"checkpoint": checkpoint, "shards": shards, "skip": skip}
-    if args.real:
+    prepared = {"checkpoint": checkpoint}
+    parts = set(args.parts.split(","))
+    if parts & {"tiny", "gcs"}:
+        tiny = [make_jpeg(64, 64, seed=i) for i in range(DISTINCT)]
+        prepared["shards"] = write_shards(
+            os.path.join(OUT, f"tiny{args.images}_{args.shard_size}"),
+            tiny,
+            args.images,
+            args.shard_size,
+        )
+        prepared["skip"] = write_skip_list(
+            os.path.join(OUT, f"known{args.known}_{args.images}"), args.known, args.images
+        )
+    if args.real and "real" in parts:
         from bench.decode_throughput import make_images
 
         photos = make_images(min(args.real, 128))
@@ -461,7 +514,12 @@ def report_tiny(args, tiny: dict, gcs: dict) -> dict:
 
 def report_real(real: dict, extra: dict) -> None:
     rate, cpu_ms = marginal(real["runs"])
-    outside = cpu_ms - real["model"]["cpu_ms"]
+    (n1, r1), (n2, r2) = sorted(real["runs"].items())
+    in_job_ms = (r2["model_cpu"] - r1["model_cpu"]) * 1e3 / (n2 - n1)
+    padded = (r2["model_padded"] - r1["model_padded"]) / (n2 - n1) - 1
+    steady = r2["steady_outside_ms"]
+    outside = cpu_ms - in_job_ms
+    bare = real["model"]["cpu_ms"]
     pillow = real["pillow"]["cpu_ms"]
     ratio = outside / pillow
     print(
@@ -472,12 +530,20 @@ def report_real(real: dict, extra: dict) -> None:
     print("| --- | ---: |")
     print(f"| whole job | {cpu_ms:.2f} |")
     print(
-        f"| bare model (right after each job, in its process; mean) "
-        f"| {real['model']['cpu_ms']:.2f} |"
+        f"| the job's own model calls (timed inside the job; {padded:.1%} padding) "
+        f"| {in_job_ms:.2f} |"
     )
-    print(f"| outside the model | {outside:.2f} |")
+    print(f"| outside the model = whole job - its model calls | {outside:.2f} |")
+    print(
+        f"| outside the model, steady state of the {n2}-image run (between its first and "
+        f"last model calls: no start-up, no end-of-bundle Parquet write) | {steady:.2f} |"
+    )
     print(f"| Pillow draft decode + bilinear resize alone | {pillow:.2f} |")
     print(f"| outside the model / Pillow | {ratio:.2f} (target <= {TARGET}) |")
+    print(
+        f"| (old method) bare model timed after each job, mean; job - bare model "
+        f"| {bare:.2f}; {cpu_ms - bare:.2f} |"
+    )
     print(f"(marginal whole job: {rate:.1f} images/s)")
     result_line("scale", ratio, TARGET, higher_is_better=False, **extra)
 

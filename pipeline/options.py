@@ -39,8 +39,11 @@ class JobOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        g = parser.add_argument_group("inputs")
-        g.add_argument(
+        inputs, outputs, preprocessing, models = (
+            parser.add_argument_group(title)
+            for title in ("inputs", "outputs", "preprocessing", "models")
+        )
+        inputs.add_argument(
             "--input",
             default=None,
             help="Comma-separated globs or folders of inputs, local or gs:// "
@@ -48,19 +51,19 @@ class JobOptions(PipelineOptions):
             "its files, recursively, whose extension --input_format reads; "
             "other files there (.txt, .json sidecars) are skipped and counted.",
         )
-        g.add_argument(
+        inputs.add_argument(
             "--input_format",
             default="auto",
             choices=["auto", "tfrecord", "webdataset", "images"],
             help="Input format; 'auto' decides by file extension (.tfrecord/.tfrec, "
             ".tar, image extensions).",
         )
-        g.add_argument(
+        inputs.add_argument(
             "--key_feature",
             default="image/encoded",
             help="tf.train.Example feature holding the encoded image (TFRecord inputs).",
         )
-        g.add_argument(
+        inputs.add_argument(
             "--skip_keys_from",
             default=None,
             help="Comma-separated globs of earlier results-*.parquet files (local or "
@@ -68,77 +71,76 @@ class JobOptions(PipelineOptions):
             "(incremental nightly runs). Earlier failures are retried.",
         )
 
-        g = parser.add_argument_group("outputs")
-        g.add_argument(
+        outputs.add_argument(
             "--output",
             default=None,
             help="Output directory (local or gs://) for results-*.parquet, "
             "failures-*.parquet and summary.json.",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--overwrite",
             action="store_true",
             default=False,
             help="Allow writing into an output directory that already has results.",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--num_shards",
             type=_non_negative,
             default=0,
             help="Number of results/failures files; 0 lets the runner decide.",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--top_k",
             type=_positive,
             default=10,
             help="Number of tags kept per image (highest sigmoid scores first).",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--min_score",
             type=_fraction,
             default=0.0,
             help="Drop tags with a sigmoid score below this (0 keeps all top_k).",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--embedding_dtype",
             default="float32",
             choices=["float32", "float16"],
             help="Storage type of the embedding column.",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--normalize_embeddings",
             action="store_true",
             default=False,
             help="L2-normalise embeddings (cosine search with a dot product).",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--write_all_scores",
             action="store_true",
             default=False,
             help="Also write all 21,843 sigmoid scores per image (float16 column "
             "'scores', ~44 KB a row).",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--no_categories",
             action="store_true",
             default=False,
             help="Do not write the 'categories' column (the tags rolled up the "
             "WordNet 3.0 noun hierarchy, for keyword search).",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--categories_min_depth",
             type=_non_negative,
             default=0,
             help="Drop categories shallower than this (depth: longest hypernym path "
             "from 'entity' = 0; e.g. 5 drops entity ... living_thing).",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--pca_basis",
             default=None,
             help="PCA basis file from './run.sh fit_pca' (local or gs://): also write "
             "'embedding_reduced' (centred, projected, L2-normalised).",
         )
-        g.add_argument(
+        outputs.add_argument(
             "--max_failure_rate",
             type=_fraction,
             default=1.0,
@@ -146,27 +148,26 @@ class JobOptions(PipelineOptions):
             "The outputs are written either way.",
         )
 
-        g = parser.add_argument_group("preprocessing")
-        g.add_argument(
+        preprocessing.add_argument(
             "--image_size",
             type=_positive,
             default=224,
             help="Images are resized to SIZE x SIZE before the model (BiT: 224).",
         )
-        g.add_argument(
+        preprocessing.add_argument(
             "--resize",
             default="squash",
             choices=["squash", "center_crop"],
             help="'squash': bilinear resize to a square, as BiT evaluates; "
             "'center_crop': resize the short side, then crop the centre.",
         )
-        g.add_argument(
+        preprocessing.add_argument(
             "--max_image_pixels",
             type=_positive,
             default=178956970,
             help="Refuse images with more pixels than this (decompression bombs).",
         )
-        g.add_argument(
+        preprocessing.add_argument(
             "--decode_threads",
             type=_non_negative,
             default=0,
@@ -174,58 +175,57 @@ class JobOptions(PipelineOptions):
             "inference (overlaps decoding with the model); 0 decodes inline.",
         )
 
-        g = parser.add_argument_group("models")
-        g.add_argument(
+        models.add_argument(
             "--tags_model",
             default=DEFAULT_TAGS_MODEL,
             help="Tags model: BiT .npz checkpoint (local or gs://), TF Hub handle or "
             "SavedModel directory, with a 21,843-class ImageNet-21k head.",
         )
-        g.add_argument(
+        models.add_argument(
             "--embed_model",
             default=DEFAULT_EMBED_MODEL,
             help="Embedding model (its pre-logits are the embedding); same kinds of "
             "source. The same source as --tags_model runs one forward pass.",
         )
-        g.add_argument(
+        models.add_argument(
             "--model_cache_dir",
             default=None,
             help="Local cache for downloaded checkpoints (default ~/.cache/bit_tagger "
             "or $BIT_CACHE_DIR).",
         )
-        g.add_argument(
+        models.add_argument(
             "--batch_size",
             type=_positive,
             default=16,
             help="Images per model call (fixed; the last batch is padded).",
         )
-        g.add_argument(
+        models.add_argument(
             "--precision",
             default="float32",
             choices=["float32", "bfloat16", "float16"],
             help="Compute precision; bfloat16/float16 are for GPUs.",
         )
-        g.add_argument(
+        models.add_argument(
             "--xla",
             action="store_true",
             default=False,
             help="Compile the model with XLA (jit_compile); helps on GPUs.",
         )
-        g.add_argument(
+        models.add_argument(
             "--model_copies",
             type=_positive,
             default=None,
             help="Exact number of model copies per machine, shared across its "
             "processes (default: one per worker process).",
         )
-        g.add_argument(
+        models.add_argument(
             "--log_every_secs",
             type=float,
             default=30.0,
             help="Interval of the progress line when stderr is not a terminal (a live "
             "bar is shown when it is); 0 turns the periodic line off.",
         )
-        g.add_argument(
+        models.add_argument(
             "--log_level",
             default=None,
             type=str.upper,

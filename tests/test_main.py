@@ -18,6 +18,7 @@ from model.labels import imagenet21k
 from pipeline.main import JobFailed, main, run
 from tests import corpus
 from tests.bit_checkpoints import write_checkpoint
+from tests.jobs import job_args
 from transforms.outputs import OutputExistsError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,27 +46,6 @@ def images(tmp_path_factory):
         root / "wds-001.tar", [(name, {ext: data}) for name, (ext, data) in items[half:]]
     )
     return root
-
-
-def job_args(inputs, output, models, *extra):
-    tags, embed = models
-    return [
-        "--input",
-        str(inputs),
-        "--output",
-        str(output),
-        "--tags_model",
-        tags,
-        "--embed_model",
-        embed,
-        "--batch_size",
-        "4",
-        "--image_size",
-        "64",
-        "--log_every_secs",
-        "0",
-        *extra,
-    ]
 
 
 def read_rows(output, kind="results"):

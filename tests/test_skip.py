@@ -17,6 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.main import run
 from tests import corpus
+from tests.jobs import job_args
 from transforms.records import ImageRecord
 from transforms.skip import (
     KnownKeys,
@@ -52,27 +53,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
-
-
-def job_args(inputs, output, models, *extra):
-    tags, embed = models
-    return [
-        "--input",
-        str(inputs),
-        "--output",
-        str(output),
-        "--tags_model",
-        tags,
-        "--embed_model",
-        embed,
-        "--batch_size",
-        "4",
-        "--image_size",
-        "64",
-        "--log_every_secs",
-        "0",
-        *extra,
-    ]
 
 
 def result_keys(output) -> list:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests import corpus
+from tests.jobs import job_args
 from transforms.write import _list, results_schema, tag_type
 
 NUM_PHOTOS = 8
@@ -48,30 +49,11 @@ def run_job(root: pathlib.Path, models) -> tuple[str, list[str]]:
         path = photos / f"p{i}.jpg"
         path.write_bytes(corpus.make_jpeg(64 + 8 * i, 48 + 4 * i, seed=100 + i))
         paths.append(str(path))
-    tags, embed = models
     output = root / "out"
     # --no_categories: the search tests bring their own hand-made hierarchy (`retag`); the WordNet
     # categories of a default run are searched in tests/test_engines.py.
-    summary = run(
-        [
-            "--input",
-            f"{photos}/*.jpg",
-            "--output",
-            str(output),
-            "--tags_model",
-            tags,
-            "--embed_model",
-            embed,
-            "--batch_size",
-            "4",
-            "--image_size",
-            "32",
-            "--no_categories",
-            "--log_every_secs",
-            "0",
-        ],
-        save_main_session=False,
-    )
+    args = job_args(f"{photos}/*.jpg", output, models, "--no_categories", image_size=32)
+    summary = run(args, save_main_session=False)
     assert summary["results"] == NUM_PHOTOS, summary
     return str(output), paths
 

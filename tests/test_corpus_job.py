@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.main import main, run
 from tests import corpus
+from tests.jobs import job_args
 
 
 @pytest.fixture(scope="module")
@@ -25,24 +26,7 @@ def inputs(tmp_path_factory):
 
 
 def job(root, output, models, *extra):
-    tags, embed = models
-    return [
-        "--input",
-        f"{root}/images/*,{root}/shards/*",
-        "--output",
-        str(output),
-        "--tags_model",
-        tags,
-        "--embed_model",
-        embed,
-        "--batch_size",
-        "4",
-        "--image_size",
-        "32",
-        "--log_every_secs",
-        "0",
-        *extra,
-    ]
+    return job_args(f"{root}/images/*,{root}/shards/*", output, models, *extra, image_size=32)
 
 
 def table(output, kind):

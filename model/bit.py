@@ -6,6 +6,11 @@ or a TF Hub handle / SavedModel directory (`model.hub`, inputs in [0, 1]). One s
 runs once. uint8 goes to the device and is scaled inside the traced graph. With `batch_size`, every
 call runs fixed-shape batches (the last one zero-padded, outputs sliced back) so the `tf.function`
 is traced once per (H, W).
+
+With `top_k`, the k best tags are chosen inside the graph (`tf.math.top_k`, on the GPU when there is
+one): only k indices and scores a row leave the device instead of all 21,843 scores, and the CPU
+skips a partial sort of 21,843 floats an image, the largest cost of the job's postprocessing.
+`keep_scores=False` then drops the full score matrix from the outputs altogether.
 """
 
 from typing import NamedTuple
@@ -20,8 +25,21 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 class Outputs(NamedTuple):
-    scores: np.ndarray  # float32 [B, K], sigmoid of the tags model's logits
+    scores: np.ndarray | None  # float32 [B, K], sigmoid of the tags model's logits (None: not kept)
     embeddings: np.ndarray  # float32 [B, D], the embed model's pre-logits
+    top_indices: np.ndarray | None = None  # int32 [B, k], with `top_k`: best classes first
+    top_scores: np.ndarray | None = None  # float32 [B, k], their scores
+
+
+def top_k_in_graph(scores, k: int):
+    """The k best of each row of float32 `scores` [B, K] in TensorFlow: (indices int32, scores).
+
+    Same order as `transforms.write.top_k`: score descending, ties by the lower class index
+    (`tf.math.top_k`'s documented rule), NaN below every number; the scores returned are the
+    original values (NaN stays NaN)."""
+    ranked = tf.where(tf.math.is_nan(scores), tf.constant(-np.inf, scores.dtype), scores)
+    _, indices = tf.math.top_k(ranked, k=k, sorted=True)
+    return indices, tf.gather(scores, indices, batch_dims=1)
 
 
 class _Net(NamedTuple):
@@ -97,11 +115,23 @@ def _load_hub(source, role):
 class TagAndEmbedModel:
     """uint8 [B, H, W, 3] -> `Outputs(scores [B, K], embeddings [B, D])`, both float32 NumPy."""
 
-    def __init__(self, tags, embed, forward, precision, jit_compile, batch_size, modules=()):
+    def __init__(
+        self,
+        tags,
+        embed,
+        forward,
+        precision,
+        jit_compile,
+        batch_size,
+        modules=(),
+        top_k=0,
+        keep_scores=True,
+    ):
         self._tags, self._embed = tags, embed
         self._forward = forward
         self.precision, self.jit_compile, self.batch_size = precision, jit_compile, batch_size
         self._modules = modules  # keep the variables alive
+        self.top_k, self.keep_scores = top_k, keep_scores
 
     @classmethod
     def load(
@@ -113,11 +143,21 @@ class TagAndEmbedModel:
         jit_compile=False,
         batch_size=None,
         cache_dir=None,
+        top_k=None,
+        keep_scores=True,
     ):
+        """Both models from their sources. `top_k` (None or 0: off) adds the k best tags of each
+        image to the outputs, chosen on the device; `keep_scores=False` (only with `top_k`) leaves
+        the full scores out (`Outputs.scores` is None)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        top_k = int(top_k or 0)
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if not top_k and not keep_scores:
+            raise ValueError("keep_scores=False needs top_k: the outputs would have no tags")
         _use_gpu_memory_growth()
         same = str(tags_source) == str(embed_source)
         if same and not _is_npz(tags_source):
@@ -144,12 +184,19 @@ class TagAndEmbedModel:
         else:
             embed, embed_module = _load_hub(embed_source, "embed")
         single_pass = embed is tags
+        k = min(top_k, int(tags.num_classes))
 
         def forward(images):
             features, logits = tags.forward(images)
             if not single_pass:
                 features, _ = embed.forward(images)
-            return tf.sigmoid(tf.cast(logits, tf.float32)), tf.cast(features, tf.float32)
+            scores = tf.sigmoid(tf.cast(logits, tf.float32))
+            out = {"embeddings": tf.cast(features, tf.float32)}
+            if keep_scores:
+                out["scores"] = scores
+            if k:
+                out["top_indices"], out["top_scores"] = top_k_in_graph(scores, k)
+            return out
 
         compiled = tf.function(forward, jit_compile=bool(jit_compile), autograph=False)
         return cls(
@@ -160,6 +207,8 @@ class TagAndEmbedModel:
             bool(jit_compile),
             None if batch_size is None else int(batch_size),
             (tags_module, embed_module),
+            k,
+            bool(keep_scores),
         )
 
     @property
@@ -208,15 +257,20 @@ class TagAndEmbedModel:
             )
         n = images.shape[0]
         if n == 0:
-            return Outputs(
-                np.zeros((0, self.num_classes), np.float32),
-                np.zeros((0, self.embedding_dim), np.float32),
+            return self._outputs(
+                {
+                    "scores": np.zeros((0, self.num_classes), np.float32),
+                    "embeddings": np.zeros((0, self.embedding_dim), np.float32),
+                    "top_indices": np.zeros((0, self.top_k), np.int32),
+                    "top_scores": np.zeros((0, self.top_k), np.float32),
+                }
             )
         if self.batch_size is None:
-            scores, embeddings = self._forward(tf.constant(images))
-            return Outputs(scores.numpy(), embeddings.numpy())
+            return self._outputs(
+                {k: v.numpy() for k, v in self._forward(tf.constant(images)).items()}
+            )
         step = self.batch_size
-        scores, embeddings = [], []
+        parts = []
         for start in range(0, n, step):
             chunk = images[start : start + step]
             rows = chunk.shape[0]
@@ -224,7 +278,17 @@ class TagAndEmbedModel:
                 chunk = np.concatenate(
                     [chunk, np.zeros((step - rows,) + chunk.shape[1:], np.uint8)]
                 )
-            s, e = self._forward(tf.constant(chunk))
-            scores.append(s.numpy()[:rows])
-            embeddings.append(e.numpy()[:rows])
-        return Outputs(np.concatenate(scores), np.concatenate(embeddings))
+            parts.append(
+                {k: v.numpy()[:rows] for k, v in self._forward(tf.constant(chunk)).items()}
+            )
+        if len(parts) == 1:
+            return self._outputs(parts[0])
+        return self._outputs({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+    def _outputs(self, arrays: dict) -> Outputs:
+        return Outputs(
+            arrays["scores"] if self.keep_scores else None,
+            arrays["embeddings"],
+            arrays["top_indices"] if self.top_k else None,
+            arrays["top_scores"] if self.top_k else None,
+        )

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from model import resnet
-from model.bit import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL, Outputs, TagAndEmbedModel
+from model.bit import (
+    DEFAULT_EMBED_MODEL,
+    DEFAULT_TAGS_MODEL,
+    Outputs,
+    TagAndEmbedModel,
+    top_k_in_graph,
+)
 from tests.bit_checkpoints import write_checkpoint
 from tests.numpy_reference import forward
 
@@ -109,6 +115,58 @@ def test_rejects_bad_precision_and_bad_images(ckpts):
     with pytest.raises(ValueError, match="uint8"):
         model(np.zeros((1, 32, 32, 3), np.float32))
     assert model(np.zeros((0, 32, 32, 3), np.uint8)).scores.shape == (0, 12)
+
+
+def naive_top_k(row, k):
+    """The k best of one row by the job's rule: score descending, lower index first, NaN last."""
+    order = sorted(range(len(row)), key=lambda i: (np.isnan(row[i]), -np.nan_to_num(row[i]), i))
+    return order[:k]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_top_k_in_graph_breaks_ties_by_lower_index_and_puts_nan_last(jit_compile):
+    import tensorflow as tf
+
+    scores = np.array(
+        [
+            [0.5, 1.0, 0.5, 1.0, 0.2, 1.0, 0.5],  # ties at the top and at the k-th place
+            [np.nan, 0.1, 0.9, np.nan, 0.9, 0.0, 0.3],  # NaN ranks below every number
+            [np.nan] * 7,
+            [1.0] * 7,  # saturated sigmoid: every class tied
+        ],
+        np.float32,
+    )
+    fn = tf.function(lambda s: top_k_in_graph(s, 4), jit_compile=jit_compile, autograph=False)
+    indices, top = (t.numpy() for t in fn(tf.constant(scores)))
+    assert indices.dtype == np.int32 and indices.shape == (4, 4)
+    for row, got, got_scores in zip(scores, indices, top):
+        assert list(got) == naive_top_k(row, 4)
+        np.testing.assert_array_equal(got_scores, row[got])  # the original values, NaN kept
+
+
+def test_top_k_chosen_on_the_device_matches_the_full_scores(ckpts):
+    tags_path, _, embed_path, _ = ckpts
+    images = uint8_images(5, seed=13)
+    full = TagAndEmbedModel.load(tags_path, embed_path, top_k=4, batch_size=2)(images)
+    assert full.top_indices.shape == full.top_scores.shape == (5, 4)
+    for row, got, got_scores in zip(full.scores, full.top_indices, full.top_scores):
+        assert list(got) == naive_top_k(row, 4)
+        np.testing.assert_array_equal(got_scores, row[got])
+    lean = TagAndEmbedModel.load(tags_path, embed_path, top_k=4, keep_scores=False)(images)
+    assert lean.scores is None
+    np.testing.assert_array_equal(lean.top_indices, full.top_indices)
+    np.testing.assert_allclose(lean.top_scores, full.top_scores, rtol=0, atol=1e-6)
+    clipped = TagAndEmbedModel.load(tags_path, tags_path, top_k=50, keep_scores=False)
+    assert clipped(images[:1]).top_indices.shape == (1, 12)  # k clipped to the 12 classes
+    assert clipped(images[:0]).top_indices.shape == (0, 12)
+    plain = TagAndEmbedModel.load(tags_path, embed_path)(images)
+    assert plain.top_indices is None and plain.top_scores is None
+
+
+def test_no_scores_and_no_top_k_is_refused(ckpts):
+    tags_path, _, embed_path, _ = ckpts
+    with pytest.raises(ValueError, match="needs top_k"):
+        TagAndEmbedModel.load(tags_path, embed_path, keep_scores=False)
 
 
 def test_metadata(ckpts):

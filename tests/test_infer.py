@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from model.bit import TagAndEmbedModel
+from model.labels import imagenet21k
 from pipeline.main import run
 from transforms import infer
 from transforms.records import STAGE_INFERENCE, Decoded, Failure
@@ -125,12 +126,29 @@ def test_handler_gives_one_record_batch_with_top_k_tags(loaded):
     assert isinstance(rows, pa.RecordBatch) and rows.num_rows == 3
     assert rows.column("key").to_pylist() == ["k0", "k1", "k2"]
     assert rows.column("width").to_pylist() == [50, 51, 52]
-    scores = model(np.stack([d.pixels for d in batch])).scores
+    # The job's model picks the top-k itself and does not return all 21,843 scores ...
+    assert model(np.stack([d.pixels for d in batch])).scores is None
+    # ... so compare with the same network returning every score.
+    full = infer.load_model(handler._config._replace(write_all_scores=True))
+    scores = full(np.stack([d.pixels for d in batch])).scores
     for row, image_scores in zip(rows.column("tags").to_pylist(), scores):
         top = [t["score"] for t in row]
         np.testing.assert_allclose(top, np.sort(image_scores)[::-1][:3], rtol=1e-6)
         assert all(image_scores[t["index"]] == t["score"] for t in row)
     assert handler.get_num_bytes(batch) == 3 * 32 * 32 * 3
+
+
+def test_postprocess_gives_the_same_rows_from_the_models_top_k_or_from_all_scores(loaded):
+    handler, model = loaded
+    batch = decoded(4, seed=1)
+    pixels = np.stack([d.pixels for d in batch])
+    full = infer.load_model(handler._config._replace(write_all_scores=True))(pixels)
+    labels = imagenet21k()
+    from_model = infer.postprocess(batch, model(pixels), handler._config, labels)
+    from_scores = infer.postprocess(
+        batch, full._replace(top_indices=None, top_scores=None), handler._config, labels
+    )
+    assert from_model.equals(from_scores)
 
 
 def test_handler_turns_a_failing_batch_into_one_failure_per_image(loaded):

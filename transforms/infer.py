@@ -91,11 +91,21 @@ _LOADED_LOCK = threading.Lock()
 
 
 def _model_key(c: InferenceConfig):
-    return (c.tags_model, c.embed_model, c.precision, c.jit_compile, c.batch_size, c.cache_dir)
+    return (
+        c.tags_model,
+        c.embed_model,
+        c.precision,
+        c.jit_compile,
+        c.batch_size,
+        c.cache_dir,
+        c.top_k,
+        c.write_all_scores,
+    )
 
 
 def load_model(config: InferenceConfig):
-    """`TagAndEmbedModel` for `config`, loaded once per process."""
+    """`TagAndEmbedModel` for `config`, loaded once per process. It picks the top-k tags itself (on
+    the device) and returns the full scores only when the job writes them."""
     from model.bit import TagAndEmbedModel  # TensorFlow is imported where models run only
 
     key = _model_key(config)
@@ -108,6 +118,8 @@ def load_model(config: InferenceConfig):
                 jit_compile=config.jit_compile,
                 batch_size=config.batch_size,
                 cache_dir=config.cache_dir,
+                top_k=config.top_k,
+                keep_scores=config.write_all_scores or not config.top_k,
             )
             _LOG.info(
                 "models loaded in this process (pid %d); GroupNorm: %s",
@@ -212,19 +224,27 @@ class _Progress:
 
 def postprocess(
     batch: Sequence[Decoded],
-    scores: np.ndarray,
-    embeddings: np.ndarray,
+    outputs,
     config: InferenceConfig,
     labels,
     hierarchy=None,
     basis=None,
 ) -> pa.RecordBatch:
-    """Model outputs of one batch -> one Arrow batch of result rows (ARCHITECTURE.md, "Outputs").
+    """Model outputs (`model.bit.Outputs`) of one batch -> one Arrow batch of result rows
+    (ARCHITECTURE.md, "Outputs"). The top-k tags come from the model when it chose them (the job's
+    model does), else from the full scores.
 
     `hierarchy` (`model.wordnet.Hierarchy`) gives the categories column, `basis`
     (`model.pca.PcaBasis`) the reduced embeddings: the projection of the embedding as written
     (normalised and cast as configured), so readers can reproduce it from the file."""
-    indices, top_scores = top_k(scores, config.top_k)
+    want = min(config.top_k, len(labels.wnids))
+    if outputs.top_indices is not None and outputs.top_indices.shape[1] >= want:
+        indices, top_scores = outputs.top_indices[:, :want], outputs.top_scores[:, :want]
+    elif outputs.scores is not None:
+        indices, top_scores = top_k(outputs.scores, config.top_k)
+    else:
+        raise ValueError(f"the model gave neither its top-{want} tags nor all scores")
+    embeddings = outputs.embeddings
     if config.normalize_embeddings:
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         embeddings = embeddings / np.maximum(norms, 1e-12)
@@ -242,7 +262,7 @@ def postprocess(
         embeddings=embeddings,
         schema=config.schema,
         min_score=config.min_score,
-        all_scores=scores if config.write_all_scores else None,
+        all_scores=outputs.scores if config.write_all_scores else None,
         hierarchy=hierarchy,
         categories_min_depth=config.categories_min_depth,
         embeddings_reduced=reduced,
@@ -292,8 +312,7 @@ class BitModelHandler(ModelHandler[Decoded, pa.RecordBatch | Failure, Any]):
             outputs = model(images)
             rows = postprocess(
                 batch,
-                outputs.scores,
-                outputs.embeddings,
+                outputs,
                 self._config,
                 self._labels,
                 self._hierarchy,

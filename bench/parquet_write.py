@@ -4,7 +4,7 @@
 
 - "job path": `results_batch` for every inference batch (64 rows) from NumPy arrays, the
   `RebatchTables` DoFn's buffering into ~64 MiB tables, and the exact sink Beam runs in each worker
-  (`WriteParquet(...).write_transform()._sink`: `open` / `write_record` / `close`, i.e.
+  (`WriteParquet(...).sink()`: `open` / `write_record` / `close`, i.e.
   `pq.ParquetWriter` with the job's codec and list layout, one `write_table` per row group). This
   runs outside a Beam pipeline on purpose: a pipeline adds runner start-up and element pickling
   that do not depend on the writer and would drown it on this 2-core machine. `--beam` adds one
@@ -64,7 +64,7 @@ def make_inputs(rows: int, seed: int = 0):
 
 def job_path(path, labels, inputs, schema):
     """results_batch -> RebatchTables -> the Beam Parquet sink, as in a worker."""
-    sink = WriteParquet(os.path.dirname(path), "results", schema).write_transform()._sink
+    sink = WriteParquet(os.path.dirname(path), "results", schema).sink()
     rebatch = RebatchTables(schema)
     writer = sink.open(path)
     rebatch.start_bundle()

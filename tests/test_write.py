@@ -293,6 +293,10 @@ def test_write_results_and_failures_pipeline(tmp_path, labels, num_shards):
         assert pq.read_schema(f).equals(schema, check_metadata=True)
         footer = {k.decode(): v.decode() for k, v in pq.read_metadata(f).metadata.items()}
         assert {k: footer[k] for k in META} == META
+        assert dictionary_encoded(f) in (
+            {"source", "tags.list.element.wnid", "tags.list.element.label"},
+            None,  # a file without rows
+        )
     table = pa.concat_tables(tables).sort_by("key")
     expected = pa.Table.from_batches(batches).sort_by("key")
     assert table.equals(expected)
@@ -303,6 +307,22 @@ def test_write_results_and_failures_pipeline(tmp_path, labels, num_shards):
     failed = pa.concat_tables(ftables)
     assert sorted(failed.column("key").to_pylist()) == sorted(f.key for f in failures)
     assert failed.schema.equals(failures_schema())
+    assert {dictionary_encoded(f) for f in ffiles} - {None} == {
+        frozenset({"source", "stage", "error"})
+    }
+
+
+def dictionary_encoded(path) -> set:
+    """Parquet columns of the file's first row group that carry a dictionary page (None: no rows)."""
+    metadata = pq.read_metadata(path)
+    if not metadata.num_row_groups:
+        return None
+    group = metadata.row_group(0)
+    return frozenset(
+        group.column(i).path_in_schema
+        for i in range(group.num_columns)
+        if group.column(i).has_dictionary_page
+    )
 
 
 @pytest.mark.parametrize("num_shards", [0, 2])

@@ -1,4 +1,15 @@
-"""Command lines of small local runs of the job, shared by the job-level tests."""
+"""Command lines of small local runs of the job, shared by the job-level tests, and the flag groups
+several tests add to them."""
+
+# The launcher's own required flags, valid-looking names (`python -m pipeline.dataflow`); the
+# --input and --output of the job follow.
+DATAFLOW_LAUNCH = (
+    *("--project", "my-test-project", "--region", "us-central1"),
+    *("--bucket", "gs://my-test-bucket", "--job_name", "bit-tagger-test"),
+)
+
+# The direct runner in two worker processes instead of one thread (pickled DoFns, split bundles).
+MULTI_PROCESS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
 
 
 def job_args(inputs, output, models, *extra, image_size: int = 64, batch_size: int = 4) -> list:

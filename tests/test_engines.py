@@ -13,7 +13,7 @@ import pytest
 from model.pca import fit_basis, load_basis, save_basis
 from pipeline.main import run
 from tests import corpus
-from tests.jobs import job_args
+from tests.jobs import PCA_RESULT_COLUMNS, job_args
 
 NUM_IMAGES = 9
 DIMS = 4
@@ -47,16 +47,7 @@ def matrix(table, column):
 def test_reduced_embeddings_follow_the_basis(job):
     out, table, basis = job
     assert table.num_rows == NUM_IMAGES
-    assert table.schema.names == [
-        "key",
-        "source",
-        "width",
-        "height",
-        "tags",
-        "categories",
-        "embedding",
-        "embedding_reduced",
-    ]
+    assert table.schema.names == list(PCA_RESULT_COLUMNS)
     assert table.schema.field("embedding_reduced").type.list_size == DIMS
     np.testing.assert_allclose(
         matrix(table, "embedding_reduced"), basis.project(matrix(table, "embedding")), atol=1e-6

@@ -43,6 +43,20 @@ def small_jpegs(count: int, width: int = 64, height: int = 64, seed: int = 0) ->
     return [distinct[i % len(distinct)] for i in range(count)]
 
 
+def sample_photos(names) -> list:
+    """scikit-image's sample photos `names` as uint8 RGB arrays (tests/sample_photos.py), less
+    those that this release would have to download."""
+    from tests.sample_photos import sample_photo
+
+    photos = []
+    for name in names:
+        try:
+            photos.append(sample_photo(name))
+        except Exception:  # noqa: BLE001 - a photo that needs a download is skipped
+            continue
+    return photos
+
+
 def load_note() -> str:
     """The 1-minute load average, to print next to timings (the machine is shared)."""
     try:

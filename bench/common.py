@@ -1,10 +1,12 @@
-"""Helpers shared by the benchmarks: repo on sys.path, inputs on disk, random BiT checkpoints, the
-machine-readable result line that `bench/run_all.py` collects."""
+"""Helpers shared by the benchmarks: repo on sys.path, inputs on disk, random BiT checkpoints, a
+quiet in-process run of the job, the machine-readable result line that `bench/run_all.py`
+collects."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -41,6 +43,46 @@ def small_jpegs(count: int, width: int = 64, height: int = 64, seed: int = 0) ->
 
     distinct = [make_jpeg(width, height, seed=seed + i) for i in range(min(count, 16))]
     return [distinct[i % len(distinct)] for i in range(count)]
+
+
+def sample_photos(names) -> list:
+    """scikit-image's sample photos `names` as uint8 RGB arrays (tests/sample_photos.py), less
+    those that this release would have to download."""
+    from tests.sample_photos import sample_photo
+
+    photos = []
+    for name in names:
+        try:
+            photos.append(sample_photo(name))
+        except Exception:  # noqa: BLE001 - a photo that needs a download is skipped
+            continue
+    return photos
+
+
+def run_job(
+    inputs: str, output: str, checkpoint: str, *extra, batch_size: int, image_size: int
+) -> tuple[dict, float]:
+    """(summary, wall seconds) of one run of the job in this process (`pipeline.main.run`, the
+    command line of tests/jobs.py) with the random `checkpoint` in both model slots; TensorFlow's
+    and Beam's INFO logging off. `extra` flags go last."""
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger().setLevel(logging.WARNING)
+    from pipeline.main import run
+    from tests.jobs import job_args
+
+    argv = job_args(
+        inputs,
+        output,
+        (checkpoint, checkpoint),
+        *extra,
+        batch_size=batch_size,
+        image_size=image_size,
+    )
+    start = time.perf_counter()
+    summary = run(argv, save_main_session=False)
+    return summary, time.perf_counter() - start
 
 
 def load_note() -> str:

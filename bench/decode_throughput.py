@@ -23,31 +23,23 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import sample_photos  # noqa: E402
 from transforms.decode import decode_image  # noqa: E402
 
+# Colour photos, the smaller ones upscaled to crop 640x480 from.
+PHOTOS = (
+    *("astronaut", "coffee", "chelsea", "rocket"),
+    *("immunohistochemistry", "hubble_deep_field", "retina"),
+)
 _IMAGES: list[bytes] = []
 _SIZE = 224
 
 
-def sample_photos() -> list[np.ndarray]:
-    """scikit-image's bundled photos, upscaled where needed so 640x480 crops exist."""
-    from skimage import data
-
+def large_photos() -> list[np.ndarray]:
+    """scikit-image's bundled colour photos, upscaled where needed so 640x480 crops exist."""
     photos = []
-    for name in (
-        "astronaut",
-        "coffee",
-        "chelsea",
-        "rocket",
-        "immunohistochemistry",
-        "hubble_deep_field",
-        "retina",
-    ):
-        try:
-            photo = getattr(data, name)()
-        except Exception:  # noqa: BLE001 - a photo that needs a download is skipped
-            continue
-        im = Image.fromarray(photo[..., :3])
+    for photo in sample_photos(PHOTOS):
+        im = Image.fromarray(photo)
         scale = max(640 / im.width, 480 / im.height, 1.0)
         if scale > 1.0:
             im = im.resize(
@@ -59,7 +51,7 @@ def sample_photos() -> list[np.ndarray]:
 
 def make_images(count: int, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
-    photos = sample_photos()
+    photos = large_photos()
     if not photos:
         from tests.corpus import photo_like
 

@@ -24,40 +24,28 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import TINY, load_note, result_line, small_jpegs, write_checkpoint, write_files  # noqa: E402
+from bench.common import (  # noqa: E402
+    TINY,
+    load_note,
+    result_line,
+    run_job,
+    small_jpegs,
+    write_checkpoint,
+    write_files,
+)
 
 TARGET = 1.10
 
 
 def child(args) -> None:
     """Run the job once; print one JSON line with the peak RSS (MiB) and the summary counts."""
-    import logging
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger().setLevel(logging.WARNING)
-    from pipeline.main import run
-
-    start = time.perf_counter()
-    summary = run(
-        [
-            "--input",
-            os.path.join(args.child, "*.jpg"),
-            "--output",
-            args.output,
-            "--tags_model",
-            args.checkpoint,
-            "--embed_model",
-            args.checkpoint,
-            "--batch_size",
-            str(args.batch_size),
-            "--image_size",
-            str(args.image_size),
-            "--log_every_secs",
-            "0",
-            "--decode_threads",
-            str(args.decode_threads),
-        ],
-        save_main_session=False,
+    summary, seconds = run_job(
+        os.path.join(args.child, "*.jpg"),
+        args.output,
+        args.checkpoint,
+        *("--decode_threads", str(args.decode_threads)),
+        batch_size=args.batch_size,
+        image_size=args.image_size,
     )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -69,7 +57,7 @@ def child(args) -> None:
                 "children_maxrss_mib": kids,
                 "results": summary["results"],
                 "inputs": summary["inputs"],
-                "seconds": time.perf_counter() - start,
+                "seconds": seconds,
             }
         ),
         flush=True,

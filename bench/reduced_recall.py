@@ -29,49 +29,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from bench.common import load_note, write_checkpoint  # noqa: E402
+from bench.common import load_note, sample_photos, write_checkpoint  # noqa: E402
 
 DIMS = (256, 1024, 2048)
 K = 10
 
 
-def sample_photos() -> list:
-    """skimage's sample photos that ship inside its wheel (no download), as uint8 RGB."""
-    import skimage.data
-
-    photos = []
-    for name in (
-        "astronaut",
-        "coffee",
-        "chelsea",
-        "rocket",
-        "camera",
-        "coins",
-        "moon",
-        "page",
-        "text",
-        "clock",
-        "horse",
-        "brick",
-        "grass",
-        "gravel",
-        "hubble_deep_field",
-        "immunohistochemistry",
-        "retina",
-        "logo",
-        "colorwheel",
-        "checkerboard",
-    ):
-        try:
-            img = np.asarray(getattr(skimage.data, name)())
-        except Exception:  # noqa: BLE001 (a photo that needs a download is skipped)
-            continue
-        if img.dtype == bool:
-            img = img.astype(np.uint8) * 255
-        if img.ndim == 2:
-            img = np.stack([img] * 3, axis=-1)
-        photos.append(np.ascontiguousarray(img[..., :3]).astype(np.uint8))
-    return photos
+# skimage's sample photos that ship inside its wheel (no download), colour and grey.
+PHOTOS = (
+    *("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text"),
+    *("clock", "horse", "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry"),
+    *("retina", "logo", "colorwheel", "checkerboard"),
+)
 
 
 def augment(photo: np.ndarray, rng, size: int = 64) -> np.ndarray:
@@ -96,7 +65,7 @@ def photo_embeddings(n: int, tmp: str, seed: int = 0) -> tuple[np.ndarray, str]:
         os.path.join(tmp, "wide.npz"), units=(1, 1, 1, 1), width=3, num_classes=8, seed=seed
     )  # a small head: only embeddings are used
     model = TagAndEmbedModel.load(ckpt, ckpt, batch_size=32)
-    photos = sample_photos()
+    photos = sample_photos(PHOTOS)
     rng = np.random.default_rng(seed)
     images = np.stack([augment(photos[i % len(photos)], rng) for i in range(n)])
     out = [model(images[i : i + 32]).embeddings for i in range(0, n, 32)]

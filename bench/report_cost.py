@@ -35,25 +35,11 @@ from bench.common import TINY, write_checkpoint  # noqa: E402
 def make_photos(folder: str, count: int, seed: int = 0) -> None:
     import numpy as np
     from PIL import Image
-    from skimage import data
 
-    names = (
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "rocket",
-        "hubble_deep_field",
-        "immunohistochemistry",
-        "cat",
-        "colorwheel",
-        "motorcycle_left",
-        "camera",
-        "coins",
-    )
-    photos = []
-    for name in names:
-        loader = getattr(data, name, None) or (lambda: data.stereo_motorcycle()[0])
-        photos.append(Image.fromarray(np.asarray(loader()).astype(np.uint8)).convert("RGB"))
+    from tests.sample_photos import COLOUR_PHOTOS, sample_photo
+
+    names = (*COLOUR_PHOTOS, "motorcycle_left", "camera", "coins")
+    photos = [Image.fromarray(sample_photo(name)) for name in names]
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     for i in range(count):

@@ -25,14 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (
-    REPO,
-    TINY,
-    load_note,
-    result_line,
-    small_jpegs,  # noqa: E402
-    write_checkpoint,
-)
+from bench.common import REPO, TINY, load_note, result_line, run_job, small_jpegs, write_checkpoint  # noqa: E402
 
 TARGET = 100.0  # bytes of peak RSS a known key
 OUT = os.path.join(REPO, "bench", "out", "skip_memory")
@@ -48,37 +41,16 @@ def old_key(i: int) -> str:
 
 def child(args) -> None:
     """Run the job once; print one JSON line: peak RSS, counts, result keys' check."""
-    import logging
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger().setLevel(logging.WARNING)
     import pyarrow.parquet as pq
 
-    from pipeline.main import run
-
-    start = time.perf_counter()
-    summary = run(
-        [
-            "--input",
-            os.path.join(args.data, "inputs", "*.tfrecord"),
-            "--output",
-            args.output,
-            "--skip_keys_from",
-            args.skip,
-            "--tags_model",
-            args.checkpoint,
-            "--embed_model",
-            args.checkpoint,
-            "--batch_size",
-            "32",
-            "--image_size",
-            "32",
-            "--log_every_secs",
-            "0",
-        ],
-        save_main_session=False,
+    summary, seconds = run_job(
+        os.path.join(args.data, "inputs", "*.tfrecord"),
+        args.output,
+        args.checkpoint,
+        *("--skip_keys_from", args.skip),
+        batch_size=32,
+        image_size=32,
     )
-    seconds = time.perf_counter() - start
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     files = sorted(f for f in os.listdir(args.output) if f.startswith("results-"))
     keys = sorted(

@@ -12,36 +12,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from tests.sample_photos import COLOUR_PHOTOS, sample_photo
+
 REPO = Path(__file__).resolve().parent.parent
-PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "cat",
-    "colorwheel",
-    "camera",
-    "coins",
-    "moon",
-    "page",
-)
+PHOTOS = (*COLOUR_PHOTOS, "camera", "coins", "moon", "page")
 
 
 def write_photos(folder: Path, names=PHOTOS) -> list:
     """scikit-image's sample photos as JPEGs in `folder` (nested one level for the folder input)."""
-    from skimage import data
-
     paths = []
     for i, name in enumerate(names):
-        pixels = np.asarray(getattr(data, name)())
         target = folder / ("more" if i % 3 == 0 else "") / f"{name}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels.astype(np.uint8)).convert("RGB").save(target, quality=85)
+        Image.fromarray(sample_photo(name)).save(target, quality=85)
         paths.append(target)
     return paths
 

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.main import main, run
 from tests import corpus
-from tests.jobs import job_args
+from tests.jobs import MULTI_PROCESS, job_args
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +104,7 @@ def test_multi_process_run_accounts_the_same(inputs, models, single_run, tmp_pat
     root, _, _ = inputs
     summary, results, failures = single_run
     multi = run(
-        job(
-            root,
-            tmp_path,
-            models,
-            "--direct_num_workers",
-            "2",
-            "--direct_running_mode",
-            "multi_processing",
-        ),
+        job(root, tmp_path, models, *MULTI_PROCESS),
         save_main_session=False,
     )
     assert multi["accounted"]

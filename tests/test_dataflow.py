@@ -14,6 +14,7 @@ import apache_beam as beam
 import pytest
 
 from pipeline import dataflow
+from tests.jobs import DATAFLOW_LAUNCH
 from transforms.infer import ModelInfo
 
 IMAGE = "us-central1-docker.pkg.dev/my-test-project/bit-tagger/bit-tagger-gpu:latest"
@@ -47,18 +48,9 @@ def base(tmp_path_factory):
     shards = tmp_path_factory.mktemp("shards")
     (shards / "shard-0.tfrecord").write_bytes(b"")
     return [
-        "--project",
-        "my-test-project",
-        "--region",
-        "us-central1",
-        "--bucket",
-        "gs://my-test-bucket",
-        "--job_name",
-        "bit-tagger-test",
-        "--input",
-        str(shards / "*.tfrecord"),
-        "--output",
-        "gs://my-test-bucket/tags/run1",
+        *DATAFLOW_LAUNCH,
+        *("--input", str(shards / "*.tfrecord")),
+        *("--output", "gs://my-test-bucket/tags/run1"),
     ]
 
 

@@ -13,6 +13,7 @@ import pytest
 from model.pca import fit_basis, load_basis, save_basis
 from pipeline.main import run
 from tests import corpus
+from tests.jobs import PCA_RESULT_COLUMNS, job_args
 
 NUM_IMAGES = 9
 DIMS = 4
@@ -29,31 +30,11 @@ def job(models, tmp_path_factory):
     # Any 2048-d basis serves (the tiny embedder's width): fit on random vectors.
     vectors = np.random.default_rng(0).standard_normal((64, 2048))
     basis = save_basis(fit_basis([vectors], dims=DIMS), str(root / "basis.npz"))
-    tags, embed = models
     out = root / "out"
-    run(
-        [
-            "--input",
-            str(root / "in" / "*"),
-            "--output",
-            str(out),
-            "--tags_model",
-            tags,
-            "--embed_model",
-            embed,
-            "--batch_size",
-            "4",
-            "--image_size",
-            "64",
-            "--num_shards",
-            "2",
-            "--pca_basis",
-            basis.source,
-            "--log_every_secs",
-            "0",
-        ],
-        save_main_session=False,
+    args = job_args(
+        root / "in" / "*", out, models, "--num_shards", "2", "--pca_basis", basis.source
     )
+    run(args, save_main_session=False)
     files = sorted(str(p) for p in out.glob("results-*.parquet"))
     return out, pq.ParquetDataset(files).read(), basis
 
@@ -66,16 +47,7 @@ def matrix(table, column):
 def test_reduced_embeddings_follow_the_basis(job):
     out, table, basis = job
     assert table.num_rows == NUM_IMAGES
-    assert table.schema.names == [
-        "key",
-        "source",
-        "width",
-        "height",
-        "tags",
-        "categories",
-        "embedding",
-        "embedding_reduced",
-    ]
+    assert table.schema.names == list(PCA_RESULT_COLUMNS)
     assert table.schema.field("embedding_reduced").type.list_size == DIMS
     np.testing.assert_allclose(
         matrix(table, "embedding_reduced"), basis.project(matrix(table, "embedding")), atol=1e-6

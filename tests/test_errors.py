@@ -13,19 +13,9 @@ import pytest
 from pipeline import dataflow
 from pipeline import main as job_main
 from pipeline.errors import JobFailed, UsageError, exit_code
+from tests.jobs import DATAFLOW_LAUNCH
 from transforms.infer import ModelError
 from transforms.outputs import OutputExistsError
-
-DATAFLOW_BASE = [
-    "--project",
-    "my-test-project",
-    "--region",
-    "us-central1",
-    "--bucket",
-    "gs://my-test-bucket",
-    "--job_name",
-    "bit-tagger-test",
-]
 
 
 def raising(exc):
@@ -72,7 +62,8 @@ def test_job_entry_point_does_not_hide_a_bug_as_a_usage_error(tmp_path, monkeypa
 
 def test_dataflow_entry_point_reports_set_up_errors_in_one_line(tmp_path, caplog):
     """A model that cannot be loaded while building the job description: exit 2, not a traceback."""
-    argv = DATAFLOW_BASE + [
+    argv = [
+        *DATAFLOW_LAUNCH,
         "--input",
         str(tmp_path / "*.tfrecord"),
         "--output",
@@ -91,14 +82,10 @@ def test_dataflow_entry_point_does_not_hide_a_bug(tmp_path, monkeypatch):
     monkeypatch.setattr(dataflow, "build_job_description", raising(KeyError("environment")))
     with pytest.raises(KeyError):
         dataflow.main(
-            DATAFLOW_BASE
-            + [
-                "--input",
-                "x",
-                "--output",
-                "gs://b-b/out",
-                "--dry_run_job_file",
-                str(tmp_path / "job.json"),
+            [
+                *DATAFLOW_LAUNCH,
+                *("--input", "x", "--output", "gs://b-b/out"),
+                *("--dry_run_job_file", str(tmp_path / "job.json")),
             ]
         )
 
@@ -107,7 +94,7 @@ def test_dataflow_entry_point_does_not_hide_a_bug(tmp_path, monkeypatch):
     "module, argv, phrase",
     [
         ("pipeline", ["--output", "/nonexistent/out"], "missing required flag(s): --input"),
-        ("pipeline.dataflow", DATAFLOW_BASE[:4] + ["--bucket", "gs://b"], "expected gs://BUCKET"),
+        ("pipeline.dataflow", [*DATAFLOW_LAUNCH[:4], "--bucket", "gs://b"], "expected gs://BUCKET"),
     ],
 )
 def test_command_lines_exit_2_with_one_clear_line(module, argv, phrase):

@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 import pipeline.main
 from model.checkpoint import cache_path
 from pipeline.main import run
-from tests import corpus
+from tests import corpus, jobs
 from tests.bit_checkpoints import write_checkpoint
 from transforms import infer
 
@@ -36,26 +36,8 @@ NUM_IMAGES = 9  # two full batches of 4 and a padded one
 
 
 def job_args(inputs, output, models, cache_dir, *extra):
-    tags, embed = models
-    return [
-        "--input",
-        str(inputs),
-        "--output",
-        str(output),
-        "--tags_model",
-        tags,
-        "--embed_model",
-        embed,
-        "--model_cache_dir",
-        str(cache_dir),
-        "--batch_size",
-        "4",
-        "--image_size",
-        "64",
-        "--log_every_secs",
-        "0",
-        *extra,
-    ]
+    """tests/jobs.py's command line with the models read through `cache_dir`."""
+    return jobs.job_args(inputs, output, models, "--model_cache_dir", str(cache_dir), *extra)
 
 
 def stem(key: str) -> str:

@@ -15,6 +15,7 @@ from PIL import Image
 from model.bit import TagAndEmbedModel
 from model.labels import imagenet21k
 from pipeline.main import run
+from tests.jobs import job_args
 from transforms import infer
 from transforms.records import STAGE_INFERENCE, Decoded, Failure
 from transforms.write import results_schema
@@ -55,27 +56,9 @@ class RefusingModel:
 def test_a_batch_the_model_cannot_run_fails_exactly_its_images(models, tmp_path, monkeypatch):
     keys = solid_pngs(tmp_path / "in")
     refusing = RefusingModel(monkeypatch)
-    tags, embed = models
     out = tmp_path / "out"
-    summary = run(
-        [
-            "--input",
-            str(tmp_path / "in" / "*.png"),
-            "--output",
-            str(out),
-            "--tags_model",
-            tags,
-            "--embed_model",
-            embed,
-            "--batch_size",
-            str(BATCH),
-            "--image_size",
-            "32",
-            "--log_every_secs",
-            "0",
-        ],
-        save_main_session=False,
-    )
+    args = job_args(tmp_path / "in" / "*.png", out, models, batch_size=BATCH, image_size=32)
+    summary = run(args, save_main_session=False)
 
     assert len(refusing.refused) == 1  # the job did not retry or stop: it went on
     failed_keys = {keys[level] for level in refusing.refused[0]}

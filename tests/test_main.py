@@ -18,7 +18,7 @@ from model.labels import imagenet21k
 from pipeline.main import JobFailed, main, run
 from tests import corpus
 from tests.bit_checkpoints import write_checkpoint
-from tests.jobs import job_args
+from tests.jobs import MULTI_PROCESS, job_args
 from transforms.outputs import OutputExistsError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -325,15 +325,7 @@ def test_multi_process_run_gives_the_same_rows(images, models, tmp_path):
     multi = tmp_path / "multi"
     run(job_args(images / "*.tfrecord", single, models), save_main_session=False)
     summary = run(
-        job_args(
-            images / "*.tfrecord",
-            multi,
-            models,
-            "--direct_num_workers",
-            "2",
-            "--direct_running_mode",
-            "multi_processing",
-        ),
+        job_args(images / "*.tfrecord", multi, models, *MULTI_PROCESS),
         save_main_session=False,
     )
     assert summary["accounted"] and summary["results"] == NUM_IMAGES

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.main import run
-from tests import corpus
+from tests import corpus, jobs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
@@ -151,25 +151,8 @@ def write_inputs(root: pathlib.Path) -> tuple:
 
 
 def job_args(inputs, skip, output, models):
-    tags, embed = models
-    return [
-        "--input",
-        str(inputs),
-        "--output",
-        str(output),
-        "--skip_keys_from",
-        str(skip),
-        "--tags_model",
-        tags,
-        "--embed_model",
-        embed,
-        "--batch_size",
-        "4",
-        "--image_size",
-        "32",
-        "--log_every_secs",
-        "0",
-    ]
+    """tests/jobs.py's command line at 32 px, skipping the keys of the earlier results `skip`."""
+    return jobs.job_args(inputs, output, models, "--skip_keys_from", str(skip), image_size=32)
 
 
 def rows(output: pathlib.Path, kind: str) -> list:

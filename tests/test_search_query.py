@@ -33,6 +33,20 @@ def exact_order(table, vector):
     return [table.column("key")[int(i)].as_py() for i in order], sims[order]
 
 
+def by_score(table, column, wnid):
+    """(score, key) of every entry for `wnid` in the rows' `column` (tags or categories), best
+    first."""
+    return sorted(
+        (
+            (entry["score"], row["key"])
+            for row in table.to_pylist()
+            for entry in row[column]
+            if entry["wnid"] == wnid
+        ),
+        reverse=True,
+    )
+
+
 def test_neighbours_of_a_key_are_the_exact_nearest_without_itself(tagged):
     index, table, _ = tagged
     key = table.column("key")[2].as_py()
@@ -58,15 +72,7 @@ def test_tag_returns_images_whose_categories_contain_it_by_category_score(tagged
     synsets = query.resolve_tag(index, "dog")  # a hypernym: only in the categories
     assert synsets == [so.DOG]
     hits = query.by_tag(index, [so.DOG[0]], k=10)
-    expected = sorted(
-        (
-            (c["score"], row["key"])
-            for row in table.to_pylist()
-            for c in row["categories"]
-            if c["wnid"] == so.DOG[0]
-        ),
-        reverse=True,
-    )
+    expected = by_score(table, "categories", so.DOG[0])
     assert [(pytest.approx(h.score), h.key) for h in hits] == [(s, k) for s, k in expected]
     assert len(hits) == so.NUM_PHOTOS // 2 and {h.wnid for h in hits} == {so.DOG[0]}
     assert [h.key for h in query.by_tag(index, [so.DOG[0]], k=2)] == [k for _, k in expected[:2]]
@@ -104,15 +110,7 @@ def test_without_categories_tags_match_only_the_tagged_classes(job_output, tmp_p
     assert index.settings["tag_column"] == "tags"
     hits = query.by_tag(index, [w for w, _ in query.resolve_tag(index, "golden retriever")], k=10)
     table = so.results(tags_only)
-    expected = sorted(
-        (
-            (t["score"], row["key"])
-            for row in table.to_pylist()
-            for t in row["tags"]
-            if t["wnid"] == so.GOLDEN[0]
-        ),
-        reverse=True,
-    )
+    expected = by_score(table, "tags", so.GOLDEN[0])
     assert [(pytest.approx(h.score), h.key) for h in hits] == [(s, k) for s, k in expected]
     dogs = query.resolve_tag(index, "dog")  # known classes (the animal, the andiron) ...
     assert so.DOG in dogs and len(dogs) == 2

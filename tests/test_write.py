@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing import test_pipeline
 
+from tests.jobs import PCA_RESULT_COLUMNS
 from transforms.records import STAGE_DECODE, STAGE_READ, Failure
 from transforms.write import (
     BatchFailures,
@@ -433,17 +434,7 @@ def toy_hierarchy(labels):
 
 def test_categories_and_reduced_columns(labels):
     schema = results_schema(D, categories=True, reduced_dim=3, write_all_scores=True, num_classes=K)
-    assert schema.names == [
-        "key",
-        "source",
-        "width",
-        "height",
-        "tags",
-        "categories",
-        "embedding",
-        "embedding_reduced",
-        "scores",
-    ]
+    assert schema.names == [*PCA_RESULT_COLUMNS, "scores"]
     assert schema.field("categories").type == pa.list_(
         pa.field(
             "element",

@@ -314,7 +314,7 @@ def test_write_results_and_failures_pipeline(tmp_path, labels, num_shards):
 
 
 def dictionary_encoded(path) -> set:
-    """Parquet columns of the file's first row group that carry a dictionary page (None: no rows)."""
+    """Parquet columns of the first row group with a dictionary page (None: no rows)."""
     metadata = pq.read_metadata(path)
     if not metadata.num_row_groups:
         return None

@@ -22,9 +22,9 @@
 # tensorflow==2.21.0) and must SEE THE GPU, which needs CUDA 12 + cuDNN 9 libraries: the
 # tensorflow wheel is a CUDA build (CUDA 12.5.1, cuDNN 9; SASS up to sm_89, PTX for compute_90, so
 # an H100/H200 JIT-compiles its kernels on first use), but the CUDA libraries come only with the
-# `and-cuda` extra (nvidia-*-cu12 wheels). requirements.lock does NOT contain them: a venv made by
-# run.sh from the lock (like /work/main/.venv) runs TensorFlow on the CPU only; the Dockerfile is
-# the one place that installs `tensorflow[and-cuda]==2.21.0`.
+# `and-cuda` extra (nvidia-*-cu12 wheels). requirements.lock does NOT contain them: the .venv that
+# run.sh makes from the lock runs TensorFlow on the CPU only (on a GPU machine too); the Dockerfile
+# is the one place that installs `tensorflow[and-cuda]==2.21.0`.
 # The python found first of: $BIT_TAGGER_PYTHON, .venv/bin/python (if it runs there), python3;
 # with a .whl/ folder in the repo (carried: carry=[".whl"]), its wheels are installed first with
 # `pip install --no-index --no-deps --target /tmp/site` and put on PYTHONPATH (the device README's
@@ -35,10 +35,10 @@
 # (for PyTorch/JAX; TensorFlow 2.21 cannot load them), and a call carries at most 64 MiB
 # (working tree + carried paths), while the tensorflow wheel alone is hundreds of MB (1.9 GB
 # installed) and the CUDA 12 wheels more than 1 GB. A carried .venv cannot work either: its
-# python is a symlink to this machine's interpreter (/root/.pyenv/.../python3.11), and it is
-# 3.4 GB. So this script can only measure where a TensorFlow with CUDA 12 is there (e.g. an image
-# that has one, or a carry limit that fits the wheels); otherwise it stops within seconds with
-# exit status 2 or 4 and says why.
+# python is a symlink to the interpreter of the machine that made it (Python 3.11 there, 3.12 on
+# the device), it lacks the CUDA 12 libraries, and it is about 3.4 GB. So this script measures
+# only where a TensorFlow with CUDA 12 is there (an image that has one, or a carry limit that fits
+# the wheels); elsewhere it stops within seconds, with exit status 2 or 4, and says why.
 #
 # ALLOW_CPU=1 runs it without a GPU (no nvidia-smi needed; bench/gpu.py --allow_cpu): only to
 # check this script, e.g. ALLOW_CPU=1 BUDGET_S=200 bash bench/gpu_session.sh --small_models
@@ -67,10 +67,14 @@ if [ "${ALLOW_CPU:-0}" = 1 ]; then
 elif ! command -v nvidia-smi >/dev/null 2>&1; then
   fail 2 "nvidia-smi not found: this is not a GPU machine (or its driver is not mounted)"
 else
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu,utilization.gpu \
-    --format=csv 2>&1 | tee -a "$ENV_TXT" >&2 || fail 2 "nvidia-smi failed"
-  command -v ptxas >/dev/null 2>&1 && say "ptxas for XLA: $(command -v ptxas)" \
-    || say "no ptxas on PATH (XLA then uses the one of nvidia-cuda-nvcc-cu12 or the driver's JIT)"
+  query=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu
+  nvidia-smi --query-gpu="$query,utilization.gpu" --format=csv 2>&1 | tee -a "$ENV_TXT" >&2 \
+    || fail 2 "nvidia-smi failed"
+  if command -v ptxas >/dev/null 2>&1; then
+    say "ptxas for XLA: $(command -v ptxas) ($(ptxas --version 2>&1 | tail -n 1))"
+  else
+    say "no ptxas on PATH (XLA then uses the one of nvidia-cuda-nvcc-cu12 or the driver's JIT)"
+  fi
 fi
 
 # 2. A Python with TensorFlow (carried wheels first).
@@ -81,14 +85,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 PY=""
+HAS_TF='import importlib.util, sys; sys.exit(importlib.util.find_spec("tensorflow") is None)'
 for candidate in "${BIT_TAGGER_PYTHON:-}" .venv/bin/python python3; do
   [ -n "$candidate" ] || continue
-  if "$candidate" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("tensorflow") is None)' \
-    >/dev/null 2>&1; then
+  if ! command -v "$candidate" >/dev/null 2>&1; then
+    say "no $candidate here (or it does not run here)"
+    continue
+  fi
+  if "$candidate" -c "$HAS_TF" >/dev/null 2>&1; then
     PY="$candidate"
     break
   fi
-  say "no TensorFlow in $candidate ($("$candidate" -V 2>&1 || echo 'does not run here'))"
+  say "no TensorFlow in $candidate ($("$candidate" -V 2>&1 | head -n 1))"
 done
 [ -n "$PY" ] || fail 4 "no Python here has TensorFlow (see the header of bench/gpu_session.sh: \
 TensorFlow 2.21 with CUDA 12 + cuDNN 9 must be on the machine or carried as wheels in .whl/)"

@@ -79,7 +79,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench.common import R50X1, R101X3, result_line, write_checkpoint  # noqa: E402
 
 JOB_TOP_K = 10  # the job's --top_k default
-# Smoke-run stand-ins (--small_models): one unit per block, the real 21k head on the tags net.
+# Smoke-run stand-ins (--small_models): one unit per block, both with the real 21k head.
 SMALL_TAGS = dict(units=(1, 1, 1, 1), width=1, num_classes=21843)
 SMALL_EMBED = dict(units=(1, 1, 1, 1), width=1, num_classes=21843)
 FIRST = [("float32", False), ("bfloat16", True), ("float32", True), ("bfloat16", False)]

@@ -164,3 +164,15 @@ def test_unloadable_model_is_a_model_error_naming_the_flag(tmp_path):
     )
     with pytest.raises(infer.ModelError, match="--tags_model .*missing.npz"):
         infer.check_models(config, keep_loaded=False)
+
+
+def test_model_copies_are_separate_models(loaded):
+    """Beam loads `--model_copies N` copies through the handler, all in one process: each is its
+    own model, while without copies the handler reuses the process's one model."""
+    handler, model = loaded
+    assert handler.load_model() is model
+    copies = infer.BitModelHandler(handler._config, model_copies=2)
+    first, second = copies.load_model(), copies.load_model()
+    assert first is not second and model not in (first, second)
+    pixels = np.stack([d.pixels for d in decoded(2)])
+    np.testing.assert_array_equal(first(pixels).top_indices, model(pixels).top_indices)

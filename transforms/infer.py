@@ -103,15 +103,16 @@ def _model_key(c: InferenceConfig):
     )
 
 
-def load_model(config: InferenceConfig):
-    """`TagAndEmbedModel` for `config`, loaded once per process. It picks the top-k tags itself (on
-    the device) and returns the full scores only when the job writes them."""
+def load_model(config: InferenceConfig, cached: bool = True):
+    """`TagAndEmbedModel` for `config`, loaded once per process (`cached=False`: a new copy every
+    call). It picks the top-k tags itself (on the device) and returns the full scores only when
+    the job writes them."""
     from model.bit import TagAndEmbedModel  # TensorFlow is imported where models run only
 
     key = _model_key(config)
     with _LOADED_LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = model = TagAndEmbedModel.load(
+        if key not in _LOADED or not cached:
+            model = TagAndEmbedModel.load(
                 config.tags_model,
                 config.embed_model,
                 precision=config.precision,
@@ -126,6 +127,9 @@ def load_model(config: InferenceConfig):
                 os.getpid(),
                 model.group_norm(),
             )
+            if not cached:
+                return model
+            _LOADED[key] = model
         return _LOADED[key]
 
 
@@ -297,8 +301,11 @@ class BitModelHandler(ModelHandler[Decoded, pa.RecordBatch | Failure, Any]):
         self._basis = load_pca_basis(self._config)
 
     def load_model(self):
+        """The model for this worker. With `--model_copies N` > 1, Beam calls this once per copy,
+        all in the one process that hosts the shared copies: each call loads its own copy (the
+        per-process cache would hand out one model N times)."""
         self._load_shaping_data()
-        return load_model(self._config)
+        return load_model(self._config, cached=self.model_copies() == 1)
 
     def run_inference(
         self, batch: Sequence[Decoded], model, inference_args=None

@@ -585,6 +585,18 @@ def blocked_by(config: Config, failed) -> Config | None:
     return None
 
 
+def _row(config: Config, load_s, warm_s, started: float, **fields) -> dict:
+    """One report row: the configuration, its load and warm-up seconds, `fields`, total time."""
+    return dict(
+        config.as_dict(),
+        copies_text=config.copies_text,
+        load_s=[round(s, 2) for s in load_s],
+        warmup_s=[round(s, 2) for s in warm_s],
+        total_s=round(time.perf_counter() - started, 2),
+        **fields,
+    )
+
+
 class Bench:
     """Runs the configurations in order of importance inside the budget (module docstring)."""
 
@@ -693,17 +705,7 @@ class Bench:
             self.failed.append(config)
             for key in keys:  # a model that failed is not reused
                 self._forget(key)
-            self.report.add(
-                dict(
-                    config.as_dict(),
-                    copies_text=config.copies_text,
-                    images_per_s=None,
-                    notes=message,
-                    load_s=[round(s, 2) for s in load_s],
-                    warmup_s=[round(s, 2) for s in warm_s],
-                    total_s=round(time.perf_counter() - started, 2),
-                )
-            )
+            self.report.add(_row(config, load_s, warm_s, started, images_per_s=None, notes=message))
             return
         rate = statistics.median(rounds)
         self.rates[config] = rate
@@ -717,9 +719,11 @@ class Bench:
             notes.append("warm-up " + "+".join(f"{s:.1f}" for s in warm_s) + " s")
         total = time.perf_counter() - started
         self.report.add(
-            dict(
-                config.as_dict(),
-                copies_text=config.copies_text,
+            _row(
+                config,
+                load_s,
+                warm_s,
+                started,
                 images_per_s=rate,
                 rounds=rounds,
                 min=min(rounds),
@@ -728,10 +732,7 @@ class Bench:
                 peak_tflops=peak,
                 fraction_of_peak=tflops / peak if peak else None,
                 notes="; ".join(notes),
-                load_s=[round(s, 2) for s in load_s],
-                warmup_s=[round(s, 2) for s in warm_s],
                 measure_s=round(measure_s, 2),
-                total_s=round(total, 2),
                 estimate_s=round(estimate, 1),
                 at_s=round(elapsed(), 1),
             )

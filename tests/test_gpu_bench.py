@@ -165,28 +165,24 @@ def test_timed_round_adds_up_the_threads():
     assert gpu.timed_round([call], seconds=0.01, batch=4) > 0
 
 
+def measured(config, rate, lo, hi, tflops, fraction=None, notes=""):
+    """A result row as `bench.gpu` reports a measured configuration of one copy."""
+    return dict(
+        config.as_dict(),
+        copies_text="1",
+        images_per_s=rate,
+        min=lo,
+        max=hi,
+        tflops=tflops,
+        fraction_of_peak=fraction,
+        notes=notes,
+    )
+
+
 def test_table_and_summary():
     rows = [
-        dict(
-            Config("bfloat16", True, 64).as_dict(),
-            copies_text="1",
-            images_per_s=300.0,
-            min=290.0,
-            max=310.0,
-            tflops=44.3,
-            fraction_of_peak=0.0448,
-            notes="peak 989.4",
-        ),
-        dict(
-            Config("float32", False, 16).as_dict(),
-            copies_text="1",
-            images_per_s=60.0,
-            min=59.0,
-            max=61.0,
-            tflops=8.9,
-            fraction_of_peak=None,
-            notes="",
-        ),
+        measured(Config("bfloat16", True, 64), 300.0, 290.0, 310.0, 44.3, 0.0448, "peak 989.4"),
+        measured(Config("float32", False, 16), 60.0, 59.0, 61.0, 8.9),
         dict(
             Config("float16", True, 128, 2, True).as_dict(),
             copies_text="2 threads, 1 model",
@@ -211,18 +207,7 @@ def test_table_and_summary():
 def test_report_prints_the_table_once_and_keeps_the_json(tmp_path, capsys):
     path = tmp_path / "out" / "gpu.json"
     report = gpu.Report(str(path), dict(title="T", machine=dict(device="X")))
-    report.add(
-        dict(
-            Config("float32", False, 16).as_dict(),
-            copies_text="1",
-            images_per_s=10.0,
-            min=9.0,
-            max=11.0,
-            tflops=1.0,
-            fraction_of_peak=None,
-            notes="",
-        )
-    )
+    report.add(measured(Config("float32", False, 16), 10.0, 9.0, 11.0, 1.0))
     assert json.loads(path.read_text())["complete"] is False  # written after each result
     report.skip(Config("float16", True, 16), "needs ~9 s, 1 s left", 9.0, 1.0)
     assert report.final("budget overrun") is True

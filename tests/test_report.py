@@ -132,3 +132,50 @@ def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
     errors, seen = inspect_page(str(page), _PAGE_CHECK, str(tmp_path / "bad.png"))
     assert errors  # the blocked network image
     assert seen["claimed"] == 1 and seen["loaded"] == 0
+
+
+def test_report_reads_only_the_columns_it_shows(tmp_path, monkeypatch):
+    """A results file is mostly embeddings: gathering the page must not read them (nor load whole
+    files into memory), so its memory does not grow with the size of the results."""
+    import pyarrow as pa
+
+    from transforms.write import results_schema
+
+    schema = results_schema(4096)
+    rows = 200
+    rng = np.random.default_rng(0)
+    tag = [{"index": 1, "wnid": "n00000001", "label": "thing", "score": 0.9}]
+    table = pa.table(
+        {
+            "key": [f"k{i}" for i in range(rows)],
+            "source": [f"s{i}" for i in range(rows)],
+            "width": pa.array([8] * rows, pa.int32()),
+            "height": pa.array([8] * rows, pa.int32()),
+            "tags": [tag] * rows,
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.random(rows * 4096, dtype=np.float32)), 4096
+            ),
+        },
+        schema=schema,
+    )
+    path = tmp_path / "results-00000-of-00001.parquet"
+    pq.write_table(table, path, compression="none")
+    read = []
+    open_file = report.FileSystems.open
+
+    def counting_open(name, *args, **kwargs):
+        f = open_file(name, *args, **kwargs)
+        original = f.read
+
+        def counted(*a):
+            data = original(*a)
+            read.append(len(data))
+            return data
+
+        f.read = counted
+        return f
+
+    monkeypatch.setattr(report.FileSystems, "open", counting_open)
+    page = report.gather(str(tmp_path))
+    assert page["rows"] == rows and page["tag_counts"]["thing"] == rows
+    assert sum(read) < 0.05 * os.path.getsize(path)  # 3.3 MB of embeddings left unread

@@ -2,7 +2,7 @@
 measured is reading, the duplicate-key pass, skipping, decoding, batching, writing.
 
     .venv/bin/python bench/scale.py [--images 100000 --small 25000 --shard_size 1000
-                                     --known 1000000 --real 3000 --real_small 250 --gcs_images 5000
+                                     --known 1000000 --real 6000 --real_small 250 --gcs_images 5000
                                      --rounds 5 --parts tiny,gcs,real]
 
 1. Tiny model at 32x32 (random BiT units (1,1,1,1), width 1, 21k head, batch 64): `--images`
@@ -593,7 +593,7 @@ def main(argv=None):
     ap.add_argument("--shard_size", type=int, default=1000)
     ap.add_argument("--known", type=int, default=1_000_000)
     ap.add_argument("--gcs_images", type=int, default=5_000, help="0: no GCS emulator run")
-    ap.add_argument("--real", type=int, default=3000, help="0: no 640x480 run")
+    ap.add_argument("--real", type=int, default=6000, help="0: no 640x480 run")
     ap.add_argument("--real_small", type=int, default=250)
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the 640x480 measurement")
     ap.add_argument(

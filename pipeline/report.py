@@ -17,17 +17,14 @@ small for millions of rows.
 import argparse
 import base64
 import collections
-import contextlib
 import html
 import logging
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import gcs, outputs
@@ -79,15 +76,6 @@ class _Stats:
                 self.sample_tags[key] = [(t["label"], t["score"]) for t in (row_tags or [])[:3]]
 
 
-@contextlib.contextmanager
-def _open_parquet(path: str) -> Iterator[pq.ParquetFile]:
-    """The Parquet file at `path` (local or gs://), read by ranges: only the footer and the column
-    chunks asked for are fetched, so the report's memory does not grow with the results' size
-    (a results file is mostly embeddings, which the report never reads)."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        yield pq.ParquetFile(f)
-
-
 def _files(output: str, pattern: str) -> list:
     try:
         return sorted(match_files(f"{output}/{pattern}"))
@@ -100,7 +88,7 @@ def read_samples(output: str) -> list:
     path = f"{output}/{SAMPLES_FILE}"
     if not FileSystems.exists(path):
         return []
-    with _open_parquet(path) as samples:
+    with outputs.open_parquet(path) as samples:
         return samples.read().to_pylist()
 
 
@@ -110,13 +98,13 @@ def gather(output: str) -> dict:
     samples = read_samples(output)
     stats = _Stats(s["key"] for s in samples)
     for path in _files(output, "results-*.parquet"):
-        with _open_parquet(path) as results:
+        with outputs.open_parquet(path) as results:
             for batch in results.iter_batches(batch_size=65536, columns=["key", "tags"]):
                 stats.add(batch)
     failures = collections.defaultdict(list)  # (stage, type) -> examples
     counts = collections.Counter()
     for path in _files(output, "failures-*.parquet"):
-        with _open_parquet(path) as failed:
+        with outputs.open_parquet(path) as failed:
             table = failed.read(columns=["key", "source", "stage", "error"])
         for row in table.to_pylist():
             kind = (row["stage"], (row["error"] or "").split(":", 1)[0])

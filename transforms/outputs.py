@@ -4,9 +4,12 @@ All through Beam `FileSystems`, so local directories and gs:// prefixes are one 
 """
 
 import collections
+import contextlib
 import json
+from typing import Iterator
 
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
@@ -20,6 +23,14 @@ OUTPUT_PATTERNS = (
     "samples.parquet",
     "report.html",
 )
+
+
+@contextlib.contextmanager
+def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
+    """The Parquet file at `path` (local or gs://), read by ranges: only the footer and the column
+    chunks asked for are fetched, never the whole file (a results file is mostly embeddings)."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        yield pq.ParquetFile(f)
 
 
 class OutputExistsError(RuntimeError):
@@ -66,8 +77,8 @@ def _counter(metrics, counter: counters.Counter) -> int:
 def _count_rows(paths) -> int:
     total = 0
     for path in paths:
-        with FileSystems.open(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
+        with open_parquet(path) as parquet:
+            total += parquet.metadata.num_rows
     return total
 
 
@@ -75,8 +86,8 @@ def _failure_counts(paths):
     by_stage = collections.Counter()
     by_type = collections.Counter()
     for path in paths:
-        with FileSystems.open(path) as f:
-            table = pq.read_table(f, columns=["stage", "error"])
+        with open_parquet(path) as parquet:
+            table = parquet.read(columns=["stage", "error"])
         for stage, error in zip(
             table.column("stage").to_pylist(), table.column("error").to_pylist()
         ):

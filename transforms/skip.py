@@ -24,12 +24,11 @@ from typing import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms import counters
 from transforms.gcs import GcsDoFn
+from transforms.outputs import open_parquet
 from transforms.read import match_files, split_patterns  # noqa: F401 (split_patterns re-exported)
 from transforms.records import ImageRecord
 
@@ -74,8 +73,7 @@ def contains(known: np.ndarray, keys: Sequence[str]) -> np.ndarray:
 
 def iter_key_batches(path: str, batch_rows: int = KEY_BATCH_ROWS) -> Iterator[list]:
     """The `key` column of one Parquet file, row group by row group, as lists of Python strings."""
-    with FileSystems.open(path) as f:
-        parquet = pq.ParquetFile(f)
+    with open_parquet(path) as parquet:
         if "key" not in parquet.schema_arrow.names:
             raise KeyError(
                 f"{path} has no 'key' column (columns: {parquet.schema_arrow.names}); "

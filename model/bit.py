@@ -113,7 +113,8 @@ def _load_hub(source, role):
 
 
 class TagAndEmbedModel:
-    """uint8 [B, H, W, 3] -> `Outputs(scores [B, K], embeddings [B, D])`, both float32 NumPy."""
+    """uint8 [B, H, W, 3] -> `Outputs`: embeddings float32 [B, D]; scores float32 [B, K] unless
+    `keep_scores=False`; with `top_k`, the k best classes int32 [B, k] and their scores."""
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ Settings, and why:
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -450,6 +450,11 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     ]
 
 
+class _OpenParquet(NamedTuple):
+    writer: pq.ParquetWriter
+    handle: object  # the file object FileBasedSink.open gave
+
+
 class ParquetSink(FileBasedSink):
     """Beam file sink writing each `pa.Table` element as one row group of a Parquet file.
 
@@ -477,7 +482,6 @@ class ParquetSink(FileBasedSink):
         )
         self._schema = schema
         self._codec = codec
-        self._file_handle = None
 
     def writer_options(self) -> dict:
         """Keyword arguments of `pq.ParquetWriter` (besides the file and schema)."""
@@ -487,18 +491,17 @@ class ParquetSink(FileBasedSink):
             "use_dictionary": dictionary_columns(self._schema),
         }
 
-    def open(self, temp_path):
-        self._file_handle = super().open(temp_path)
-        return pq.ParquetWriter(self._file_handle, self._schema, **self.writer_options())
+    def open(self, temp_path) -> _OpenParquet:
+        """The writer and the file under it, kept together: a sink may hold several open files."""
+        handle = super().open(temp_path)
+        return _OpenParquet(pq.ParquetWriter(handle, self._schema, **self.writer_options()), handle)
 
-    def write_record(self, writer, table: pa.Table):
-        writer.write_table(table)
+    def write_record(self, open_file: _OpenParquet, table: pa.Table):
+        open_file.writer.write_table(table)
 
-    def close(self, writer):
-        writer.close()
-        if self._file_handle is not None:
-            self._file_handle.close()
-            self._file_handle = None
+    def close(self, open_file: _OpenParquet):
+        open_file.writer.close()  # writes the footer; the file object is ours to close
+        open_file.handle.close()
 
     def display_data(self):
         return {**super().display_data(), "codec": self._codec}

@@ -339,7 +339,9 @@ def run_job(
     skip: str = None,
     env=None,
     stub_model: bool = False,
+    expect: dict = None,
 ) -> dict:
+    """The job in a fresh child; `expect` ({"results": n, ...}) must match its summary exactly."""
     output = os.path.join(OUT, "run-output")
     shutil.rmtree(output, ignore_errors=True)
     report = in_child(
@@ -351,6 +353,8 @@ def run_job(
         env,
     )
     shutil.rmtree(output, ignore_errors=True)
+    if any(report[k] != v for k, v in (expect or {}).items()):
+        raise RuntimeError(f"inexact run: expected {expect}, got {report}")
     report["load"] = load_note()
     return report
 
@@ -367,10 +371,15 @@ def measure_tiny(args, prepared: dict) -> dict:
         (small_n, ",".join(small_shards)),
         (args.images, os.path.join(os.path.dirname(shards[0]), "*.tfrecord")),
     ):
-        rep = runs[n] = run_job(inputs, args, prepared, 32, skip=prepared["skip"])
-        expected_skipped = -(-n // 10)
-        if rep["skipped"] != expected_skipped or rep["results"] != n - expected_skipped:
-            raise RuntimeError(f"inexact run at {n} images: {rep}")
+        skipped = -(-n // 10)  # every 10th input is known
+        rep = runs[n] = run_job(
+            inputs,
+            args,
+            prepared,
+            32,
+            skip=prepared["skip"],
+            expect={"skipped": skipped, "results": n - skipped},
+        )
         print(
             f"  job, {n:>7,} images: {rep['wall']:7.1f} s wall, {rep['cpu']:7.1f} s CPU, peak "
             f"{rep['maxrss_mib']:6.0f} MiB, {rep['results']:,} results, {rep['skipped']:,} "
@@ -443,9 +452,7 @@ def measure_real(args, prepared: dict) -> dict:
         runs = {}
         before = in_child("pillow", pillow_spec)
         for n, inputs in sizes if r % 2 == 0 else sizes[::-1]:
-            rep = runs[n] = run_job(inputs, args, prepared, 224, stub_model=True)
-            if rep["results"] != n:
-                raise RuntimeError(f"{rep['results']} results for {n} images")
+            runs[n] = run_job(inputs, args, prepared, 224, stub_model=True, expect={"results": n})
         after = in_child("pillow", pillow_spec)
         pillow = (before["cpu_ms"] + after["cpu_ms"]) / 2
         rounds.append({"runs": runs, "pillow_ms": pillow})
@@ -468,9 +475,7 @@ def measure_real_model(args, prepared: dict, sizes) -> dict:
     """The older method: the tiny random model's own calls timed inside the job, subtracted."""
     runs = {}
     for n, inputs in sizes:
-        rep = runs[n] = run_job(inputs, args, prepared, 224, env=ONE_THREAD)
-        if rep["results"] != n:
-            raise RuntimeError(f"{rep['results']} results for {n} images")
+        rep = runs[n] = run_job(inputs, args, prepared, 224, env=ONE_THREAD, expect={"results": n})
         print(
             f"  640x480 JPEGs at 224 px, tiny model, {n:>5} images: {rep['wall']:6.1f} s wall, "
             f"{rep['cpu']:6.1f} s CPU; {rep['load']}",

@@ -73,13 +73,16 @@ COPY setup.py requirements.txt ./
 COPY pipeline/ pipeline/
 COPY transforms/ transforms/
 COPY model/ model/
+COPY core/ core/
+# search/ is not used by workers, but setup.py packages it: without it `pip install .` fails.
+COPY search/ search/
 # The fused CPU GroupNorm kernel (model/kernels), compiled here once so workers never compile it
 # (used by CPU-only workers, `--cpu_only`; GPU workers use TF ops on the GPU).
 ENV BIT_TAGGER_KERNEL_DIR=/opt/bit-tagger/kernels
 RUN pip install --no-deps . \
  && rm -rf build *.egg-info \
  && cd / \
- && python -c "import pipeline.main, transforms.infer, model.bit, model.labels; model.labels.imagenet21k()" \
+ && python -c "import pipeline.main, pipeline.report, transforms.infer, model.bit, model.labels; model.labels.imagenet21k()" \
  && (command -v g++ >/dev/null || (apt-get update && apt-get install -y --no-install-recommends g++ \
      && rm -rf /var/lib/apt/lists/*)) \
  && CUDA_VISIBLE_DEVICES= python -m model.kernels \

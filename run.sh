@@ -3,12 +3,14 @@
 #   ./run.sh --input GLOB --output DIR [flags]   run the job locally (in-process runner, no network
 #                                                 unless your inputs/models are on gs://)
 #   ./run.sh test [pytest args]                  run the test suite
-#   ./run.sh lint                                ruff check + ruff format --check (pyproject.toml)
+#   ./run.sh lint                                ruff check + ruff format --check + the import-linter
+#                                                 layer contracts (all configured in pyproject.toml)
 #   ./run.sh dataflow --project P --region R --bucket gs://B --input ... --output ...
 #                                                 submit the job to Google Cloud Dataflow
 #   ./run.sh fit_pca OUTPUT --dims N --to BASIS.npz [--max_samples M]
 #                                                 fit a shared PCA basis on an output's embeddings
 #   ./run.sh report OUTPUT                       (re)write OUTPUT/report.html from a finished run
+#   ./run.sh docs [--check]                      regenerate docs/options.md from the flags' parsers
 #   ./run.sh lock [--upgrade | --upgrade-package NAME]
 #                                                 regenerate requirements.lock / requirements-dev.lock
 #   ./run.sh index OUTPUT [--index_dir DIR]      index a run's results (appends to DIR)
@@ -93,7 +95,9 @@ case "${1:-}" in
     shift
     ensure_venv requirements-dev.lock
     "$VENV/bin/python" -m ruff check . "$@"
-    exec "$VENV/bin/python" -m ruff format --check .
+    "$VENV/bin/python" -m ruff format --check .
+    # The layer contracts of ARCHITECTURE.md ([tool.importlinter] in pyproject.toml).
+    exec "$VENV/bin/lint-imports" --no-cache --no-logo
     ;;
   dataflow)
     shift
@@ -116,6 +120,11 @@ case "${1:-}" in
   lock)
     shift
     lock "$@"
+    ;;
+  docs)
+    shift
+    ensure_venv requirements.lock
+    exec "$VENV/bin/python" -m tools.gen_options "$@"
     ;;
   index|search)
     ensure_venv requirements.lock

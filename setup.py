@@ -1,4 +1,5 @@
-"""Packages `pipeline`, `transforms` and `model` for local installs and Dataflow workers."""
+"""Packages `pipeline`, `transforms`, `model`, `core` and `search` for local installs and Dataflow
+workers."""
 
 import pathlib
 
@@ -17,8 +18,9 @@ setuptools.setup(
     version="0.1.0",
     description="Tag and embed millions of images with BiT in an Apache Beam batch job",
     python_requires=">=3.11",
-    packages=["pipeline", "transforms", "model", "model.data", "model.kernels", "search"],
+    packages=["pipeline", "transforms", "model", "model.data", "model.kernels", "core", "search"],
     package_data={
+        "pipeline": ["templates/*.html"],
         "model.data": ["*.txt", "*.tsv.gz", "WORDNET_LICENSE"],
         "model.kernels": ["*.cc"],
     },

@@ -310,7 +310,7 @@ def _cached_sha256(local):
 
 def _fetch(source, local):
     """Copy `source` to `local` atomically, recording its size and sha256 next to it."""
-    from model import storage  # fsspec/gcsfs configuration (anonymous, emulator, retries, timeouts)
+    from core import storage  # fsspec/gcsfs configuration (anonymous, emulator, retries, timeouts)
 
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = None

@@ -7,7 +7,7 @@ writes SavedModels with the same convention, so both kinds load the same way.
 
 Sources: `https://tfhub.dev/...` (downloaded once into TFHUB_CACHE_DIR by tensorflow_hub;
 offline, a handle that is not cached fails within seconds instead of hanging), a local
-SavedModel directory, or a `gs://` one (copied once to the local cache through model.storage).
+SavedModel directory, or a `gs://` one (copied once to the local cache through core.storage).
 """
 
 import hashlib
@@ -19,8 +19,8 @@ import urllib.parse
 
 import tensorflow as tf
 
+from core.storage import unreachable_reason
 from model.checkpoint import CheckpointError, cache_path
-from model.storage import unreachable_reason
 
 _LOG = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _check_reachable(handle, host, port, timeout=CONNECT_TIMEOUT_S):
 
 def _copy_remote_dir(source):
     """Copy a remote SavedModel dir to the local cache once (atomic rename); return its path."""
-    from model import storage
+    from core import storage
 
     local = cache_path(source.rstrip("/"))
     if os.path.isfile(os.path.join(local, "saved_model.pb")):

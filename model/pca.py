@@ -25,12 +25,13 @@ from typing import Iterable, NamedTuple, Optional
 
 import numpy as np
 
-from model import storage
+from core import storage
+from core.errors import UsageError
 
 ARRAYS = ("mean", "components", "explained_variance", "explained_variance_ratio", "num_samples")
 
 
-class PcaBasisError(ValueError):
+class PcaBasisError(UsageError, ValueError):
     """A basis file that is missing, corrupt or does not fit the embeddings."""
 
 

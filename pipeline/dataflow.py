@@ -53,7 +53,7 @@ import re
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from pipeline.errors import UsageError, exit_code
+from core.errors import ArgumentParser, UsageError, exit_code
 
 _LOG = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ GPU_TYPE = "nvidia-l4"
 GPU_DISK_SIZE_GB = 50
 IMAGE_REPOSITORY = "bit-tagger"  # Artifact Registry repository (docker format) in the job's project
 IMAGE_NAME = "bit-tagger-gpu"
+PROG = "python -m pipeline.dataflow"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Machine families that take GPUs, and which accelerator types each accepts.
@@ -80,8 +81,8 @@ def default_container_image(project: str, region: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.dataflow",
+    parser = ArgumentParser(
+        prog=PROG,
         allow_abbrev=False,
         description="Submit the BiT tagging job to Google Cloud Dataflow (GPU workers by default).",
         epilog="Every other flag is passed on: the job's own (python -m pipeline --help) and any "
@@ -322,7 +323,7 @@ def _staging_disabled(client):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point; exit codes as `python -m pipeline` (`pipeline.errors`)."""
+    """Console entry point; exit codes as `python -m pipeline` (`core.errors`)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -330,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--help" in argv or "-h" in argv:
         _parser().print_help()
         return 0
-    return exit_code(lambda: _launch(argv))
+    return exit_code(lambda: _launch(argv), PROG)
 
 
 def _launch(argv: List[str]) -> None:

@@ -15,7 +15,10 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow.parquet as pq
 
-from model import pca, storage
+from core import storage
+from core.errors import ArgumentParser, exit_code
+from core.outputs import has_glob, match, output_files
+from model import pca
 
 _LOG = logging.getLogger(__name__)
 COLUMN = "embedding"
@@ -23,13 +26,7 @@ COLUMN = "embedding"
 
 def results_files(output: str) -> list:
     """The results files of an output directory (or of a glob), sorted, as full paths."""
-    pattern = output
-    if not any(c in output for c in "*?["):
-        pattern = output.rstrip("/") + "/results-*.parquet"
-    fs, fs_pattern = storage.get_filesystem(pattern)
-    found = sorted(fs.glob(fs_pattern))
-    prefix = "gs://" if pattern.startswith("gs://") else ""
-    return [prefix + f if prefix and not f.startswith(prefix) else f for f in found]
+    return match(output) if has_glob(output) else output_files(output)
 
 
 def embedding_batches(files: list, batch_rows: int = 4096) -> Iterator[np.ndarray]:
@@ -67,7 +64,7 @@ def fit(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="./run.sh fit_pca",
         description="Fit one PCA basis on the embeddings of an existing output, for "
         "--pca_basis (reduced embeddings for engines capped below 6144-d).",
@@ -78,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         "results-*.parquet), or a glob of results files; local "
         "or gs://",
     )
-    parser.add_argument("--dims", type=int, required=True, help="number of components N")
+    parser.add_argument(
+        "--dims",
+        type=int,
+        required=True,
+        help="number of PCA components N to keep (the width of embedding_reduced)",
+    )
     parser.add_argument("--to", required=True, help="basis file to write (.npz, local or gs://)")
     parser.add_argument(
         "--max_samples",
@@ -87,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fit on a uniform sample of at most this many rows (memory: "
         "M x D x 4 bytes); 0 = exact, over every row",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of the --max_samples sample"
+    )
     return parser
 
 
@@ -95,12 +99,13 @@ def main(argv=None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    args = _parser().parse_args(argv)
-    try:
-        basis = fit(args.output, args.dims, args.to, args.max_samples or None, args.seed)
-    except pca.PcaBasisError as exc:
-        _LOG.error("%s", exc)
-        return 2
+    parser = _parser()
+    args = parser.parse_args(argv)
+    return exit_code(lambda: _fit_and_print(args), parser.prog)
+
+
+def _fit_and_print(args) -> None:
+    basis = fit(args.output, args.dims, args.to, args.max_samples or None, args.seed)
     cumulative = np.cumsum(basis.explained_variance_ratio)
     print(
         f"wrote {args.to}: {basis.dims} x {basis.input_dim}, {basis.num_samples} samples, "
@@ -109,7 +114,6 @@ def main(argv=None) -> int:
     for n in sorted({1, 8, 32, 128, 256, 512, 1024, 2048, basis.dims}):
         if n <= basis.dims:
             print(f"  explained variance of the first {n:5d} components: {cumulative[n - 1]:.4f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import apache_beam as beam
 
+from core.schema import failures_schema, results_schema
 from model.wordnet import VERSION_NAME as WORDNET_VERSION
 from pipeline.options import JobOptions
 from transforms import progress
@@ -12,7 +13,7 @@ from transforms.read import ReadImages, split_patterns
 from transforms.records import FAILURES
 from transforms.sample import SampleThumbnails
 from transforms.skip import SkipKnownKeys
-from transforms.write import BatchFailures, WriteParquet, failures_schema, results_schema
+from transforms.write import BatchFailures, WriteParquet
 
 
 def footer_metadata(opts: JobOptions, model: ModelInfo, basis=None) -> dict:

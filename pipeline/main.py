@@ -21,27 +21,33 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipeline import console, report
-from pipeline.errors import JobFailed, UsageError, exit_code
+from core import console
+from core.errors import JobFailed, UsageError, exit_code
+from pipeline import report
 from pipeline.graph import build
 from pipeline.options import JobOptions, job_flags
 from transforms import gcs, infer, outputs, progress
 from transforms.read import split_patterns
 
 _LOG = logging.getLogger("pipeline")
+PROG = "python -m pipeline"
+# Checked by `run` itself: Beam parses every registered options class for every pipeline.
+REQUIRED_FLAGS = ("input", "output")
 
 
-def _help_text() -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline",
+def parser() -> argparse.ArgumentParser:
+    """The job's flags as one argparse parser (for `--help` and docs/options.md; Beam parses the
+    real command line through `JobOptions`)."""
+    ap = argparse.ArgumentParser(
+        prog=PROG,
         description="Tag and embed images with BiT: reads image shards, writes Parquet rows of "
         "ImageNet-21k tags (BiT-M R50x1) and embeddings (BiT-M R101x3).",
         epilog="Any Apache Beam pipeline flag is accepted too: --runner (default: an in-process "
         "runner), --direct_num_workers N --direct_running_mode multi_processing to use N "
         "cores locally, Dataflow's --project/--region/--temp_location, ...",
     )
-    JobOptions._add_argparse_args(parser)
-    return parser.format_help()
+    JobOptions._add_argparse_args(ap)
+    return ap
 
 
 def _in_process(options: PipelineOptions) -> bool:
@@ -91,12 +97,12 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
     console_stream: where the live progress bar goes (default stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
-        print(_help_text())
+        print(parser().format_help())
         return {}
     gcs.configure_beam_gcs()
     options = PipelineOptions(argv)
     opts = options.view_as(JobOptions)
-    missing = [flag for flag in ("input", "output") if not getattr(opts, flag)]
+    missing = [flag for flag in REQUIRED_FLAGS if not getattr(opts, flag)]
     if missing:
         raise UsageError(
             "missing required flag(s): " + ", ".join(f"--{m}" for m in missing) + " (see --help)"
@@ -160,31 +166,27 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Console entry point; returns the exit code (`pipeline.errors`: 0 ok, 2 usage/set-up error,
-    3 too many failures; anything else raises: traceback, exit 1).
-
-    Sets up the console (pipeline/console.py) before TensorFlow is imported: at the default
-    verbosity its C++ start-up lines are filtered out of stderr."""
+    """Console entry point; returns the exit code (`core.errors`: 0 ok, 2 usage/set-up error,
+    3 too many failures; anything else raises: traceback, exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        level, argv = console.split_verbosity(argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _run_with_console(argv), PROG)
+
+
+def _run_with_console(argv: list) -> None:
+    """Sets up the console (core/console.py) before TensorFlow is imported: at the default
+    verbosity its C++ start-up lines are filtered out of stderr."""
+    level, argv = console.split_verbosity(argv)
     if level in ("DEBUG", "INFO"):
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if level is not None:
         console.configure_logging(level)
-        return _main(argv, None)
+        run(argv)
+        return
     with console.NativeStderrFilter(console.native_noise()) as native:
         console.configure_logging(None, native.stream)
         try:
-            return _main(argv, native.stream)
+            run(argv, console_stream=native.stream)
         finally:
             console.configure_logging(None)  # the filtered stream closes with the filter
-
-
-def _main(argv: list, console_stream) -> int:
-    return exit_code(lambda: run(argv, console_stream=console_stream))

@@ -1,8 +1,8 @@
 """Command line of `./run.sh index` and `./run.sh search` (`python -m search index|search ...`).
 
-Exit codes: 0 done (a query with no match prints nothing and says so on stderr); 2 usage or input
-error, as one line on stderr (unknown tag or key, missing index, undecodable image, a model or
-output that does not match the index); 1 anything unexpected (with a traceback).
+Exit codes (`core.errors`): 0 done (a query with no match prints nothing and says so on stderr); 2
+usage or input error, as one line on stderr (unknown tag or key, missing index, undecodable image, a
+model or output that does not match the index); 1 anything unexpected (with a traceback).
 """
 
 from __future__ import annotations
@@ -12,19 +12,15 @@ import json
 import logging
 import sys
 
+from core.errors import ArgumentParser, exit_code
 from search import SearchError, ann
 
 _LOG = logging.getLogger(__name__)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line and exit 2, not the usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="run.sh", description="Index and search the job's results.")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ap = ArgumentParser(prog="run.sh", description="Index and search the job's results.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     ix = sub.add_parser(
         "index",
@@ -47,7 +43,10 @@ def parser() -> argparse.ArgumentParser:
         f"queries scan every vector exactly; default {ann.ANN_MIN_ROWS})",
     )
     ix.add_argument(
-        "--log_every_secs", type=float, default=10.0, help="progress line interval (0: none)"
+        "--log_every_secs",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines while indexing (0: none)",
     )
 
     se = sub.add_parser(
@@ -192,11 +191,8 @@ def main(argv=None) -> int:
     for noisy in ("tensorflow", "absl", "model", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
-    try:
-        return run_index(args) if args.command == "index" else run_search(args)
-    except SearchError as e:
-        print(f"run.sh {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    run = run_index if args.command == "index" else run_search
+    return exit_code(lambda: run(args), f"run.sh {args.command}")
 
 
 if __name__ == "__main__":

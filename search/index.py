@@ -37,7 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model import storage
+from core import storage
+from core.outputs import output_files
+from core.schema import category_type
+from core.schema import list_type as _list
 from search import SearchError, ann, terms
 
 _LOG = logging.getLogger(__name__)
@@ -57,13 +60,7 @@ COMPATIBILITY_KEYS = (
     "image_size",
     "resize",
 )
-CATEGORY_TYPE = pa.struct(
-    [pa.field("wnid", pa.string()), pa.field("label", pa.string()), pa.field("score", pa.float32())]
-)
-
-
-def _list(value_type: pa.DataType, size: int = -1) -> pa.DataType:
-    return pa.list_(pa.field("element", value_type), size)
+CATEGORY_TYPE = category_type()
 
 
 def images_schema(dim: int) -> pa.Schema:
@@ -104,13 +101,9 @@ def default_index_dir(output: str) -> str:
 def results_files(output: str) -> list[str]:
     """The `results-*.parquet` files of a job output (local or gs://), sorted."""
     try:
-        fs, path = storage.get_filesystem(output.rstrip("/"))
-        found = sorted(fs.glob(path + "/results-*.parquet"))
+        return output_files(output)
     except storage.StorageUnavailableError as e:
         raise SearchError(str(e)) from None
-    if is_gcs(output):
-        return ["gs://" + f for f in found]
-    return found
 
 
 def read_meta(index_dir: str) -> dict | None:

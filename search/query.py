@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from model import storage
+from core import storage
 from search import SearchError, ann, terms
 from search.index import Index
 
@@ -191,7 +191,7 @@ def read_image(path: str) -> bytes:
 
 def embed_image(index: Index, data: bytes, model, what: str = "image") -> np.ndarray:
     """The index-space vector of an encoded image, preprocessed as the indexed images were."""
-    from transforms.decode import DecodeError, decode_image
+    from core.decode import DecodeError, decode_image
 
     s = index.settings
     try:

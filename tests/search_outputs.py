@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.schema import category_type, results_schema, tag_type
+from core.schema import list_type as _list
 from tests import corpus
 from tests.jobs import job_args
-from transforms.write import _list, results_schema, tag_type
 
 NUM_PHOTOS = 8
 GOLDEN = ("n02099601", "golden_retriever")
@@ -33,9 +34,7 @@ BIRD = ("n01503061", "bird")
 DEVICE = ("n03183080", "device")
 # A hand-made slice of WordNet: tag wnid -> its hypernyms (the categories add them).
 HIERARCHY = {GOLDEN[0]: [DOG], TABBY[0]: [CAT], CRANE_BIRD[0]: [BIRD], CRANE_MACHINE[0]: [DEVICE]}
-CATEGORY_TYPE = pa.struct(
-    [pa.field("wnid", pa.string()), pa.field("label", pa.string()), pa.field("score", pa.float32())]
-)
+CATEGORY_TYPE = category_type()
 
 
 def run_job(root: pathlib.Path, models) -> tuple[str, list[str]]:

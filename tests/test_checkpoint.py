@@ -12,8 +12,8 @@ import fsspec
 import numpy as np
 import pytest
 
+from core import storage
 from model import checkpoint as ckpt
-from model import storage
 from model.checkpoint import (
     Architecture,
     Checkpoint,

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from pipeline import console
+from core import console
+from core.errors import UsageError
 from tests.first_run import PHOTOS, first_run
 from transforms import progress
 
@@ -42,11 +43,11 @@ def test_default_console_of_a_small_run_is_short_and_quiet(models):
 
 
 def test_progress_line_has_total_rate_failures_and_eta():
-    snap = progress.Snapshot(done=90, failed=10, total=1000, files=1000, elapsed=20.0)
+    snap = console.Snapshot(done=90, failed=10, total=1000, files=1000, elapsed=20.0)
     assert console.progress_line(snap) == (
         "progress: 100/1,000 images (10%), 5.0 images/s, 10 failures, ETA 3m00s"
     )
-    unknown = progress.Snapshot(done=5, failed=0, total=None, files=2, elapsed=1.0)
+    unknown = console.Snapshot(done=5, failed=0, total=None, files=2, elapsed=1.0)
     assert console.progress_line(unknown) == "progress: 5 images, 5.0 images/s, 0 failures"
 
 
@@ -94,7 +95,7 @@ def test_split_verbosity(argv, level, rest):
 
 
 def test_unknown_log_level_is_an_error():
-    with pytest.raises(ValueError, match="--log_level"):
+    with pytest.raises(UsageError, match="--log_level"):
         console.split_verbosity(["--log_level", "LOUD"])
 
 

@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from core.decode import DecodeError, decode_image
 from tests import corpus
-from transforms.decode import DecodeAndResize, DecodeError, decode_image
+from transforms.decode import DecodeAndResize
 from transforms.records import FAILURES, STAGE_DECODE, Decoded, Failure, ImageRecord
 
 TOLERANCE = 40  # JPEG and bilinear edges; quadrant/half centres are far from any edge

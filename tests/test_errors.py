@@ -1,18 +1,19 @@
-"""pipeline/errors.py: one error policy for `python -m pipeline` and `python -m pipeline.dataflow`.
+"""core/errors.py: one error policy for every entry point.
 
-Usage and set-up errors: one line, exit 2; too many failures: exit 3; anything else: traceback,
-exit 1 (the exception is not caught).
+Usage and set-up errors: one line `PROG: error: MESSAGE`, exit 2; too many failures: exit 3;
+anything else: traceback, exit 1 (the exception is not caught).
 """
 
-import logging
 import subprocess
 import sys
 
 import pytest
 
+from core.errors import ArgumentParser, JobFailed, UsageError, exit_code
+from model.pca import PcaBasisError
 from pipeline import dataflow
 from pipeline import main as job_main
-from pipeline.errors import JobFailed, UsageError, exit_code
+from search import SearchError
 from tests.jobs import DATAFLOW_LAUNCH
 from transforms.infer import ModelError
 from transforms.outputs import OutputExistsError
@@ -31,24 +32,34 @@ def raising(exc):
         (UsageError("missing required flag(s): --input"), 2),
         (OutputExistsError("out already has results"), 2),
         (ModelError("cannot load the models"), 2),
+        (PcaBasisError("no results-*.parquet files in out"), 2),
+        (SearchError("no index at out"), 2),
         (JobFailed("3 of 10 images failed"), 3),
     ],
 )
-def test_exit_codes_and_one_line(caplog, exc, code):
-    with caplog.at_level(logging.ERROR):
-        assert exit_code(raising(exc)) == code
-    assert [r.getMessage() for r in caplog.records] == [str(exc)]
-    assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
+def test_exit_codes_and_one_line(capsys, exc, code):
+    assert exit_code(raising(exc), "prog") == code
+    assert capsys.readouterr().err == f"prog: error: {exc}\n"  # one line, no traceback
 
 
-def test_success_is_zero():
-    assert exit_code(lambda: {"results": 3}) == 0
+def test_success_is_zero(capsys):
+    assert exit_code(lambda: {"results": 3}, "prog") == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("exc", [ValueError("a bug"), KeyError("inputs"), RuntimeError("outage")])
 def test_anything_else_propagates(exc):
     with pytest.raises(type(exc)):
-        exit_code(raising(exc))
+        exit_code(raising(exc), "prog")
+
+
+def test_a_bad_command_line_is_one_line_and_exit_2(capsys):
+    parser = ArgumentParser(prog="tool")
+    parser.add_argument("--n", type=int, required=True)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--n", "x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "tool: error: argument --n: invalid int value: 'x'\n"
 
 
 def test_job_entry_point_does_not_hide_a_bug_as_a_usage_error(tmp_path, monkeypatch):
@@ -60,7 +71,7 @@ def test_job_entry_point_does_not_hide_a_bug_as_a_usage_error(tmp_path, monkeypa
         job_main.main(["--input", str(tmp_path / "*.jpg"), "--output", str(tmp_path / "out")])
 
 
-def test_dataflow_entry_point_reports_set_up_errors_in_one_line(tmp_path, caplog):
+def test_dataflow_entry_point_reports_set_up_errors_in_one_line(tmp_path, capsys):
     """A model that cannot be loaded while building the job description: exit 2, not a traceback."""
     argv = [
         *DATAFLOW_LAUNCH,
@@ -73,9 +84,10 @@ def test_dataflow_entry_point_reports_set_up_errors_in_one_line(tmp_path, caplog
         "--dry_run_job_file",
         str(tmp_path / "job.json"),
     ]
-    with caplog.at_level(logging.ERROR):
-        assert dataflow.main(argv) == 2
-    assert "missing.npz" in caplog.text and not (tmp_path / "job.json").exists()
+    assert dataflow.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "python -m pipeline.dataflow: error: " in err and "missing.npz" in err
+    assert not (tmp_path / "job.json").exists()
 
 
 def test_dataflow_entry_point_does_not_hide_a_bug(tmp_path, monkeypatch):
@@ -94,7 +106,14 @@ def test_dataflow_entry_point_does_not_hide_a_bug(tmp_path, monkeypatch):
     "module, argv, phrase",
     [
         ("pipeline", ["--output", "/nonexistent/out"], "missing required flag(s): --input"),
+        ("pipeline", ["--log_level", "LOUD"], "--log_level must be one of"),
         ("pipeline.dataflow", [*DATAFLOW_LAUNCH[:4], "--bucket", "gs://b"], "expected gs://BUCKET"),
+        ("pipeline.dataflow", ["--region", "r"], "the following arguments are required"),
+        ("pipeline.fit_pca", ["/nonexistent/out", "--dims", "2", "--to", "b.npz"], "no results"),
+        ("pipeline.fit_pca", ["out", "--dims", "two", "--to", "b.npz"], "invalid int value"),
+        ("pipeline.report", ["/nonexistent/out"], "has no output of a run"),
+        ("search", ["search", "/nonexistent/index", "--tag", "dog"], "no index at"),
+        ("search", ["search"], "the following arguments are required"),
     ],
 )
 def test_command_lines_exit_2_with_one_clear_line(module, argv, phrase):
@@ -102,6 +121,6 @@ def test_command_lines_exit_2_with_one_clear_line(module, argv, phrase):
         [sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and phrase in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr

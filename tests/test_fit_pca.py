@@ -6,9 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.schema import results_schema
 from model.pca import fit_basis, load_basis
 from pipeline import fit_pca
-from transforms.write import results_batch, results_schema, top_k
+from transforms.write import results_batch, top_k
 
 D = 32
 
@@ -79,6 +80,8 @@ def test_fit_pca_on_gcs_with_a_sample_of_float16_embeddings(gcs_emulator, tmp_pa
     assert cos[0] > 0.95  # the dominant direction survives sampling (250 of 400 rows)
 
 
-def test_no_results_is_a_usage_error(tmp_path, caplog):
+def test_no_results_is_a_usage_error(tmp_path, capsys):
     code = fit_pca.main([str(tmp_path), "--dims", "2", "--to", str(tmp_path / "b.npz")])
-    assert code == 2 and "no results-*.parquet" in caplog.text
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("./run.sh fit_pca: error: no results-*.parquet")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import hub, storage
+from core import storage
+from model import hub
 from model.hub import HubError, HubModel, export_saved_model, load_saved_model
 from model.resnet import ResNetV2
 from tests.bit_checkpoints import random_weights

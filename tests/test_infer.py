@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from core.schema import results_schema
 from model.bit import TagAndEmbedModel
 from model.labels import imagenet21k
 from pipeline.main import run
 from tests.jobs import job_args
 from transforms import infer
 from transforms.records import STAGE_INFERENCE, Decoded, Failure
-from transforms.write import results_schema
 
 NUM_IMAGES = 12
 BATCH = 4

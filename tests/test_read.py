@@ -9,8 +9,9 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from core.decode import decode_image
 from tests import corpus
-from transforms.decode import DecodeAndResize, decode_image
+from transforms.decode import DecodeAndResize
 from transforms.read import (
     ReadImages,
     _MatchFiles,

@@ -139,7 +139,7 @@ def test_report_reads_only_the_columns_it_shows(tmp_path, monkeypatch):
     files into memory), so its memory does not grow with the size of the results."""
     import pyarrow as pa
 
-    from transforms.write import results_schema
+    from core.schema import results_schema
 
     schema = results_schema(4096)
     rows = 200

@@ -114,3 +114,37 @@ def test_module_entry_point_runs(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and "no index at" in done.stderr
+
+
+# Runs `python -m search ARGS` as a user would, then records which heavy packages were imported.
+_LOADED_MODULES = """
+import atexit, json, runpy, sys
+def record(path):
+    with open(path, "w") as f:
+        json.dump(sorted(m for m in sys.modules if m.split(".")[0] in
+                         ("apache_beam", "transforms", "pipeline", "tensorflow")), f)
+atexit.register(record, sys.argv[1])
+sys.argv = ["search", *sys.argv[2:]]
+runpy.run_module("search", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "query", [["--help"], ["search", "OUTPUT", "--tag", "dog"], ["search", "OUTPUT", "--image"]]
+)
+def test_the_search_command_never_imports_beam(indexed, tmp_path, query):
+    output, photos = indexed
+    argv = [output if a == "OUTPUT" else a for a in query]
+    argv += [photos[0]] if argv[-1] == "--image" else []
+    record = tmp_path / "modules.json"
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED_MODULES, str(record), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(record.read_text())
+    assert not [m for m in loaded if m.split(".")[0] in ("apache_beam", "transforms", "pipeline")]
+    if "--image" in argv:  # the query image is embedded by the job's model, without Beam
+        assert "tensorflow" in loaded and photos[0] in done.stdout

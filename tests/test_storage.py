@@ -1,11 +1,11 @@
-"""model/storage.py: the same open_file for local paths and gs:// (emulator)."""
+"""core/storage.py: the same open_file for local paths and gs:// (emulator)."""
 
 import socket
 import time
 
 import pytest
 
-from model import storage
+from core import storage
 
 DATA = bytes(range(256)) * 1000
 

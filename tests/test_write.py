@@ -1,30 +1,22 @@
-"""Tests of transforms/write.py: schemas, record batches, top-k, Beam writers.
-
-Schemas as specified in ARCHITECTURE.md, "Outputs".
-"""
+"""Tests of transforms/write.py: record batches, top-k, Beam writers (the schemas themselves:
+tests/test_schema.py)."""
 
 import glob
 import os
 from types import SimpleNamespace
 
 import apache_beam as beam
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing import test_pipeline
 
+from core.schema import failures_schema, results_schema
 from tests.jobs import PCA_RESULT_COLUMNS
 from transforms.records import STAGE_DECODE, STAGE_READ, Failure
-from transforms.write import (
-    BatchFailures,
-    WriteParquet,
-    failures_batch,
-    failures_schema,
-    results_batch,
-    results_schema,
-    top_k,
-)
+from transforms.write import BatchFailures, WriteParquet, failures_batch, results_batch, top_k
 
 K = 50  # classes of the toy label set
 D = 16  # embedding size
@@ -64,54 +56,6 @@ def make_batch(labels, schema, n=4, k=5, seed=0, min_score=0.0, start=0, all_sco
         all_scores=scores if all_scores else None,
     )
     return batch, scores, emb
-
-
-# ---------------------------------------------------------------------------------------- schemas
-
-
-def test_results_schema_matches_design():
-    s = results_schema(6144)
-    assert s.names == ["key", "source", "width", "height", "tags", "embedding"]
-    assert s.field("key").type == pa.string() and not s.field("key").nullable
-    assert s.field("source").type == pa.string()
-    assert s.field("width").type == pa.int32() and s.field("height").type == pa.int32()
-    tags = s.field("tags").type
-    assert pa.types.is_list(tags) and not pa.types.is_large_list(tags)
-    assert tags.value_field.name == "element"  # what compliant Parquet readers give back
-    assert tags.value_type == pa.struct(
-        [
-            ("index", pa.int32()),
-            ("wnid", pa.string()),
-            ("label", pa.string()),
-            ("score", pa.float32()),
-        ]
-    )
-    emb = s.field("embedding").type
-    assert pa.types.is_fixed_size_list(emb)
-    assert emb.list_size == 6144 and emb.value_type == pa.float32()
-    assert s.metadata is None
-
-
-def test_results_schema_options():
-    s = results_schema(8, "float16", write_all_scores=True, num_classes=21843, metadata=META)
-    assert s.field("embedding").type.value_type == pa.float16()
-    assert s.field("embedding").type.list_size == 8
-    assert s.names[-1] == "scores"
-    assert pa.types.is_fixed_size_list(s.field("scores").type)
-    assert s.field("scores").type.value_type == pa.float16()
-    assert s.field("scores").type.list_size == 21843
-    assert {k.decode(): v.decode() for k, v in s.metadata.items()} == META
-    with pytest.raises(ValueError):
-        results_schema(8, "bfloat16")
-    with pytest.raises(TypeError):
-        results_schema(8, metadata={"image_size": 224})
-
-
-def test_failures_schema():
-    s = failures_schema()
-    assert s.names == ["key", "source", "stage", "error"]
-    assert all(f.type == pa.string() for f in s)
-    assert not s.field("key").nullable and s.field("source").nullable
 
 
 # ----------------------------------------------------------------------------------------- top-k
@@ -374,7 +318,6 @@ def test_row_groups_are_merged(tmp_path, labels):
 
 def test_readers_pyarrow_pandas_duckdb(tmp_path, labels):
     """The snippets the README shows: pyarrow, pandas and DuckDB all read the output."""
-    duckdb = pytest.importorskip("duckdb")
     out = str(tmp_path)
     schema = results_schema(D, metadata=META)
     batches = [
@@ -521,7 +464,8 @@ class NoPandas:  # any `import pandas` fails, as in the runtime environment
 sys.meta_path.insert(0, NoPandas())
 from types import SimpleNamespace
 import numpy as np
-from transforms.write import results_batch, results_schema
+from core.schema import results_schema
+from transforms.write import results_batch
 labels = SimpleNamespace(wnids=np.array(["n0", "n1"]), labels=np.array(["a", "b"]))
 for dtype in ("float32", "float16"):
     batch = results_batch(["k"], ["s"], [1], [1], np.array([[1, 0]]),

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
+from core.errors import UsageError
 from model import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL  # noqa: F401 (re-exported)
 from transforms import counters, progress
 from transforms.records import FAILURES, STAGE_INFERENCE, Decoded, Failure, error_text
@@ -73,7 +74,7 @@ class InferenceConfig(NamedTuple):
         )
 
 
-class ModelError(RuntimeError):
+class ModelError(UsageError, RuntimeError):
     """A model source cannot serve the job (unreachable, corrupt, wrong architecture or head)."""
 
 

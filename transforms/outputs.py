@@ -1,6 +1,7 @@
 """The output directory around a run: the overwrite rule before, the accounting and summary after.
 
-All through Beam `FileSystems`, so local directories and gs:// prefixes are one code path.
+Files are read and written through Beam `FileSystems` and listed by `core.outputs`, so local
+directories and gs:// prefixes are one code path.
 """
 
 import collections
@@ -13,8 +14,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
+from core.errors import UsageError
+from core.outputs import FAILURES, RESULTS, match, output_files
 from transforms import counters
-from transforms.read import match_files
 
 OUTPUT_PATTERNS = (
     "results-*.parquet",
@@ -33,14 +35,14 @@ def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
         yield pq.ParquetFile(f)
 
 
-class OutputExistsError(RuntimeError):
+class OutputExistsError(UsageError, RuntimeError):
     """The output directory already holds results and `--overwrite` was not given."""
 
 
 def _match(pattern: str) -> list:
     try:
-        return match_files(pattern)
-    except Exception:  # noqa: BLE001 - Beam raises when nothing matches on some FS
+        return match(pattern)
+    except Exception:  # noqa: BLE001 - an unreadable output directory holds no earlier run
         return []
 
 
@@ -102,8 +104,8 @@ def summarize(output: str, metrics, wall_seconds: float) -> dict:
     `inputs` counts every image record and every unreadable input unit (a corrupt shard's rest, a
     record without an image, a duplicate key) the readers met, less the ones skipped as already
     known; the identity inputs == results + failures must hold."""
-    results = _count_rows(_match(f"{output}/results-*.parquet"))
-    failure_paths = _match(f"{output}/failures-*.parquet")
+    results = _count_rows(output_files(output, RESULTS))
+    failure_paths = output_files(output, FAILURES)
     failures = _count_rows(failure_paths)
     by_stage, by_type = _failure_counts(failure_paths)
     skipped = _counter(metrics, counters.SKIPPED_IMAGES)

@@ -24,8 +24,9 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
+from core.decode import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, check_resize
 from transforms import counters
-from transforms.decode import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, check_resize, decode_record
+from transforms.decode import decode_record
 from transforms.records import FAILURES, Decoded
 
 

@@ -9,9 +9,11 @@ their worker log lines and Beam counters instead.
 
 import threading
 import time
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import apache_beam as beam
+
+from core.console import Snapshot
 
 FILES = "files"  # files matched (inputs)
 SHARD_FILES = "shard_files"  # of which TFRecord / tar shards (image count known after the read)
@@ -19,32 +21,6 @@ FILES_READ = "files_read"  # files and shards read to the end
 READ = "read"  # images read (after skipping known keys)
 DONE = "done"  # images with a result row
 FAILED = "failed"  # images with a failure row (any stage)
-
-
-class Snapshot(NamedTuple):
-    """Counts at one moment; `total` is None until every input file has been read (shards)."""
-
-    done: int
-    failed: int
-    total: Optional[int]
-    files: int
-    elapsed: float
-
-    @property
-    def finished(self) -> int:
-        return self.done + self.failed
-
-    @property
-    def rate(self) -> float:
-        """Images (results and failures) per second so far."""
-        return self.finished / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> Optional[float]:
-        """Seconds left at the current rate, when the total is known."""
-        if self.total is None or self.rate <= 0:
-            return None
-        return max(self.total - self.finished, 0) / self.rate
 
 
 class ProgressSink:

@@ -1,4 +1,5 @@
-"""Parquet output of the job (ARCHITECTURE.md, "Outputs"): schemas, Arrow batches, Beam writers.
+"""Parquet output of the job (ARCHITECTURE.md, "Outputs"): Arrow batches, Beam writers; the schemas
+are `core.schema`'s.
 
 Rows are built column-wise from flat NumPy arrays (no per-row Python objects), so building a batch
 costs far less than writing it. Files are written by `ParquetSink`, a Beam `FileBasedSink` (as
@@ -24,7 +25,7 @@ Settings, and why:
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -35,6 +36,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from core.schema import failures_schema
 from transforms.gcs import GcsDoFn
 from transforms.records import Failure
 
@@ -44,10 +46,6 @@ __all__ = [
     "SHARD_NAME_TEMPLATE",
     "FILE_NAME_SUFFIX",
     "KINDS",
-    "tag_type",
-    "category_type",
-    "results_schema",
-    "failures_schema",
     "top_k",
     "results_batch",
     "failures_batch",
@@ -64,110 +62,6 @@ MAX_ROW_GROUP_ROWS = 1024 * 1024  # pyarrow's own cap
 SHARD_NAME_TEMPLATE = "-SSSSS-of-NNNNN"
 FILE_NAME_SUFFIX = ".parquet"
 KINDS = ("results", "failures")
-
-_EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
-
-
-# ---------------------------------------------------------------------------------------- schemas
-
-
-def tag_type() -> pa.StructType:
-    """struct<index: int32, wnid: string, label: string, score: float32>, one predicted tag."""
-    return pa.struct(
-        [
-            pa.field("index", pa.int32()),
-            pa.field("wnid", pa.string()),
-            pa.field("label", pa.string()),
-            pa.field("score", pa.float32()),
-        ]
-    )
-
-
-def category_type() -> pa.StructType:
-    """struct<wnid: string, label: string, score: float32>, one WordNet category of an image."""
-    return pa.struct(
-        [
-            pa.field("wnid", pa.string()),
-            pa.field("label", pa.string()),
-            pa.field("score", pa.float32()),
-        ]
-    )
-
-
-def _list(value_type: pa.DataType, size: int = -1) -> pa.DataType:
-    """list / fixed_size_list with items named "element", the compliant Parquet list layout's
-    name, so the schema read back from a file equals the schema written (pyarrow's "item" does not).
-    """
-    return pa.list_(pa.field("element", value_type), size)
-
-
-def _metadata(metadata: Optional[Mapping[str, str]]) -> Optional[dict]:
-    if not metadata:
-        return None
-    for k, v in metadata.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"Parquet footer metadata must be str -> str, got {k!r}: {v!r}")
-    return dict(metadata)
-
-
-def results_schema(
-    embedding_dim: int,
-    embedding_dtype: str = "float32",
-    write_all_scores: bool = False,
-    num_classes: int = 21843,
-    metadata: Optional[Mapping[str, str]] = None,
-    categories: bool = False,
-    reduced_dim: Optional[int] = None,
-) -> pa.Schema:
-    """Schema of `results-*.parquet` (ARCHITECTURE.md, "Outputs").
-
-    Columns: key, source, width, height, tags, categories (with `categories`), embedding,
-    embedding_reduced (`fixed_size_list<float32>[reduced_dim]`, with a PCA basis), scores (with
-    `write_all_scores`).
-
-    `metadata` (models, sha256, image size, preprocessing, label set; str -> str) becomes the
-    schema metadata, which pyarrow writes into the Parquet footer's key-value metadata.
-    """
-    if embedding_dtype not in _EMBEDDING_TYPES:
-        raise ValueError(
-            f"embedding_dtype must be one of {sorted(_EMBEDDING_TYPES)}, got {embedding_dtype!r}"
-        )
-    if int(embedding_dim) <= 0:
-        raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
-    fields = [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("tags", _list(tag_type())),
-    ]
-    if categories:
-        fields.append(pa.field("categories", _list(category_type())))
-    fields.append(
-        pa.field("embedding", _list(_EMBEDDING_TYPES[embedding_dtype], int(embedding_dim)))
-    )
-    if reduced_dim is not None:
-        if int(reduced_dim) <= 0:
-            raise ValueError(f"reduced_dim must be positive, got {reduced_dim}")
-        fields.append(pa.field("embedding_reduced", _list(pa.float32(), int(reduced_dim))))
-    if write_all_scores:
-        if int(num_classes) <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
-        fields.append(pa.field("scores", _list(pa.float16(), int(num_classes))))
-    return pa.schema(fields, metadata=_metadata(metadata))
-
-
-def failures_schema(metadata: Optional[Mapping[str, str]] = None) -> pa.Schema:
-    """Schema of `failures-*.parquet`: key (not null), source, stage, error."""
-    return pa.schema(
-        [
-            pa.field("key", pa.string(), nullable=False),
-            pa.field("source", pa.string()),
-            pa.field("stage", pa.string()),
-            pa.field("error", pa.string()),
-        ],
-        metadata=_metadata(metadata),
-    )
 
 
 # ----------------------------------------------------------------------------------------- top-k

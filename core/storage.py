@@ -1,4 +1,4 @@
-"""The one way the model layer opens files: local paths and `gs://` through fsspec.
+"""The one way the project opens files outside Beam: local paths and `gs://` through fsspec.
 
 `gs://` uses `gcsfs.core.GCSFileSystem` (the core class: the experimental one first makes a
 gRPC call that emulators cannot answer) with, in order:

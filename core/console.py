@@ -11,7 +11,8 @@ Hidden, unless `--log_level INFO/DEBUG` (or `-v`, `-vv`) asks for them:
 
 Progress: when stderr is a terminal, a tqdm bar (images done / total, images/s, failures, ETA);
 otherwise (CI, log files, Dataflow) one plain line every `--log_every_secs`. The counts come from
-`transforms.progress` (in-process runs).
+any object with a `snapshot() -> Snapshot` method: the job's is `transforms.progress.ProgressSink`
+(in-process runs).
 """
 
 import logging
@@ -19,13 +20,13 @@ import os
 import re
 import sys
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional, Protocol
 
-from transforms import progress
+from core.errors import UsageError
 
-_LOG = logging.getLogger("pipeline.console")
+_LOG = logging.getLogger("core.console")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-OUR_LOGGERS = ("pipeline", "transforms", "model")
+OUR_LOGGERS = ("pipeline", "transforms", "model", "core")
 
 # Python log records hidden at the default verbosity (matched against the message).
 NOISY_MESSAGES = re.compile(
@@ -72,7 +73,7 @@ def split_verbosity(argv: list) -> tuple[Optional[str], list]:
             level = arg.split("=", 1)[1].upper()
         rest.append(arg)
     if level is not None and level not in LEVELS:
-        raise ValueError(f"--log_level must be one of {', '.join(LEVELS)}, not {level!r}")
+        raise UsageError(f"--log_level must be one of {', '.join(LEVELS)}, not {level!r}")
     return level, rest
 
 
@@ -207,7 +208,39 @@ def format_duration(seconds: Optional[float]) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def progress_line(s: progress.Snapshot) -> str:
+class Snapshot(NamedTuple):
+    """Counts at one moment; `total` is None until every input file has been read (shards)."""
+
+    done: int
+    failed: int
+    total: Optional[int]
+    files: int
+    elapsed: float
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+    @property
+    def rate(self) -> float:
+        """Images (results and failures) per second so far."""
+        return self.finished / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> Optional[float]:
+        """Seconds left at the current rate, when the total is known."""
+        if self.total is None or self.rate <= 0:
+            return None
+        return max(self.total - self.finished, 0) / self.rate
+
+
+class Counts(Protocol):
+    """Where live progress comes from (`transforms.progress.ProgressSink` in the job)."""
+
+    def snapshot(self) -> Snapshot: ...
+
+
+def progress_line(s: Snapshot) -> str:
     """'progress: 120/1,000 images (12%), 3.4 images/s, 2 failures, ETA 4m18s'."""
     total = f"/{s.total:,}" if s.total is not None else ""
     share = f" ({s.finished / s.total:.0%})" if s.total else ""
@@ -245,7 +278,7 @@ class LiveProgress:
 
     def __init__(
         self,
-        sink: progress.ProgressSink,
+        sink: Counts,
         every_secs: float,
         stream=None,
         bar: Optional[bool] = None,
@@ -281,7 +314,7 @@ class LiveProgress:
         while not self._stop.wait(interval):
             self.show(self._sink.snapshot())
 
-    def show(self, snap: progress.Snapshot) -> None:
+    def show(self, snap: Snapshot) -> None:
         if self._bar is None:
             _LOG.info("%s", progress_line(snap))
             return

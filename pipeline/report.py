@@ -11,24 +11,26 @@ is ~2 MB at most). It shows:
   image's top-3 tags and scores, and its key on hover.
 
 The results are read one record batch at a time, only the key and tags columns, so memory stays
-small for millions of rows.
+small for millions of rows. The markup is `pipeline/templates/report.html`, a Jinja2 template with
+autoescape: this module gathers the data and the chart geometry, every value is escaped there.
 """
 
 import argparse
 import base64
 import collections
-import html
 import logging
 import sys
 import time
 from typing import Optional
 
+import jinja2
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
+from core.errors import ArgumentParser, UsageError, exit_code
+from core.outputs import FAILURES, RESULTS, output_files
 from transforms import gcs, outputs
-from transforms.read import match_files
 from transforms.sample import SAMPLES_FILE
 
 REPORT_FILE = "report.html"
@@ -76,13 +78,6 @@ class _Stats:
                 self.sample_tags[key] = [(t["label"], t["score"]) for t in (row_tags or [])[:3]]
 
 
-def _files(output: str, pattern: str) -> list:
-    try:
-        return sorted(match_files(f"{output}/{pattern}"))
-    except Exception:  # pylint: disable=broad-except  (nothing matched on some filesystems)
-        return []
-
-
 def read_samples(output: str) -> list:
     """[{key, source, width, height, thumbnail}] from OUTPUT/samples.parquet ([] when absent)."""
     path = f"{output}/{SAMPLES_FILE}"
@@ -97,13 +92,13 @@ def gather(output: str) -> dict:
     summary = outputs.read_summary(output) or {}
     samples = read_samples(output)
     stats = _Stats(s["key"] for s in samples)
-    for path in _files(output, "results-*.parquet"):
+    for path in output_files(output, RESULTS):
         with outputs.open_parquet(path) as results:
             for batch in results.iter_batches(batch_size=65536, columns=["key", "tags"]):
                 stats.add(batch)
     failures = collections.defaultdict(list)  # (stage, type) -> examples
     counts = collections.Counter()
-    for path in _files(output, "failures-*.parquet"):
+    for path in output_files(output, FAILURES):
         with outputs.open_parquet(path) as failed:
             table = failed.read(columns=["key", "source", "stage", "error"])
         for row in table.to_pylist():
@@ -124,97 +119,71 @@ def gather(output: str) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------- html
+# ---------------------------------------------------------------------------------------- page
 
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
-background:#fafafa}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;background:#fff}td,th{border:1px solid #e2e2e2;padding:3px 8px;
-text-align:left;vertical-align:top}th{background:#f0f0f0}td.n{text-align:right}
-.muted{color:#777}.cards{display:flex;flex-wrap:wrap;gap:10px}
-.card{width:172px;margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}
-.card img{display:block;margin:0 auto 4px;max-width:160px;max-height:160px}
-.card ol{margin:0;padding-left:18px;font-size:12px}.card li span{color:#777}
-.kv td:first-child{font-weight:600}.err{font-family:monospace;font-size:12px;word-break:break-all}
-.charts{display:flex;flex-wrap:wrap;gap:24px}
-"""
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("pipeline", "templates"),
+    autoescape=True,  # every value is HTML-escaped unless it is markup the template made
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined,
+)
+_TEMPLATES.filters["thousands"] = "{:,}".format
+_TEMPLATES.filters["f1"] = "{:.1f}".format
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _table(rows, header=None, numeric=()) -> str:
-    out = ["<table>"]
-    if header:
-        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
-    for row in rows:
-        cells = []
-        for i, cell in enumerate(row):
-            cls = ' class="n"' if i in numeric else ""
-            cells.append(f"<td{cls}>{cell}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "".join(out)
-
-
-def bar_chart(items, width=640, bar=16) -> str:
-    """Horizontal bars as inline SVG: [(label, count)] in order."""
-    if not items:
-        return '<p class="muted">no tags</p>'
-    top = max(count for _, count in items) or 1
+def bar_chart(items, width=640, bar=16) -> dict:
+    """Geometry of the horizontal tag bars (inline SVG): [(label, count)] in order."""
+    top = max((count for _, count in items), default=0) or 1
     label_w, gap = 200, 4
-    height = len(items) * (bar + gap)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="most frequent tags">'
-    ]
+    bars = []
     for i, (label, count) in enumerate(items):
-        y = i * (bar + gap)
-        w = max(1.0, (width - label_w - 60) * count / top)
         short = label.split(",")[0]  # the first lemma; the full label on hover
-        short = short if len(short) <= 28 else short[:27] + "\u2026"
-        parts.append(
-            f'<text x="{label_w - 6}" y="{y + bar - 4}" text-anchor="end" '
-            f'font-size="12">{_e(short)}<title>{_e(label)}</title></text>'
-            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar}" '
-            f'fill="#4e79a7"/><text x="{label_w + w + 4:.1f}" y="{y + bar - 4}" '
-            f'font-size="12">{count:,}</text>'
+        bars.append(
+            {
+                "label": label,
+                "short": short if len(short) <= 28 else short[:27] + "\u2026",
+                "y": i * (bar + gap),
+                "w": max(1.0, (width - label_w - 60) * count / top),
+                "count": count,
+            }
         )
-    parts.append("</svg>")
-    return "".join(parts)
+    return {
+        "width": width,
+        "height": len(items) * (bar + gap),
+        "bar": bar,
+        "label_w": label_w,
+        "bars": bars,
+    }
 
 
-def histogram(counts, width=480, height=180) -> str:
-    """Top-1 score histogram (bins of equal width over [0, 1]) as inline SVG."""
+def histogram(counts, width=480, height=180) -> dict:
+    """Geometry of the top-1 score histogram (bins of equal width over [0, 1], inline SVG)."""
     top = max(counts) or 1
     n = len(counts)
     plot_h, bw = height - 30, (width - 40) / n
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="top-1 score histogram">'
-    ]
+    bars = []
     for i, count in enumerate(counts):
         h = plot_h * count / top
-        parts.append(
-            f'<rect x="{30 + i * bw:.1f}" y="{plot_h - h + 4:.1f}" width="{bw - 2:.1f}" '
-            f'height="{h:.1f}" fill="#f28e2b"><title>{i / n:.2f}-{(i + 1) / n:.2f}: '
-            f"{count:,}</title></rect>"
+        bars.append(
+            {
+                "x": 30 + i * bw,
+                "y": plot_h - h + 4,
+                "w": bw - 2,
+                "h": h,
+                "lo": i / n,
+                "hi": (i + 1) / n,
+                "count": count,
+            }
         )
-    for tick in (0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(
-            f'<text x="{30 + tick * n * bw:.1f}" y="{height - 8}" font-size="11" '
-            f'text-anchor="middle">{tick:g}</text>'
-        )
-    parts.append(f'<text x="4" y="14" font-size="11">{top:,}</text></svg>')
-    return "".join(parts)
+    ticks = [{"x": 30 + tick * n * bw, "value": tick} for tick in (0, 0.25, 0.5, 0.75, 1.0)]
+    return {"width": width, "height": height, "top": top, "bars": bars, "ticks": ticks}
 
 
-def _summary_section(summary: dict, rows: int) -> str:
+def _summary_view(summary: dict) -> dict | None:
     if not summary:
-        return f'<p class="muted">no summary.json; {rows:,} result rows</p>'
-    keys = [
+        return None
+    formats = [
         ("inputs", "{:,}"),
         ("results", "{:,}"),
         ("failures", "{:,}"),
@@ -223,113 +192,57 @@ def _summary_section(summary: dict, rows: int) -> str:
         ("wall_seconds", "{:,.1f} s"),
         ("images_per_second", "{:,.2f}"),
     ]
-    rows_html = [
-        (_e(k.replace("_", " ")), _e(fmt.format(summary[k])))
-        for k, fmt in keys
-        if summary.get(k) is not None
-    ]
     models = summary.get("models", {})
-    model_rows = [
-        (
-            _e(role),
-            _e(models.get(f"{role}_model", "")),
-            f'<span class="err">{_e(models.get(f"{role}_model_sha256", ""))}</span>',
-        )
-        for role in ("tags", "embed")
-        if models.get(f"{role}_model")
-    ]
-    options = sorted((summary.get("options") or {}).items())
-    return (
-        "<div class='charts'><div>"
-        + _table(rows_html, numeric=(1,)).replace("<table>", "<table class='kv'>", 1)
-        + "</div><div>"
-        + _table(model_rows, header=("model", "source", "sha256"))
-        + "</div></div>"
-        + "<details><summary>options</summary>"
-        + _table([(_e(k), _e(v)) for k, v in options])
-        + "</details>"
-    )
+    return {
+        "counts": [
+            (k.replace("_", " "), fmt.format(summary[k]))
+            for k, fmt in formats
+            if summary.get(k) is not None
+        ],
+        "models": [
+            (role, models.get(f"{role}_model", ""), models.get(f"{role}_model_sha256", ""))
+            for role in ("tags", "embed")
+            if models.get(f"{role}_model")
+        ],
+        "options": sorted((summary.get("options") or {}).items()),
+    }
 
 
-def _failures_section(data: dict) -> str:
+def _failures_view(data: dict) -> dict:
     counts = data["failure_counts"]
-    if not counts:
-        return "<p>No failures.</p>"
     by_stage = collections.Counter()
     for (stage, _), n in counts.items():
         by_stage[stage] += n
-    out = [
-        _table(
-            [(_e(s), f"{n:,}") for s, n in by_stage.most_common()],
-            header=("stage", "failures"),
-            numeric=(1,),
-        )
-    ]
-    for (stage, kind), n in counts.most_common():
-        examples = data["failure_examples"][(stage, kind)]
-        out.append(f"<h3>{_e(stage)} / {_e(kind or '?')}: {n:,}</h3>")
-        out.append(
-            _table(
-                [
-                    (_e(r["key"]), _e(r["source"]), f'<span class="err">{_e(r["error"])}</span>')
-                    for r in examples
-                ],
-                header=("key", "source", "error"),
-            )
-        )
-    return "".join(out)
-
-
-def _contact_sheet(samples: list) -> str:
-    if not samples:
-        return '<p class="muted">no sample images (no image was decoded)</p>'
-    cards = []
-    for s in samples:
-        data = base64.b64encode(s["thumbnail"]).decode("ascii")
-        tags = (
-            "".join(f"<li>{_e(label)} <span>{score:.2f}</span></li>" for label, score in s["tags"])
-            or "<li class='muted'>no result</li>"
-        )
-        cards.append(
-            f'<figure class="card" title="{_e(s["key"])}"><img alt="{_e(s["key"])}" '
-            f'src="data:image/jpeg;base64,{data}"><ol>{tags}</ol></figure>'
-        )
-    return f'<div class="cards">{"".join(cards)}</div>'
+    return {
+        "by_stage": [(s, f"{n:,}") for s, n in by_stage.most_common()],
+        "kinds": [
+            {
+                "stage": stage,
+                "type": kind,
+                "count": n,
+                "examples": data["failure_examples"][(stage, kind)],
+            }
+            for (stage, kind), n in counts.most_common()
+        ],
+    }
 
 
 def render(data: dict, output: str) -> str:
-    """The whole page as one HTML string."""
+    """The whole page as one HTML string (pipeline/templates/report.html)."""
     summary = data["summary"]
-    tags = data["tag_counts"].most_common(TOP_TAGS)
-    n_samples = len(data["samples"])
-    top_k = (summary.get("options") or {}).get("top_k", "k")
-    return "".join(
-        [
-            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-            # No network, ever: the page may only use what it carries.
-            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-            "img-src data:; style-src 'unsafe-inline'\">",
-            f"<title>bit-tagger report: {_e(output)}</title><style>{_CSS}</style></head><body>",
-            f"<h1>bit-tagger run report</h1><p class='muted'>{_e(output)}</p>",
-            "<h2>Summary</h2>",
-            _summary_section(summary, data["rows"]),
-            "<h2>Failures</h2>",
-            _failures_section(data),
-            "<h2>Tags</h2><div class='charts'><div>",
-            (
-                f"<h3>{len(tags)} most frequent tags "
-                f"(images with the tag in their top-{_e(top_k)})</h3>"
-            ),
-            bar_chart(tags),
-            "</div><div><h3>Top-1 score</h3>",
-            histogram(data["top1"]),
-            "</div></div>",
-            f"<h2>Contact sheet: {n_samples} sample image{'s' if n_samples != 1 else ''}</h2>",
-            "<p class='muted'>chosen by key hash in the pipeline (the same inputs give the same "
-            "sample); hover for the key</p>",
-            _contact_sheet(data["samples"]),
-            "</body></html>",
-        ]
+    samples = [
+        {**s, "jpeg_base64": base64.b64encode(s["thumbnail"]).decode("ascii")}
+        for s in data["samples"]
+    ]
+    return _TEMPLATES.get_template(REPORT_FILE).render(
+        output=output,
+        rows=data["rows"],
+        summary=_summary_view(summary),
+        failures=_failures_view(data),
+        tag_chart=bar_chart(data["tag_counts"].most_common(TOP_TAGS)),
+        top_k=(summary.get("options") or {}).get("top_k", "k"),
+        top1=histogram(data["top1"]),
+        samples=samples,
     )
 
 
@@ -345,24 +258,27 @@ def write_report(output: str) -> str:
     return path
 
 
-def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m pipeline.report",
         description="(Re)write OUTPUT/report.html from a finished run's output (local or gs://).",
     )
-    parser.add_argument("output", help="the run's --output directory")
+    parser.add_argument("output", help="the run's --output directory (local or gs://)")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return exit_code(lambda: _report(args.output.rstrip("/")), parser.prog)
+
+
+def _report(output: str) -> None:
     gcs.configure_beam_gcs()
-    output = args.output.rstrip("/")
     if not outputs.existing_outputs(output):
-        print(
-            f"error: {output} has no output of a run (results, failures or summary.json)",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError(f"{output} has no output of a run (results, failures or summary.json)")
     print(write_report(output))
-    return 0
 
 
 if __name__ == "__main__":

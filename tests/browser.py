@@ -1,7 +1,8 @@
 """Headless Chromium for page tests, driven through the DevTools protocol (no browser download).
 
 `chromium_or_skip()` finds Debian's `chromium`, installing it with apt-get when it is missing and we
-are root; otherwise the test is skipped with a message saying so. `inspect_page(path, png)` loads a
+are root; otherwise the test is skipped with a message saying so, except in CI (`CI` set), where a
+missing browser fails the test instead of hiding the page checks. `inspect_page(path, png)` loads a
 local page with the network off, and returns its console errors, the result of a JavaScript
 expression and a screenshot.
 """
@@ -57,10 +58,13 @@ def chromium_or_skip() -> str:
         )
         if shutil.which("chromium"):
             return shutil.which("chromium")
-    pytest.skip(
+    why = (
         "Chromium is not installed and could not be installed "
         "(as root: apt-get update && apt-get install -y chromium)"
     )
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
 
 
 class _DevTools:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from model import resnet
+from model import hub, resnet
 from model.bit import (
     DEFAULT_EMBED_MODEL,
     DEFAULT_TAGS_MODEL,
@@ -215,7 +215,6 @@ def test_bfloat16_and_xla_run_close_to_float32(ckpts):
 
 def test_saved_model_embed_source(ckpts, tmp_path):
     """A SavedModel directory (inputs [0, 1]) in the embed slot gives the same pre-logits."""
-    hub = pytest.importorskip("model.hub")
     tags_path, _, embed_path, embed_w = ckpts
     net = resnet.ResNetV2(units=TINY, width=2, num_classes=None)
     net.load_weights(embed_w)

@@ -5,6 +5,9 @@ One job run (tiny random models, generated images, a PCA basis) feeds every test
 
 import os
 
+import duckdb
+import embedding_reader
+import lancedb
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -59,7 +62,6 @@ def test_reduced_embeddings_follow_the_basis(job):
 
 
 def test_duckdb_reads_tags_categories_and_vectors(job):
-    duckdb = pytest.importorskip("duckdb")
     out, table, _ = job
     con = duckdb.connect()
     glob = f"{out}/results-*.parquet"
@@ -79,7 +81,6 @@ def test_duckdb_reads_tags_categories_and_vectors(job):
 
 
 def test_lancedb_takes_the_results_as_they_are(job, tmp_path):
-    lancedb = pytest.importorskip("lancedb")
     out, table, _ = job
     files = sorted(str(p) for p in out.glob("results-*.parquet"))  # not failures-*
     db = lancedb.connect(str(tmp_path / "lance"))
@@ -102,7 +103,6 @@ def test_lancedb_takes_the_results_as_they_are(job, tmp_path):
 
 
 def test_embedding_reader_reads_bit_exactly(job, tmp_path):
-    embedding_reader = pytest.importorskip("embedding_reader")
     out, table, _ = job
     # It reads every *.parquet under a folder: give it the results files only.
     folder = tmp_path / "results"
@@ -125,7 +125,6 @@ def test_embedding_reader_reads_bit_exactly(job, tmp_path):
 
 def test_duckdb_exports_vertex_ai_json(job, tmp_path):
     """Vertex AI Vector Search ingests JSON records (id, embedding, restricts), not Parquet."""
-    duckdb = pytest.importorskip("duckdb")
     import json
 
     out, table, _ = job

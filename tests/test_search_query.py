@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from model import pca
 from search import SearchError, ann, query
 from search.index import build_index, open_index
 from tests import search_outputs as so
@@ -153,7 +154,6 @@ def test_a_different_embed_model_is_refused(tagged, tmp_path):
 def test_image_query_against_reduced_embeddings(job_output, tmp_path, model):
     """An output with `embedding_reduced` (PCA basis in the contract's .npz layout): the index is
     over the reduced vectors and a query image is projected with the same basis."""
-    pca = pytest.importorskip("model.pca")
     output, photos = job_output
     table = so.results(output)
     embeddings = np.stack(table.column("embedding").to_pylist()).astype(np.float32)

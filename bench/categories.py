@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.common import R50X1, load_note, result_line, write_checkpoint  # noqa: E402
+from bench.common import R50X1, load_note, median, result_line, table, write_checkpoint
 
 BATCH = 16
 TARGET = 0.05
@@ -35,7 +33,8 @@ TARGET = 0.05
 
 def batch_cpu(hierarchy, labels, top_k: int, batches: int, categories: bool) -> float:
     """Median CPU seconds of results_batch over `batches` random batches."""
-    from transforms.write import results_batch, results_schema
+    from core.schema import results_schema
+    from transforms.write import results_batch
     from transforms.write import top_k as top_k_of
 
     rng = np.random.default_rng(top_k)
@@ -46,20 +45,13 @@ def batch_cpu(hierarchy, labels, top_k: int, batches: int, categories: bool) -> 
         scores = rng.random((BATCH, len(labels)), dtype=np.float32)
         idx, top = top_k_of(scores, top_k)
         started = time.process_time()
+        keys, ones = [f"k{i}" for i in range(BATCH)], [1] * BATCH
+        hierarchy_or_none = hierarchy if categories else None
         results_batch(
-            [f"k{i}" for i in range(BATCH)],
-            ["s"] * BATCH,
-            [1] * BATCH,
-            [1] * BATCH,
-            idx,
-            top,
-            labels,
-            emb,
-            schema,
-            hierarchy=hierarchy if categories else None,
+            keys, keys, ones, ones, idx, top, labels, emb, schema, hierarchy=hierarchy_or_none
         )
         times.append(time.process_time() - started)
-    return statistics.median(times)
+    return median(times)
 
 
 def model_cpu(batches: int) -> float:
@@ -75,7 +67,7 @@ def model_cpu(batches: int) -> float:
         started = time.process_time()
         model(images)
         times.append(time.process_time() - started)
-    return statistics.median(times)
+    return median(times)
 
 
 def main(argv=None):
@@ -93,16 +85,19 @@ def main(argv=None):
     load = time.process_time() - started
     rows = {}
     for k in (10, 50):
-        rows[k] = batch_cpu(hierarchy, labels, k, args.batches, True) - batch_cpu(
-            hierarchy, labels, k, args.batches, False
-        )
+        with_it, without = (batch_cpu(hierarchy, labels, k, args.batches, c) for c in (True, False))
+        rows[k] = with_it - without
     model = model_cpu(args.model_batches)
-    print("\n| what | CPU ms per batch of 16 | share of the R50x1 job's CPU |")
-    print("| --- | ---: | ---: |")
-    print(f"| R50x1 model (tags + embeddings, one pass) | {model * 1e3:.0f} | |")
-    for k, cost in rows.items():
-        print(f"| categories, top_k {k} | {cost * 1e3:.2f} | {cost / (model + cost):.3%} |")
-    print(f"| hierarchy load (once per worker process) | {load * 1e3:.0f} | |")
+    print()
+    table(
+        ["what", "CPU ms per batch of 16", "share of the R50x1 job's CPU"],
+        [("R50x1 model (tags + embeddings, one pass)", f"{model * 1e3:.0f}", "")]
+        + [
+            (f"categories, top_k {k}", f"{c * 1e3:.2f}", f"{c / (model + c):.3%}")
+            for k, c in rows.items()
+        ]
+        + [("hierarchy load (once per worker process)", f"{load * 1e3:.0f}", "")],
+    )
     share = rows[10] / (model + rows[10])
     result_line(
         "categories",

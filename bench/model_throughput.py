@@ -15,19 +15,18 @@ drift on a shared machine while same-run ratios hold (docs/performance.md). BiT 
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from model.group_norm import group_norm_implementation  # noqa: E402
-from model.resnet import ResNetV2  # noqa: E402
-from tests.bit_checkpoints import random_weights  # noqa: E402
+from bench.common import alternating, median, result_line, table
+from model.group_norm import group_norm_implementation
+from model.resnet import ResNetV2
+from tests.bit_checkpoints import random_weights
 
 ARCHS = {"r50x1": ("R50x1", (3, 4, 6, 3), 1, 4.14), "r101x3": ("R101x3", (3, 4, 23, 3), 3, 71.4)}
 KERAS = "Keras ResNet50V2"
@@ -49,17 +48,9 @@ def build_models(model="r50x1", precision="float32"):
     del weights
     keras = tf.keras.applications.ResNet50V2(weights=None)
     names = f"BiT {label} (21k head)", f"BiT {label}, GN in TF ops", KERAS
+    calls = (lambda x: bit(x)[1], lambda x: bit_tf(x)[1], lambda x: keras(x, training=False))
     return (
-        dict(
-            zip(
-                names,
-                (
-                    tf.function(lambda x: bit(x)[1], autograph=False),
-                    tf.function(lambda x: bit_tf(x)[1], autograph=False),
-                    tf.function(lambda x: keras(x, training=False), autograph=False),
-                ),
-            )
-        ),
+        {name: tf.function(call, autograph=False) for name, call in zip(names, calls)},
         dict(zip(names, (gmacs, gmacs, 3.48))),
         (bit, bit_tf, keras),
     )
@@ -97,34 +88,30 @@ def main(argv=None):
         .astype(np.float32)
     )
     names = list(fns)
-    rates = {name: [] for name in names}
-    for r in range(args.warmup + args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
-        for name in order:
-            seconds = time_batches(fns[name], x, args.batches)
-            if r >= args.warmup:
-                rates[name].append(args.batches * args.batch_size / seconds)
-
-    med = {name: statistics.median(v) for name, v in rates.items()}
+    n = args.batches * args.batch_size
+    timed = {name: lambda f=fns[name]: n / time_batches(f, x, args.batches) for name in names}
+    rates = alternating(timed, args.rounds, args.warmup)  # who goes first rotates every round
+    med = {name: median(v) for name, v in rates.items()}
     print(
         f"CPU, {os.cpu_count()} cores, TF {tf.__version__}, batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size}, float32, "
         f"{args.rounds} rounds x {args.batches} batches "
         f"after {args.warmup} warm-up rounds, medians; GroupNorm: {group_norm_implementation()}"
     )
-    print(
-        "| model | GMACs/img | img/s (median) | img/s (min-max) "
-        "| vs Keras | per FLOP | per-round median |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     for name in names:
         ratio = med[name] / med[KERAS]
-        paired = statistics.median(b / k for b, k in zip(rates[name], rates[KERAS]))
-        print(
-            f"| {name} | {gmacs[name]:.2f} | {med[name]:.2f} "
-            f"| {min(rates[name]):.2f}-{max(rates[name]):.2f} "
-            f"| {ratio:.3f} | {ratio * gmacs[name] / gmacs[KERAS]:.3f} | {paired:.3f} |"
+        paired = median(b / k for b, k in zip(rates[name], rates[KERAS]))
+        rows.append(
+            (name, f"{gmacs[name]:.2f}", f"{med[name]:.2f}")
+            + (f"{min(rates[name]):.2f}-{max(rates[name]):.2f}", f"{ratio:.3f}")
+            + (f"{ratio * gmacs[name] / gmacs[KERAS]:.3f}", f"{paired:.3f}")
         )
+    table(
+        ["model", "GMACs/img", "img/s (median)", "img/s (min-max)", "vs Keras", "per FLOP"]
+        + ["per-round median"],
+        rows,
+    )
     bit, bit_tf = names[0], names[1]
     ratio = med[bit] / med[KERAS]
     per_flop = ratio * gmacs[bit] / gmacs[KERAS]
@@ -134,11 +121,8 @@ def main(argv=None):
             f"per FLOP vs Keras {per_flop:.3f}"
         )
         return ratio
-    print(
-        f"RESULT name=model_throughput ratio={ratio:.3f} target=>=0.82 "
-        f"pass={'yes' if ratio >= 0.82 else 'no'} "
-        f"per_flop={per_flop:.3f} tf_ops_ratio={med[bit_tf] / med[KERAS]:.3f}"
-    )
+    tf_ops = f"{med[bit_tf] / med[KERAS]:.3f}"
+    result_line("model_throughput", ratio, 0.82, per_flop=f"{per_flop:.3f}", tf_ops_ratio=tf_ops)
     return ratio
 
 

@@ -21,53 +21,28 @@ import argparse
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.common import R50X1, load_note, result_line, write_checkpoint, write_files  # noqa: E402
-from bench.decode_throughput import make_images  # noqa: E402
+from bench import common
+from bench.decode_throughput import make_images
 
 TARGET = 0.92
 
 
-def job_default(flag: str):
-    """The job's default value of one of its flags (pipeline/options.py)."""
-    from pipeline.options import JobOptions
-
-    parser = argparse.ArgumentParser()
-    JobOptions._add_argparse_args(parser)
-    return parser.get_default(flag)
-
-
-def job_seconds(ckpt, inputs, output, batch_size, image_size, threads, extra=()):
+def job_seconds(ckpt, inputs, output, batch_size, image_size, threads):
     from pipeline.main import run
 
-    argv = [
-        "--input",
-        os.path.join(inputs, "*.jpg"),
-        "--output",
-        output,
-        "--tags_model",
-        ckpt,
-        "--embed_model",
-        ckpt,
-        "--batch_size",
-        str(batch_size),
-        "--image_size",
-        str(image_size),
-        "--log_every_secs",
-        "0",
-        "--decode_threads",
-        str(threads),
-        *extra,
-    ]
+    flags = ("--decode_threads", str(threads))
+    files = os.path.join(inputs, "*.jpg")
+    argv = common.job_argv(
+        files, output, ckpt, *flags, batch_size=batch_size, image_size=image_size
+    )
     start, cpu = time.perf_counter(), time.process_time()
     summary = run(argv, save_main_session=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -80,8 +55,7 @@ def job_seconds(ckpt, inputs, output, batch_size, image_size, threads, extra=())
 
 def bare_seconds(model, pixels, batch_size):
     start, cpu = time.perf_counter(), time.process_time()
-    for i in range(0, len(pixels), batch_size):
-        model(pixels[i : i + batch_size])
+    common.run_batches(model, pixels, batch_size)
     return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -92,44 +66,27 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--image_size", type=int, default=224)
-    ap.add_argument(
-        "--decode_threads",
-        default="0,2",
-        help="comma-separated --decode_threads values to run the job with",
-    )
-    ap.add_argument(
-        "--result_threads",
-        type=int,
-        default=job_default("decode_threads"),
-        help="the variant whose ratio goes on the RESULT line (default: the job's "
-        "default --decode_threads)",
-    )
-    ap.add_argument(
-        "--checkpoint",
-        default=None,
-        help="an R50x1-layout .npz to use (default: write a random one)",
-    )
+    ap.add_argument("--decode_threads", default="0,2", help="the job's variants, comma-separated")
+    ap.add_argument("--result_threads", type=int, default=0, help="the RESULT line's variant")
+    ap.add_argument("--checkpoint", help="an R50x1-layout .npz (default: a random one)")
     args = ap.parse_args(argv)
     logging.getLogger().setLevel(logging.WARNING)
     threads = [int(t) for t in args.decode_threads.split(",") if t.strip()]
 
-    from transforms.decode import decode_image
-    from transforms.infer import InferenceConfig, load_model
+    from core.decode import decode_image
 
     tmp = tempfile.mkdtemp(prefix="bench-overhead-", dir=os.environ.get("BENCH_TMP"))
     try:
-        ckpt = args.checkpoint or write_checkpoint(os.path.join(tmp, "r50x1.npz"), **R50X1)
+        ckpt = args.checkpoint or common.write_checkpoint(
+            os.path.join(tmp, "r50x1.npz"), **common.R50X1
+        )
         images = make_images(args.n2)
         dirs = {n: os.path.join(tmp, f"in{n}") for n in (args.n1, args.n2)}
         for n, d in dirs.items():
-            write_files(d, images[:n])
+            common.write_files(d, images[:n])
         pixels = np.stack([decode_image(data, args.image_size)[0] for data in images])
         # The job's own process-level model cache: every variant runs this very object.
-        model = load_model(
-            InferenceConfig(
-                tags_model=ckpt, embed_model=ckpt, schema=None, batch_size=args.batch_size
-            )
-        )
+        model = common.job_model(ckpt, args.batch_size)
         bare_seconds(model, pixels[: 2 * args.batch_size], args.batch_size)  # trace + warm up
 
         variants = [f"job (decode_threads={t})" for t in threads] + ["bare model"]
@@ -144,13 +101,11 @@ def main(argv=None):
 
         for name in variants[:-1]:  # warm up each job variant once (Beam, first bundle, caches)
             measure(name, args.n1)
-        load0 = load_note()
-        rates = {name: [] for name in variants}
-        cpu_rates = {name: [] for name in variants}
+        load0 = common.load_note()
+        rates, cpu_rates = ({name: [] for name in variants} for _ in range(2))
         for r in range(args.rounds):
-            order = variants if r % 2 == 0 else variants[::-1]
-            sizes = (args.n1, args.n2) if r % 2 == 0 else (args.n2, args.n1)
-            for name in order:
+            sizes = (args.n1, args.n2)[:: 1 if r % 2 == 0 else -1]
+            for name in variants if r % 2 == 0 else variants[::-1]:
                 m = {n: measure(name, n) for n in sizes}
                 t = {n: m[n][0] for n in sizes}
                 rate = (args.n2 - args.n1) / (t[args.n2] - t[args.n1])
@@ -166,27 +121,27 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {name: statistics.median(v) for name, v in rates.items()}
-    cpu_med = {name: statistics.median(v) for name, v in cpu_rates.items()}
+    med = {name: common.median(v) for name, v in rates.items()}
+    cpu_med = {name: common.median(v) for name, v in cpu_rates.items()}
     bare, bare_cpu = med["bare model"], cpu_med["bare model"]
     print(
         f"\nBiT R50x1 (random, 21k head, one pass for tags + embedding), batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size}, float32; {args.n1} and {args.n2} JPEGs 640x480; "
         f"marginal images/s = (N2-N1)/(t2-t1), medians of {args.rounds} alternating rounds"
     )
-    print(f"{load0} before, {load_note()} after")
-    print(
-        "| variant | marginal images/s (wall, median) | min-max | ratio vs bare (wall) "
-        "| marginal images per CPU-second | ratio vs bare (CPU) |"
+    print(f"{load0} before, {common.load_note()} after")
+    common.table(
+        ["variant", "marginal images/s (wall, median)", "min-max", "ratio vs bare (wall)"]
+        + ["marginal images per CPU-second", "ratio vs bare (CPU)"],
+        [
+            (name, f"{med[name]:.2f}", f"{min(rates[name]):.2f}-{max(rates[name]):.2f}")
+            + (f"{med[name] / bare:.3f}", f"{cpu_med[name]:.2f}")
+            + (f"{cpu_med[name] / bare_cpu:.3f}",)
+            for name in variants
+        ],
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name in variants:
-        print(
-            f"| {name} | {med[name]:.2f} | {min(rates[name]):.2f}-{max(rates[name]):.2f} "
-            f"| {med[name] / bare:.3f} | {cpu_med[name]:.2f} | {cpu_med[name] / bare_cpu:.3f} |"
-        )
     for name in variants[:-1]:
-        paired = statistics.median(j / b for j, b in zip(rates[name], rates["bare model"]))
+        paired = common.median(j / b for j, b in zip(rates[name], rates["bare model"]))
         print(f"{name}: median of per-round ratios (wall) {paired:.3f}")
     print(
         f"target: job / bare >= {TARGET} (wall). CPU-second rates count the work done by all "
@@ -195,7 +150,7 @@ def main(argv=None):
     chosen = f"job (decode_threads={args.result_threads})"
     if chosen not in med:
         chosen = variants[0]
-    return result_line(
+    return common.result_line(
         "pipeline_overhead",
         med[chosen] / bare,
         TARGET,

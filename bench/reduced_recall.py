@@ -25,11 +25,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.common import load_note, sample_photos, write_checkpoint  # noqa: E402
+from bench.common import load_note, sample_photos, table, write_checkpoint
 
 DIMS = (256, 1024, 2048)
 K = 10
@@ -88,6 +87,11 @@ def top_k(queries: np.ndarray, database: np.ndarray, k: int = K) -> np.ndarray:
     return idx
 
 
+def f16(x: np.ndarray) -> np.ndarray:
+    """`x` rounded to float16, as a float16 column stores it."""
+    return x.astype(np.float16).astype(np.float32)
+
+
 def recall(truth: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean([len(set(t) & set(g)) / K for t, g in zip(truth, got)]))
 
@@ -98,7 +102,7 @@ def evaluate(name: str, x: np.ndarray, queries: int) -> list:
     db, q = x[queries:], x[:queries]
     truth = top_k(q.astype(np.float64), db.astype(np.float64))
     rows = []
-    half = top_k(q.astype(np.float16).astype(np.float32), db.astype(np.float16).astype(np.float32))
+    half = top_k(f16(q), f16(db))
     started = time.process_time()
     basis = fit_basis((db[i : i + 2048] for i in range(0, len(db), 2048)), dims=max(DIMS))
     fit_cpu = time.process_time() - started
@@ -111,10 +115,7 @@ def evaluate(name: str, x: np.ndarray, queries: int) -> list:
         got = top_k(sub.project(q), sub.project(db))
         var = f"{float(np.sum(basis.explained_variance_ratio[:n])):.3f}"
         rows.append((name, f"PCA {n}", recall(truth, got), recall(centred, got), var))
-        got16 = top_k(
-            sub.project(q).astype(np.float16).astype(np.float32),
-            sub.project(db).astype(np.float16).astype(np.float32),
-        )
+        got16 = top_k(f16(sub.project(q)), f16(sub.project(db)))
         rows.append((name, f"PCA {n}, float16", recall(truth, got16), recall(centred, got16), var))
     print(
         f"  [{name}] {len(db)} database x {x.shape[1]}-d, {queries} queries; basis fit "
@@ -142,13 +143,13 @@ def main(argv=None):
         )
         rows += evaluate("photos (random-weight net)", photos, args.queries)
     rows += evaluate("clusters (synthetic)", cluster_embeddings(args.synthetic), args.queries)
-    print(
-        f"\n| test set | variant | recall@{K} vs full float32 | vs full float32, centred "
-        "| explained variance |"
+    print()
+    table(
+        ["test set", "variant", f"recall@{K} vs full float32", "vs full float32, centred"]
+        + ["explained variance"],
+        [(name, variant, f"{r:.3f}", f"{rc:.3f}", var) for name, variant, r, rc, var in rows],
+        text=(0, 1),
     )
-    print("| --- | --- | ---: | ---: | ---: |")
-    for name, variant, r, rc, var in rows:
-        print(f"| {name} | {variant} | {r:.3f} | {rc:.3f} | {var} |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import TINY, write_checkpoint  # noqa: E402
+from bench import common
 
 
 def make_photos(folder: str, count: int, seed: int = 0) -> None:
@@ -66,20 +65,20 @@ def time_sample(count: int, rounds: int = 3) -> tuple[float, float]:
         pixels = np.random.default_rng(i).integers(0, 255, (224, 224, 3), dtype=np.uint8)
         return Decoded(f"/data/photo-{i:05d}.jpg", "", 640, 480, pixels)
 
-    timings = {"sample": [], "baseline": []}
-    for _ in range(rounds):
-        for name in ("sample", "baseline"):
-            out = tempfile.mkdtemp()
-            started = time.perf_counter()
-            with beam.Pipeline(runner=FnApiRunner()) as p:
-                decoded = p | beam.Create(range(count), reshuffle=False) | beam.Map(make)
-                if name == "sample":
-                    _ = decoded | SampleThumbnails(out)
-                else:
-                    _ = decoded | beam.Map(lambda d: key_hash(d.key))
-            timings[name].append(time.perf_counter() - started)
-            shutil.rmtree(out)
-    return statistics.median(timings["sample"]), statistics.median(timings["baseline"])
+    def run(name: str, out: str) -> None:
+        with beam.Pipeline(runner=FnApiRunner()) as p:
+            decoded = p | beam.Create(range(count), reshuffle=False) | beam.Map(make)
+            if name == "sample":
+                _ = decoded | SampleThumbnails(out)
+            else:
+                _ = decoded | beam.Map(lambda d: key_hash(d.key))
+
+    def timed(name: str) -> float:
+        with tempfile.TemporaryDirectory() as out:
+            return common.seconds(lambda: run(name, out))
+
+    timings = common.alternating({n: lambda n=n: timed(n) for n in ("sample", "baseline")}, rounds)
+    return common.median(timings["sample"]), common.median(timings["baseline"])
 
 
 def main() -> None:
@@ -91,56 +90,37 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="report-cost-")
     try:
         models = os.path.join(root, "tags.npz")
-        write_checkpoint(models, **TINY, seed=1)
+        common.write_checkpoint(models, **common.TINY, seed=1)
         photos, output = os.path.join(root, "photos"), os.path.join(root, "out")
         make_photos(photos, args.images)
         started = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "--input",
-                photos,
-                "--output",
-                output,
-                "--tags_model",
-                models,
-                "--embed_model",
-                models,
-                "--image_size",
-                "64",
-                "--log_every_secs",
-                "0",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        argv = common.job_argv(photos, output, models, batch_size=16, image_size=64)
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "pipeline", *argv], check=True, **quiet)
         job = time.perf_counter() - started
 
         from pipeline.report import write_report
 
-        renders = []
-        for _ in range(3):
-            started = time.perf_counter()
-            write_report(output)
-            renders.append(time.perf_counter() - started)
-        render = statistics.median(renders)
+        render = common.median(common.seconds(lambda: write_report(output)) for _ in range(3))
         page = os.path.getsize(os.path.join(output, "report.html"))
         samples = os.path.getsize(os.path.join(output, "samples.parquet"))
         with_sample, baseline = time_sample(args.images)
 
-        print(f"| measure ({args.images} images) | value |")
-        print("| --- | --- |")
-        print(f"| job wall time (tiny model, 64 px, in-process) | {job:.1f} s |")
-        print(f"| report.html size | {page / 1e6:.2f} MB |")
-        print(f"| samples.parquet size | {samples / 1e3:.0f} KB |")
-        print(f"| report render at the end of the run (median of 3) | {render:.2f} s |")
-        print(
-            f"| sample in the pipeline: SampleThumbnails vs hashing only | "
-            f"{with_sample:.2f} s vs {baseline:.2f} s (+{with_sample - baseline:.2f} s, "
-            f"{(with_sample - baseline) / args.images * 1e3:.2f} ms/image) |"
+        added = with_sample - baseline
+        print(common.load_note())
+        common.table(
+            [f"measure ({args.images} images)", "value"],
+            [
+                ("job wall time (tiny model, 64 px, in-process)", f"{job:.1f} s"),
+                ("report.html size", f"{page / 1e6:.2f} MB"),
+                ("samples.parquet size", f"{samples / 1e3:.0f} KB"),
+                ("report render at the end of the run (median of 3)", f"{render:.2f} s"),
+                (
+                    "sample in the pipeline: SampleThumbnails vs hashing only",
+                    f"{with_sample:.2f} s vs {baseline:.2f} s (+{added:.2f} s, "
+                    f"{added / args.images * 1e3:.2f} ms/image)",
+                ),
+            ],
         )
         if args.screenshot:
             from tests.browser import inspect_page

@@ -27,7 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.common import load_note, parse_result  # noqa: E402
+from bench.common import load_note, parse_result, table
 
 BENCHES = [
     ("model_throughput", ["--rounds", "7", "--warmup", "1", "--batches", "2"]),
@@ -100,52 +100,28 @@ def main(argv=None):
         proc, seconds, result = run_bench(name, extra, log_dir)
         outputs[name] = proc.stdout
         if proc.returncode != 0 or result is None:
-            tail = proc.stdout.strip().splitlines()[-3:]
-            rows.append(
-                (name, "-", "-", "ERROR", seconds, f"exit {proc.returncode}: {' / '.join(tail)}")
-            )
+            tail = " / ".join(proc.stdout.strip().splitlines()[-3:])
+            rows.append((name, "-", "-", "ERROR", seconds, f"exit {proc.returncode}: {tail}"))
         else:
-            extras = " ".join(
-                f"{k}={v}"
-                for k, v in result.items()
-                if k not in ("name", "ratio", "target", "pass")
-            )
-            rows.append(
-                (
-                    name,
-                    result["ratio"],
-                    result["target"],
-                    "pass" if result["pass"] == "yes" else "FAIL",
-                    seconds,
-                    extras,
-                )
-            )
-        print(
-            f"  {name}: {rows[-1][1]} (target {rows[-1][2]}) {rows[-1][3]} in {seconds:.0f} s",
-            flush=True,
-        )
+            fields = ("name", "ratio", "target", "pass")
+            extras = " ".join(f"{k}={v}" for k, v in result.items() if k not in fields)
+            verdict = "pass" if result["pass"] == "yes" else "FAIL"
+            rows.append((name, result["ratio"], result["target"], verdict, seconds, extras))
+        name, ratio, target, verdict, seconds, _ = rows[-1]
+        print(f"  {name}: {ratio} (target {target}) {verdict} in {seconds:.0f} s", flush=True)
     derived = decode_vs_model(outputs)
     if derived:
         ratio, dec, mod = derived
-        rows.append(
-            (
-                "decode_vs_model",
-                f"{ratio:.3f}",
-                ">=1",
-                "pass" if ratio >= 1 else "FAIL",
-                0.0,
-                f"decode_all_cores={dec:.1f} model={mod:.2f} (img/s, separate runs)",
-            )
-        )
+        notes = f"decode_all_cores={dec:.1f} model={mod:.2f} (img/s, separate runs)"
+        verdict = "pass" if ratio >= 1 else "FAIL"
+        rows.append(("decode_vs_model", f"{ratio:.3f}", ">=1", verdict, 0.0, notes))
 
     print(f"\n{load_note()} at end; total {time.perf_counter() - total:.0f} s")
-    print("| benchmark | baseline | ratio | target | result | seconds | notes |")
-    print("| --- | --- | ---: | ---: | --- | ---: | --- |")
-    for name, ratio, target, verdict, seconds, notes in rows:
-        print(
-            f"| {name} | {BASELINES.get(name, '')} | {ratio} | {target} | {verdict} "
-            f"| {seconds:.0f} | {notes} |"
-        )
+    table(
+        ["benchmark", "baseline", "ratio", "target", "result", "seconds", "notes"],
+        [(r[0], BASELINES.get(r[0], ""), *r[1:4], f"{r[4]:.0f}", r[5]) for r in rows],
+        text=(0, 1, 4, 6),
+    )
     return 0 if all(r[3] == "pass" for r in rows) else 1
 
 

@@ -25,9 +25,8 @@ measured is reading, the duplicate-key pass, skipping, decoding, batching, writi
    the mean of its two Pillow timings; the median ratio is reported. Target: <= 1.3. The model is
    a stand-in that returns outputs of the real model's shapes (k tags, embeddings; all scores only
    when the job writes them) at no cost, so the job's CPU is its CPU outside the model, as on a
-   GPU worker, not a difference of two large, noisy numbers. `--real_model` adds the older
-   method: the tiny random model (~85 CPU ms an image at 224 px), its calls timed inside the job
-   and subtracted; its noise is larger than Pillow's whole decode.
+   GPU worker, not a difference of two large, noisy numbers (the tiny random model costs ~85 CPU ms
+   an image at 224 px, and the noise of subtracting its calls is larger than Pillow's decode).
 
 Generated inputs are cached under bench/out/scale/ (ignored by git). CPU time is the child's user
 + system time (all its threads). The machine is shared: the load average is printed with each
@@ -37,21 +36,16 @@ number; compare ratios from one run, not absolute rates across runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.common import REPO, TINY, load_note, result_line, write_checkpoint  # noqa: E402
+from bench import common
 
-OUT = os.path.join(REPO, "bench", "out", "scale")
+OUT = os.path.join(common.REPO, "bench", "out", "scale")
 TARGET = 1.3  # CPU outside the model / Pillow draft decode + resize, at 224 px
 DISTINCT = 256
 BATCH = 64
@@ -62,11 +56,6 @@ def input_key(i: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- children
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def child_job(spec: dict) -> dict:
@@ -82,17 +71,13 @@ def child_job(spec: dict) -> dict:
     if spec.get("stub_model"):
         _stub_model_calls()
     model_calls = _time_model_calls()
-    start, cpu = time.perf_counter(), _cpu()
+    start, cpu = time.perf_counter(), common.cpu_seconds()
     summary = run(spec["argv"], save_main_session=False)
-    report = {
-        "wall": time.perf_counter() - start,
-        "cpu": _cpu() - cpu,
-        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "model_cpu": model_calls["cpu"],
-        "model_images": model_calls["images"],
-        **{k: summary[k] for k in ("inputs", "results", "failures", "skipped")},
-    }
-    return report
+    wall, cpu = time.perf_counter() - start, common.cpu_seconds() - cpu
+    report = dict(
+        wall=wall, cpu=cpu, maxrss_mib=common.peak_rss_mib(), model_cpu=model_calls["cpu"]
+    )
+    return {**report, **{k: summary[k] for k in ("inputs", "results", "failures", "skipped")}}
 
 
 def _stub_model_calls() -> None:
@@ -138,11 +123,11 @@ def _time_model_calls() -> dict:
     call = TagAndEmbedModel.__call__
 
     def timed_call(self, images):
-        start = _cpu()
+        start = common.cpu_seconds()
         try:
             return call(self, images)
         finally:
-            totals["cpu"] += _cpu() - start
+            totals["cpu"] += common.cpu_seconds() - start
             totals["images"] += len(images)
 
     TagAndEmbedModel.__call__ = timed_call
@@ -161,7 +146,7 @@ def child_key_pass(spec: dict) -> dict:
 
     configure_beam_gcs()
     uris = match_files(spec["pattern"])
-    start, cpu = time.perf_counter(), _cpu()
+    start, cpu = time.perf_counter(), common.cpu_seconds()
     p = beam.Pipeline(runner=FnApiRunner())
     keys = (
         p | beam.Create(uris) | beam.Reshuffle() | beam.ParDo(_ExtractKeys("auto", "image/encoded"))
@@ -170,34 +155,32 @@ def child_key_pass(spec: dict) -> dict:
     _ = keys | "Count" >> beam.combiners.Count.Globally()
     result = p.run()
     result.wait_until_finish()
-    return {"wall": time.perf_counter() - start, "cpu": _cpu() - cpu, "shards": len(uris)}
+    return {
+        "wall": time.perf_counter() - start,
+        "cpu": common.cpu_seconds() - cpu,
+        "shards": len(uris),
+    }
 
 
 def child_model(spec: dict) -> dict:
     """CPU an image of the bare model (the job's own loader) on decoded images, after warm-up."""
     import numpy as np
 
-    from transforms.decode import decode_image
-    from transforms.infer import InferenceConfig, load_model
+    from core.decode import decode_image
     from transforms.read import iter_entries
 
     images = [e.data for e in iter_entries(spec["shard"], "tfrecord")][: spec["count"]]
     pixels = np.stack([decode_image(d, spec["size"])[0] for d in images])
-    model = load_model(
-        InferenceConfig(
-            tags_model=spec["checkpoint"],
-            embed_model=spec["checkpoint"],
-            schema=None,
-            batch_size=BATCH,
-        )
-    )
+    model = common.job_model(spec["checkpoint"], BATCH)
     model(pixels[:BATCH])  # trace
-    start, cpu = time.perf_counter(), _cpu()
+    start, cpu = time.perf_counter(), common.cpu_seconds()
     for _ in range(spec["repeat"]):
-        for i in range(0, len(pixels), BATCH):
-            model(pixels[i : i + BATCH])
+        common.run_batches(model, pixels, BATCH)
     n = spec["repeat"] * len(pixels)
-    return {"cpu_ms": (_cpu() - cpu) * 1e3 / n, "wall_ms": (time.perf_counter() - start) * 1e3 / n}
+    return {
+        "cpu_ms": (common.cpu_seconds() - cpu) * 1e3 / n,
+        "wall_ms": (time.perf_counter() - start) * 1e3 / n,
+    }
 
 
 def child_pillow(spec: dict) -> dict:
@@ -209,29 +192,13 @@ def child_pillow(spec: dict) -> dict:
     images = [e.data for shard in spec["shards"] for e in iter_entries(shard, "tfrecord")]
     for data in images[:20]:
         baseline(data, spec["size"])
-    start = _cpu()
+    start = common.cpu_seconds()
     for data in images:
         baseline(data, spec["size"])
-    return {"cpu_ms": (_cpu() - start) * 1e3 / len(images)}
+    return {"cpu_ms": (common.cpu_seconds() - start) * 1e3 / len(images)}
 
 
-CHILDREN = {
-    "job": child_job,
-    "key_pass": child_key_pass,
-    "model": child_model,
-    "pillow": child_pillow,
-}
-
-
-def in_child(kind: str, spec: dict, env: dict = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--spec", json.dumps(spec)]
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, **(env or {}))
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("CHILD ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} child failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("CHILD ") :])
+CHILDREN = dict(job=child_job, key_pass=child_key_pass, model=child_model, pillow=child_pillow)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -287,75 +254,37 @@ def prepare(args) -> dict:
     os.makedirs(OUT, exist_ok=True)
     checkpoint = os.path.join(OUT, "tiny.npz")
     if not os.path.exists(checkpoint):
-        write_checkpoint(checkpoint, **TINY)
+        common.write_checkpoint(checkpoint, **common.TINY)
     prepared = {"checkpoint": checkpoint}
     parts = set(args.parts.split(","))
     if parts & {"tiny", "gcs"}:
         tiny = [make_jpeg(64, 64, seed=i) for i in range(DISTINCT)]
-        prepared["shards"] = write_shards(
-            os.path.join(OUT, f"tiny{args.images}_{args.shard_size}"),
-            tiny,
-            args.images,
-            args.shard_size,
-        )
-        prepared["skip"] = write_skip_list(
-            os.path.join(OUT, f"known{args.known}_{args.images}"), args.known, args.images
-        )
+        tiny_dir = os.path.join(OUT, f"tiny{args.images}_{args.shard_size}")
+        prepared["shards"] = write_shards(tiny_dir, tiny, args.images, args.shard_size)
+        known_dir = os.path.join(OUT, f"known{args.known}_{args.images}")
+        prepared["skip"] = write_skip_list(known_dir, args.known, args.images)
     if args.real and "real" in parts:
         from bench.decode_throughput import make_images
 
-        photos = make_images(min(args.real, 128))
-        prepared["real"] = write_shards(
-            os.path.join(OUT, f"real{args.real}"), photos, args.real, 250
-        )
+        photos, real_dir = make_images(min(args.real, 128)), os.path.join(OUT, f"real{args.real}")
+        prepared["real"] = write_shards(real_dir, photos, args.real, 250)
     return prepared
 
 
-def job_argv(inputs: str, output: str, checkpoint: str, size: int, skip: str = None) -> list:
-    argv = [
-        "--input",
-        inputs,
-        "--output",
-        output,
-        "--tags_model",
-        checkpoint,
-        "--embed_model",
-        checkpoint,
-        "--batch_size",
-        str(BATCH),
-        "--image_size",
-        str(size),
-        "--log_every_secs",
-        "0",
-    ]
-    return argv + (["--skip_keys_from", skip] if skip else [])
-
-
 def run_job(
-    inputs: str,
-    args,
-    prepared: dict,
-    size: int,
-    skip: str = None,
-    env=None,
-    stub_model: bool = False,
-    expect: dict = None,
-) -> dict:
+    inputs: str, prepared: dict, size: int, skip=None, env=None, stub_model=False, expect=None
+):
     """The job in a fresh child; `expect` ({"results": n, ...}) must match its summary exactly."""
     output = os.path.join(OUT, "run-output")
     shutil.rmtree(output, ignore_errors=True)
-    report = in_child(
-        "job",
-        {
-            "argv": job_argv(inputs, output, prepared["checkpoint"], size, skip),
-            "stub_model": stub_model,
-        },
-        env,
-    )
+    skip_flag = ("--skip_keys_from", skip) if skip else ()
+    ckpt = prepared["checkpoint"]
+    argv = common.job_argv(inputs, output, ckpt, *skip_flag, batch_size=BATCH, image_size=size)
+    report = common.in_child(__file__, "job", {"argv": argv, "stub_model": stub_model}, env)
     shutil.rmtree(output, ignore_errors=True)
     if any(report[k] != v for k, v in (expect or {}).items()):
         raise RuntimeError(f"inexact run: expected {expect}, got {report}")
-    report["load"] = load_note()
+    report["load"] = common.load_note()
     return report
 
 
@@ -372,38 +301,24 @@ def measure_tiny(args, prepared: dict) -> dict:
         (args.images, os.path.join(os.path.dirname(shards[0]), "*.tfrecord")),
     ):
         skipped = -(-n // 10)  # every 10th input is known
-        rep = runs[n] = run_job(
-            inputs,
-            args,
-            prepared,
-            32,
-            skip=prepared["skip"],
-            expect={"skipped": skipped, "results": n - skipped},
-        )
+        expect = {"skipped": skipped, "results": n - skipped}
+        rep = runs[n] = run_job(inputs, prepared, 32, skip=prepared["skip"], expect=expect)
         print(
             f"  job, {n:>7,} images: {rep['wall']:7.1f} s wall, {rep['cpu']:7.1f} s CPU, peak "
             f"{rep['maxrss_mib']:6.0f} MiB, {rep['results']:,} results, {rep['skipped']:,} "
             f"skipped; {rep['load']}",
             flush=True,
         )
-    key_pass = in_child(
-        "key_pass", {"pattern": os.path.join(os.path.dirname(shards[0]), "*.tfrecord")}
+    key_pass = common.in_child(
+        __file__, "key_pass", {"pattern": os.path.join(os.path.dirname(shards[0]), "*.tfrecord")}
     )
     print(
         f"  key pass alone over {key_pass['shards']:,} shards: {key_pass['wall']:.1f} s wall, "
-        f"{key_pass['cpu']:.1f} s CPU; {load_note()}",
+        f"{key_pass['cpu']:.1f} s CPU; {common.load_note()}",
         flush=True,
     )
-    model = in_child(
-        "model",
-        {
-            "shard": shards[0],
-            "count": 512,
-            "size": 32,
-            "repeat": 4,
-            "checkpoint": prepared["checkpoint"],
-        },
-    )
+    spec = dict(shard=shards[0], count=512, size=32, repeat=4, checkpoint=prepared["checkpoint"])
+    model = common.in_child(__file__, "model", spec)
     return {"runs": runs, "small": small_n, "key_pass": key_pass, "model": model}
 
 
@@ -416,27 +331,19 @@ def measure_gcs(args, prepared: dict) -> dict:
         bucket = emulator.new_bucket("scale")
         for path in shards:
             emulator.upload_file(f"gs://{bucket}/shards/{os.path.basename(path)}", path)
-        env = {
-            "STORAGE_EMULATOR_HOST": emulator.endpoint,
-            "NO_GCE_CHECK": "true",
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-        }
+        env = dict(STORAGE_EMULATOR_HOST=emulator.endpoint, NO_GCE_CHECK="true")
+        env.update(GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
         pattern = f"gs://{bucket}/shards/*.tfrecord"
-        job = run_job(pattern, args, prepared, 32, env=env)
-        key_pass = in_child("key_pass", {"pattern": pattern}, env)
+        job = run_job(pattern, prepared, 32, env=env)
+        key_pass = common.in_child(__file__, "key_pass", {"pattern": pattern}, env)
     finally:
         stop_emulator(emulator)
     print(
         f"  GCS emulator, {job['results']:,} images: job {job['wall']:.1f} s wall, key pass "
-        f"alone {key_pass['wall']:.1f} s wall; {load_note()}",
+        f"alone {key_pass['wall']:.1f} s wall; {common.load_note()}",
         flush=True,
     )
     return {"job": job, "key_pass": key_pass, "images": job["results"]}
-
-
-# TensorFlow's idle threads spin, which bills CPU time at random under load: one thread in the job
-# and in the bare model makes "job CPU - model CPU" stable enough to compare with Pillow.
-ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 def measure_real(args, prepared: dict) -> dict:
@@ -450,10 +357,10 @@ def measure_real(args, prepared: dict) -> dict:
     pillow_spec = {"shards": shards[: -(-args.real // 250)], "size": 224}
     for r in range(args.rounds):
         runs = {}
-        before = in_child("pillow", pillow_spec)
+        before = common.in_child(__file__, "pillow", pillow_spec)
         for n, inputs in sizes if r % 2 == 0 else sizes[::-1]:
-            runs[n] = run_job(inputs, args, prepared, 224, stub_model=True, expect={"results": n})
-        after = in_child("pillow", pillow_spec)
+            runs[n] = run_job(inputs, prepared, 224, stub_model=True, expect={"results": n})
+        after = common.in_child(__file__, "pillow", pillow_spec)
         pillow = (before["cpu_ms"] + after["cpu_ms"]) / 2
         rounds.append({"runs": runs, "pillow_ms": pillow})
         _, cpu_ms = marginal(runs)
@@ -462,26 +369,10 @@ def measure_real(args, prepared: dict) -> dict:
             f"  round {r + 1}, 640x480 JPEGs at 224 px, stand-in model: job {cpus} s CPU for "
             f"{' / '.join(str(n) for n in runs)} images, marginal {cpu_ms:.2f} ms an image; "
             f"Pillow {before['cpu_ms']:.2f} before, {after['cpu_ms']:.2f} after; "
-            f"ratio {cpu_ms / pillow:.2f}; {load_note()}",
+            f"ratio {cpu_ms / pillow:.2f}; {common.load_note()}",
             flush=True,
         )
-    real = {"rounds": rounds}
-    if args.real_model:
-        real["model_runs"] = measure_real_model(args, prepared, sizes)
-    return real
-
-
-def measure_real_model(args, prepared: dict, sizes) -> dict:
-    """The older method: the tiny random model's own calls timed inside the job, subtracted."""
-    runs = {}
-    for n, inputs in sizes:
-        rep = runs[n] = run_job(inputs, args, prepared, 224, env=ONE_THREAD, expect={"results": n})
-        print(
-            f"  640x480 JPEGs at 224 px, tiny model, {n:>5} images: {rep['wall']:6.1f} s wall, "
-            f"{rep['cpu']:6.1f} s CPU; {rep['load']}",
-            flush=True,
-        )
-    return runs
+    return {"rounds": rounds}
 
 
 def marginal(runs: dict) -> tuple:
@@ -490,7 +381,7 @@ def marginal(runs: dict) -> tuple:
 
 
 def report(args, tiny: dict, gcs: dict, real: dict) -> None:
-    print(f"\n## bench/scale.py ({load_note()} at the end)\n")
+    print(f"\n## bench/scale.py ({common.load_note()} at the end)\n")
     extra = report_tiny(args, tiny, gcs) if tiny else {}
     if real:
         report_real(real, extra)
@@ -498,59 +389,57 @@ def report(args, tiny: dict, gcs: dict, real: dict) -> None:
 
 def report_tiny(args, tiny: dict, gcs: dict) -> dict:
     rate, cpu_ms = marginal(tiny["runs"])
-    model_ms = tiny["model"]["cpu_ms"]
     big, small = tiny["runs"][args.images], tiny["runs"][tiny["small"]]
     in_job_ms = (big["model_cpu"] - small["model_cpu"]) * 1e3 / (args.images - tiny["small"])
     outside = cpu_ms - in_job_ms
+    share = tiny["key_pass"]["wall"] / big["wall"]
     print(
         f"Tiny model at 32x32, TFRecord shards of {args.shard_size}, "
         f"{args.known:,}-key skip list (every 10th input known):"
     )
-    print("| measure | value |")
-    print("| --- | ---: |")
-    print(
-        f"| marginal images/s ({tiny['small']:,} -> {args.images:,} images, whole job) "
-        f"| {rate:.0f} |"
-    )
-    print(f"| CPU ms an image, whole job (marginal) | {cpu_ms:.2f} |")
-    print(
-        f"| CPU ms an image, the job's own model calls (timed inside the job) | {in_job_ms:.2f} |"
-    )
-    print(f"| CPU ms an image outside the model = whole job - its model calls | {outside:.2f} |")
-    print(f"| (reference) CPU ms an image, bare model in its own process | {model_ms:.2f} |")
-    print(
-        f"| peak RSS at {tiny['small']:,} / {args.images:,} images (MiB) "
-        f"| {small['maxrss_mib']:.0f} / {big['maxrss_mib']:.0f} "
-        f"(x{big['maxrss_mib'] / small['maxrss_mib']:.3f}) |"
-    )
-    share = tiny["key_pass"]["wall"] / big["wall"]
-    print(
-        f"| duplicate-key pass alone, local disk: wall / job wall | "
-        f"{tiny['key_pass']['wall']:.1f} / {big['wall']:.1f} s = {share:.1%} |"
-    )
+    rows = [
+        (
+            f"marginal images/s ({tiny['small']:,} -> {args.images:,} images, whole job)",
+            f"{rate:.0f}",
+        ),
+        ("CPU ms an image, whole job (marginal)", f"{cpu_ms:.2f}"),
+        ("CPU ms an image, the job's own model calls (timed inside the job)", f"{in_job_ms:.2f}"),
+        ("CPU ms an image outside the model = whole job - its model calls", f"{outside:.2f}"),
+        (
+            "(reference) CPU ms an image, bare model in its own process",
+            f"{tiny['model']['cpu_ms']:.2f}",
+        ),
+        (
+            f"peak RSS at {tiny['small']:,} / {args.images:,} images (MiB)",
+            f"{small['maxrss_mib']:.0f} / {big['maxrss_mib']:.0f} "
+            f"(x{big['maxrss_mib'] / small['maxrss_mib']:.3f})",
+        ),
+        (
+            "duplicate-key pass alone, local disk: wall / job wall",
+            f"{tiny['key_pass']['wall']:.1f} / {big['wall']:.1f} s = {share:.1%}",
+        ),
+    ]
     if gcs:
-        gshare = gcs["key_pass"]["wall"] / gcs["job"]["wall"]
-        print(
-            f"| same on the GCS emulator, {gcs['images']:,} images (no skip list) | "
-            f"{gcs['key_pass']['wall']:.1f} / {gcs['job']['wall']:.1f} s = {gshare:.1%} |"
+        rows.append(
+            (
+                f"same on the GCS emulator, {gcs['images']:,} images (no skip list)",
+                f"{gcs['key_pass']['wall']:.1f} / {gcs['job']['wall']:.1f} s = "
+                f"{gcs['key_pass']['wall'] / gcs['job']['wall']:.1%}",
+            )
         )
+    common.table(["measure", "value"], rows)
     print(
-        "\nWhat one worker could feed a GPU (images/s, one SDK process a vCPU, CPU outside the "
-        "model only):"
+        "\nWhat one worker could feed a GPU (images/s, one SDK process a vCPU, CPU outside "
+        "the model):"
     )
-    print("| vCPUs | images/s |")
-    print("| ---: | ---: |")
-    for v in (4, 8, 16, 32):
-        print(f"| {v} | {v * 1e3 / outside:,.0f} |")
+    common.table(
+        ["vCPUs", "images/s"], [(v, f"{v * 1e3 / outside:,.0f}") for v in (4, 8, 16, 32)], ()
+    )
     return {
         "outside_ms_32px": round(outside, 3),
         "images_per_s_32px": round(rate),
         "key_pass_share": round(share, 3),
     }
-
-
-def median(values) -> float:
-    return statistics.median(values)
 
 
 def report_real(real: dict, extra: dict) -> None:
@@ -559,36 +448,23 @@ def report_real(real: dict, extra: dict) -> None:
     outside = [marginal(r["runs"])[1] for r in rounds]
     pillow = [r["pillow_ms"] for r in rounds]
     ratios = [o / p for o, p in zip(outside, pillow)]
-    ratio = median(ratios)
+    ratio = common.median(ratios)
     print(
         f"\n640x480 JPEGs at 224x224, stand-in model (costs ~0), marginal over "
         f"{' -> '.join(str(n) for n in sizes)} images, median of {len(rounds)} rounds:"
     )
-    print("| measure | CPU ms an image |")
-    print("| --- | ---: |")
-    print(f"| the job outside the model | {median(outside):.2f} |")
-    print(f"| Pillow draft decode + bilinear resize alone | {median(pillow):.2f} |")
-    print(
-        f"| outside the model / Pillow, median of the rounds | {ratio:.2f} (target <= {TARGET}) |"
-    )
-    print(f"| per round: outside / Pillow | {', '.join(f'{r:.2f}' for r in ratios)} |")
-    if "model_runs" in real:
-        runs = real["model_runs"]
-        (n1, r1), (n2, r2) = sorted(runs.items())
-        _, cpu_ms = marginal(runs)
-        in_job_ms = (r2["model_cpu"] - r1["model_cpu"]) * 1e3 / (n2 - n1)
-        print(
-            f"| tiny random model, TF on one thread: whole job; its model calls; outside "
-            f"| {cpu_ms:.2f}; {in_job_ms:.2f}; {cpu_ms - in_job_ms:.2f} |"
-        )
-    result_line(
-        "scale",
-        ratio,
-        TARGET,
-        higher_is_better=False,
-        outside_ms_224px=round(median(outside), 3),
-        **extra,
-    )
+    rows = [
+        ("the job outside the model", f"{common.median(outside):.2f}"),
+        ("Pillow draft decode + bilinear resize alone", f"{common.median(pillow):.2f}"),
+        (
+            "outside the model / Pillow, median of the rounds",
+            f"{ratio:.2f} (target <= {TARGET})",
+        ),
+        ("per round: outside / Pillow", ", ".join(f"{r:.2f}" for r in ratios)),
+    ]
+    common.table(["measure", "CPU ms an image"], rows)
+    outside_ms = round(common.median(outside), 3)
+    common.result_line("scale", ratio, TARGET, False, outside_ms_224px=outside_ms, **extra)
 
 
 def main(argv=None):
@@ -601,23 +477,13 @@ def main(argv=None):
     ap.add_argument("--real", type=int, default=6000, help="0: no 640x480 run")
     ap.add_argument("--real_small", type=int, default=250)
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the 640x480 measurement")
-    ap.add_argument(
-        "--real_model",
-        action="store_true",
-        help="also run the 640x480 jobs with the tiny random model (slow: ~85 ms an image)",
-    )
-    ap.add_argument(
-        "--parts", default="tiny,gcs,real", help="comma-separated parts to run: tiny, gcs, real"
-    )
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print("CHILD " + json.dumps(CHILDREN[args.child](json.loads(args.spec))), flush=True)
+    ap.add_argument("--parts", default="tiny,gcs,real", help="comma-separated: tiny, gcs, real")
+    if common.serve_child(CHILDREN, argv):
         return None
+    args = ap.parse_args(argv)
     started = time.perf_counter()
     prepared = prepare(args)
-    print(f"inputs ready in {time.perf_counter() - started:.0f} s; {load_note()}", flush=True)
+    print(f"inputs ready in {time.perf_counter() - started:.0f} s; {common.load_note()}")
     parts = set(args.parts.split(","))
     tiny = measure_tiny(args, prepared) if "tiny" in parts else None
     gcs = measure_gcs(args, prepared) if args.gcs_images and "gcs" in parts else None

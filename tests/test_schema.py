@@ -5,13 +5,7 @@ import pytest
 
 from core.schema import failures_schema, results_schema
 
-META = {
-    "tags_model": "gs://bit_models/BiT-M-R50x1.npz",
-    "tags_model_sha256": "ab" * 32,
-    "image_size": "224",
-    "preprocessing": "bilinear resize, uint8 -> [-1, 1]",
-    "label_set": "imagenet21k-test-v1",
-}
+META = {"embed_model": "gs://bit_models/BiT-M-R101x3.npz", "image_size": "224", "top_k": "10"}
 
 
 def test_results_schema_matches_design():
@@ -57,3 +51,18 @@ def test_failures_schema():
     assert s.names == ["key", "source", "stage", "error"]
     assert all(f.type == pa.string() for f in s)
     assert not s.field("key").nullable and s.field("source").nullable
+
+
+def test_lists_use_the_compliant_item_name_and_categories_their_struct():
+    s = results_schema(4, categories=True, reduced_dim=2)
+    assert s.names == ["key", "source", "width", "height", "tags", "categories"] + [
+        "embedding",
+        "embedding_reduced",
+    ]
+    categories = s.field("categories").type
+    assert categories.value_field.name == "element"
+    assert [f.name for f in categories.value_type] == ["wnid", "label", "score"]
+    reduced = s.field("embedding_reduced").type
+    assert reduced.list_size == 2 and reduced.value_type == pa.float32()
+    with pytest.raises(ValueError):
+        results_schema(4, reduced_dim=0)

@@ -179,3 +179,24 @@ def test_report_reads_only_the_columns_it_shows(tmp_path, monkeypatch):
     page = report.gather(str(tmp_path))
     assert page["rows"] == rows and page["tag_counts"]["thing"] == rows
     assert sum(read) < 0.05 * os.path.getsize(path)  # 3.3 MB of embeddings left unread
+
+
+def test_the_page_escapes_every_value_it_shows():
+    """Keys, labels, errors, options and the output path come from users' files and flags."""
+    import collections
+
+    hostile = "<script>alert('x')</script>"
+    data = {
+        "summary": {"inputs": 2, "options": {"input": hostile}, "models": {"tags_model": hostile}},
+        "samples": [{"key": hostile, "thumbnail": b"\xff\xd8", "tags": [(hostile, 0.5)]}],
+        "tag_counts": collections.Counter({hostile: 1}),
+        "top1": [0] * report.HISTOGRAM_BINS,
+        "rows": 1,
+        "failure_counts": collections.Counter({("decode", hostile): 1}),
+        "failure_examples": {
+            ("decode", hostile): [{"key": hostile, "source": "s", "error": hostile}]
+        },
+    }
+    page = report.render(data, f"out/{hostile}")
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;") >= 9

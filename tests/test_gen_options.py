@@ -67,7 +67,7 @@ def test_every_flag_has_a_help_text(usage, parser, action):
 
 def test_check_mode_finds_a_stale_page(tmp_path, monkeypatch, capsys):
     assert gen_options.main(["--check"]) == 0
-    stale = tmp_path / "options.md"
+    stale = tmp_path / "stale-page"
     stale.write_text(gen_options.render().replace("--top_k", "--top_n"))
     monkeypatch.setattr(gen_options, "PAGE", stale)
     monkeypatch.setattr(gen_options, "ROOT", tmp_path)

@@ -251,12 +251,13 @@ def _wrong_output_size(tmp_path, models):
         (_wrong_output_size, "7 classes"),
     ],
 )
-def test_model_fault_fails_before_any_image(images, models, tmp_path, caplog, fault, phrase):
+def test_model_fault_fails_before_any_image(images, models, tmp_path, capsys, fault, phrase):
     tags, embed = fault(tmp_path, models)
     out = tmp_path / "out"
     code = main(job_args(images / "*.tfrecord", out, (tags, embed)))
     assert code == 2
-    assert phrase in caplog.text
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and phrase in errors[0]
     assert not out.exists() or not list(out.glob("results-*"))
 
 
@@ -264,7 +265,7 @@ def test_model_fault_fails_before_any_image(images, models, tmp_path, caplog, fa
     "dim,phrase", [(16, "reduces 16-d embeddings, but the embed model"), (None, "not an .npz file")]
 )
 def test_pca_basis_that_cannot_serve_fails_before_any_image(
-    images, models, tmp_path, caplog, dim, phrase
+    images, models, tmp_path, capsys, dim, phrase
 ):
     from model.pca import fit_basis, save_basis
 
@@ -276,7 +277,7 @@ def test_pca_basis_that_cannot_serve_fails_before_any_image(
         basis.write_text("not a basis")
     out = tmp_path / "out"
     assert main(job_args(images / "*.tfrecord", out, models, "--pca_basis", str(basis))) == 2
-    assert phrase in caplog.text
+    assert phrase in capsys.readouterr().err
     assert not list(out.glob("results-*"))
 
 

@@ -13,7 +13,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "options.md"
+PAGE = ROOT / "docs/options.md"
 _UNTITLED = ("positional arguments", "options", "optional arguments")
 INTRO = """\
 # Options

@@ -257,9 +257,9 @@ def write_shards(directory: str, images: list, count: int, shard_size: int) -> l
 
 
 def write_skip_list(directory: str, known: int, inputs: int, files: int = 10) -> str:
-    """`known` keys: every 10th input key, then old keys, in `files` Parquet files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """`known` keys: every 10th input key, then old keys, in `files` results files (the job's
+    results schema and footer: `--skip_keys_from` takes no other file)."""
+    from tests.corpus import write_results_keys
 
     if not os.path.isdir(directory):
         tmp = directory + ".tmp"
@@ -273,10 +273,7 @@ def write_skip_list(directory: str, known: int, inputs: int, files: int = 10) ->
                 for i in range(f * per_file, min(old, (f + 1) * per_file))
             ]
             keys += [input_key(i) for i in known_inputs[f::files]]
-            pq.write_table(
-                pa.table({"key": pa.array(keys, pa.string())}),
-                os.path.join(tmp, f"results-{f:05d}-of-{files:05d}.parquet"),
-            )
+            write_results_keys(os.path.join(tmp, f"results-{f:05d}-of-{files:05d}.parquet"), keys)
         os.rename(tmp, directory)
     return os.path.join(directory, "results-*.parquet")
 
@@ -299,7 +296,7 @@ def prepare(args) -> dict:
             args.shard_size,
         )
         prepared["skip"] = write_skip_list(
-            os.path.join(OUT, f"known{args.known}_{args.images}"), args.known, args.images
+            os.path.join(OUT, f"known-results{args.known}_{args.images}"), args.known, args.images
         )
     if args.real and "real" in parts:
         from bench.decode_throughput import make_images

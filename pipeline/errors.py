@@ -6,7 +6,8 @@
 - anything else is a bug or an outage: the exception propagates (traceback), exit 1.
 
 The lower layers raise their own specific errors (`transforms.outputs.OutputExistsError`,
-`transforms.infer.ModelError`); `usage_errors()` is the one list of what counts as set-up.
+`transforms.infer.ModelError`, `transforms.skip.SkipSourceError`); `usage_errors()` is the one
+list of what counts as set-up.
 """
 
 import logging
@@ -29,8 +30,9 @@ def usage_errors() -> tuple:
     """Exception types reported as one line with exit code 2 (imported lazily: cheap `--help`)."""
     from transforms.infer import ModelError
     from transforms.outputs import OutputExistsError
+    from transforms.skip import SkipSourceError  # a damaged --skip_keys_from file met mid-run
 
-    return UsageError, OutputExistsError, ModelError
+    return UsageError, OutputExistsError, ModelError, SkipSourceError
 
 
 def exit_code(job: Callable[[], object]) -> int:

@@ -121,11 +121,17 @@ def _chunks(f, path: str, size: int = READ_BYTES) -> Iterator[np.ndarray]:
         yield np.frombuffer(data, dtype=DIGEST_DTYPE)
 
 
+def _raw(digests: np.ndarray) -> memoryview:
+    """The bytes of a contiguous digest array, without a copy (a 16 MiB copy a run would leave
+    the allocator's heap larger after every run)."""
+    return memoryview(np.ascontiguousarray(digests)).cast("B")
+
+
 def write_run(path: str, digests: np.ndarray) -> int:
     """Writes `digests` (any order, repeats allowed) sorted and de-duplicated; returns the count."""
     run = sorted_unique(digests)
     with _create(path) as f:
-        f.write(run.tobytes())
+        f.write(_raw(run))
     return len(run)
 
 
@@ -226,7 +232,7 @@ def merge_files(paths: Sequence[str], out: str, budget: int = None, fan_in: int 
 
 def _merge_into(paths: Sequence[str], out: str, budget: int) -> int:
     with _create(out) as f:
-        return _merge_once(paths, lambda digests: f.write(digests.tobytes()), budget)
+        return _merge_once(paths, lambda digests: f.write(_raw(digests)), budget)
 
 
 # -------------------------------------------------------------------------------------- lookups
@@ -315,7 +321,7 @@ class DigestSet:
 
 def _copied(chunks: Iterator[np.ndarray], copy) -> Iterator[np.ndarray]:
     for chunk in chunks:
-        copy.write(chunk.tobytes())
+        copy.write(_raw(chunk))
         yield chunk
 
 

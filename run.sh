@@ -85,7 +85,10 @@ case "${1:-}" in
     ensure_venv requirements-dev.lock
     export NO_GCE_CHECK=true
     set +e
-    "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
+    # `./run.sh test tests/test_x.py -x` runs just those tests; with no path, the whole suite.
+    targets=(tests)
+    for arg in "$@"; do case "$arg" in tests/*|tests) targets=(); break ;; esac; done
+    "$VENV/bin/python" -m pytest "${targets[@]}" -q -p no:cacheprovider "$@"
     rc=$?
     set -e
     [ "$rc" -eq 5 ] && { echo "run.sh: no tests were collected" >&2; exit 1; }

@@ -224,9 +224,9 @@ def write_shards(directory: str, images: list, count: int, shard_size: int) -> l
 
 
 def write_skip_list(directory: str, known: int, inputs: int, files: int = 10) -> str:
-    """`known` keys: every 10th input key, then old keys, in `files` Parquet files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """`known` keys: every 10th input key, then old keys, in `files` results files (the job's
+    results schema and footer: `--skip_keys_from` takes no other file)."""
+    from tests.corpus import write_results_keys
 
     if not os.path.isdir(directory):
         tmp = directory + ".tmp"
@@ -240,10 +240,7 @@ def write_skip_list(directory: str, known: int, inputs: int, files: int = 10) ->
                 for i in range(f * per_file, min(old, (f + 1) * per_file))
             ]
             keys += [input_key(i) for i in known_inputs[f::files]]
-            pq.write_table(
-                pa.table({"key": pa.array(keys, pa.string())}),
-                os.path.join(tmp, f"results-{f:05d}-of-{files:05d}.parquet"),
-            )
+            write_results_keys(os.path.join(tmp, f"results-{f:05d}-of-{files:05d}.parquet"), keys)
         os.rename(tmp, directory)
     return os.path.join(directory, "results-*.parquet")
 
@@ -259,10 +256,15 @@ def prepare(args) -> dict:
     parts = set(args.parts.split(","))
     if parts & {"tiny", "gcs"}:
         tiny = [make_jpeg(64, 64, seed=i) for i in range(DISTINCT)]
-        tiny_dir = os.path.join(OUT, f"tiny{args.images}_{args.shard_size}")
-        prepared["shards"] = write_shards(tiny_dir, tiny, args.images, args.shard_size)
-        known_dir = os.path.join(OUT, f"known{args.known}_{args.images}")
-        prepared["skip"] = write_skip_list(known_dir, args.known, args.images)
+        prepared["shards"] = write_shards(
+            os.path.join(OUT, f"tiny{args.images}_{args.shard_size}"),
+            tiny,
+            args.images,
+            args.shard_size,
+        )
+        prepared["skip"] = write_skip_list(
+            os.path.join(OUT, f"known-results{args.known}_{args.images}"), args.known, args.images
+        )
     if args.real and "real" in parts:
         from bench.decode_throughput import make_images
 

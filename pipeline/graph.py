@@ -12,7 +12,7 @@ from transforms.prefetch import PrefetchDecodeAndResize
 from transforms.read import ReadImages, split_patterns
 from transforms.records import FAILURES
 from transforms.sample import SampleThumbnails
-from transforms.skip import SkipKnownKeys
+from transforms.skip import SkipKnownKeys, work_dir
 from transforms.write import BatchFailures, WriteParquet
 
 
@@ -46,11 +46,13 @@ def footer_metadata(opts: JobOptions, model: ModelInfo, basis=None) -> dict:
     return metadata
 
 
-def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None):
+def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None, known_keys_dir=None):
     """Adds the whole job to `p`; returns the results and failures write results.
 
     `basis` is the PCA basis of `--pca_basis`, already loaded and checked by the launcher
-    (`pipeline.main.check_pca_basis`); read here when not given (a dry-run job description)."""
+    (`pipeline.main.check_pca_basis`); read here when not given (a dry-run job description).
+    `known_keys_dir`: the work directory of `--skip_keys_from` (`transforms.skip.work_dir`), which
+    the launcher removes after the run; a new one when not given."""
     output = opts.output.rstrip("/")
     if basis is None and opts.pca_basis:
         from model.pca import load_basis
@@ -71,7 +73,8 @@ def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None):
         split_patterns(opts.input), input_format=opts.input_format, key_feature=opts.key_feature
     )
     if opts.skip_keys_from:
-        records = records | "SkipKnownKeys" >> SkipKnownKeys(opts.skip_keys_from)
+        directory = known_keys_dir or work_dir(p.options, output)
+        records = records | "SkipKnownKeys" >> SkipKnownKeys(opts.skip_keys_from, directory)
     if opts.decode_threads:
         decode = PrefetchDecodeAndResize(
             opts.image_size,

@@ -26,7 +26,7 @@ from core.errors import JobFailed, UsageError, exit_code
 from pipeline import report
 from pipeline.graph import build
 from pipeline.options import JobOptions, job_flags
-from transforms import gcs, infer, outputs, progress
+from transforms import gcs, infer, outputs, progress, skip
 from transforms.read import split_patterns
 
 _LOG = logging.getLogger("pipeline")
@@ -121,8 +121,9 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
 
     p = _make_pipeline(options, test_pipeline)
     basis = check_pca_basis(opts, model)
+    known_keys_dir = skip.work_dir(options, output) if opts.skip_keys_from else None
     try:
-        build(p, opts, model, basis)
+        build(p, opts, model, basis, known_keys_dir=known_keys_dir)
     except ValueError as exc:  # flags the graph cannot be built from (e.g. globs matching nothing)
         raise UsageError(str(exc)) from exc
     sink = progress.activate(skipping=bool(opts.skip_keys_from)) if _in_process(options) else None
@@ -136,6 +137,8 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
             result.wait_until_finish()
     finally:
         progress.deactivate()
+        if known_keys_dir:
+            skip.remove_work_dir(known_keys_dir)
     wall = time.time() - started
 
     summary = outputs.summarize(output, result.metrics(), wall_seconds=wall)

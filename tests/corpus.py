@@ -6,6 +6,7 @@ Images:    `make_jpeg(w, h, seed)`, `make_png(w, h, seed)`, `photo_like(w, h, se
 Corpus:    `IMAGE_CASES` (name -> (file name, bytes factory)), `EXPECTATIONS` (name -> `Expect`),
            `write_image_corpus(directory)` -> {name: path}.
 Shards:    `write_shard_corpus(directory)` -> `ShardCorpus` (paths plus what reading must give).
+Results:   `write_results_keys(path, keys)`: a results file of the job holding only keys.
 
 Everything is built from code (no binary fixtures) and is deterministic.
 """
@@ -505,3 +506,36 @@ def write_shard_corpus(directory: str) -> ShardCorpus:
     write_tfrecord(p["dup_b"], [("dup", _img(53)), ("cross", _img(54)), ("solo", _img(55))])
     records.update({"dup": src("dup_a", 0), "cross": src("dup_a", 1), "solo": src("dup_b", 2)})
     return ShardCorpus(p, records, failures)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def write_results_keys(path, keys, row_group_size: Optional[int] = None, chunk: int = 1 << 20):
+    """A results file with the job's results schema and footer (a 1-d zero embedding), holding
+    `keys` and nulls elsewhere: what `--skip_keys_from` reads, at a fraction of a real file's size.
+    `keys` may be an iterator; it is written `chunk` rows at a time (big files, flat memory)."""
+    import itertools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.schema import results_schema
+
+    schema = results_schema(1, metadata={"image_size": "32", "embedding_dtype": "float32"})
+    keys = iter(keys)
+    with pq.ParquetWriter(path if hasattr(path, "write") else str(path), schema) as writer:
+        while True:
+            part = list(itertools.islice(keys, chunk))
+            zeros = pa.array(np.zeros(len(part), np.float32))
+            columns = [
+                pa.array(part, pa.string())
+                if f.name == "key"
+                else pa.FixedSizeListArray.from_arrays(zeros, 1)
+                if f.name == "embedding"
+                else pa.nulls(len(part), f.type)
+                for f in schema
+            ]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size)
+            if len(part) < chunk:
+                return

@@ -2,7 +2,7 @@
 
 Beam's own Python job service and a worker pool run as two separate processes on 127.0.0.1; the job
 is submitted with `--runner PortableRunner --environment_type EXTERNAL`, so the graph travels as a
-pipeline proto, DoFns are pickled, side inputs (the known-key digests, the duplicate-key losers)
+pipeline proto, DoFns are pickled, side inputs (the known-key file, the duplicate-key losers)
 and counters cross process boundaries. It must give the same rows and the same summary counts as
 the in-process run of the same inputs.
 """
@@ -144,9 +144,7 @@ def write_inputs(root: pathlib.Path) -> tuple:
     )
     earlier = root / "earlier"
     earlier.mkdir()
-    pq.write_table(
-        pa.table({"key": ["k01", "k07", "gone"]}), earlier / "results-00000-of-00001.parquet"
-    )
+    corpus.write_results_keys(earlier / "results-00000-of-00001.parquet", ["k01", "k07", "gone"])
     return inputs / "*.tfrecord", earlier / "results-*.parquet"
 
 

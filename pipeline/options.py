@@ -7,6 +7,7 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from transforms.entries import DEFAULT_MAX_INPUT_BYTES
 from transforms.infer import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL
 
 
@@ -62,6 +63,14 @@ class JobOptions(PipelineOptions):
             "--key_feature",
             default="image/encoded",
             help="tf.train.Example feature holding the encoded image (TFRecord inputs).",
+        )
+        inputs.add_argument(
+            "--max_input_bytes",
+            type=_positive,
+            default=DEFAULT_MAX_INPUT_BYTES,
+            help="Size limit of one input: an image file, a TFRecord record or a tar image "
+            "member. A larger one is a failure row (stage read, InputTooLargeError) and its "
+            "bytes are never read into memory. Default 268435456 (256 MiB).",
         )
         inputs.add_argument(
             "--skip_keys_from",

@@ -494,30 +494,32 @@ def _file_kind(path: str) -> Optional[str]:
 
 def _local_problem(pattern: str, input_format: str) -> Optional[str]:
     """Why a local (normalized) pattern gives no file to read: "none" (it matches nothing),
-    "unreadable" (only files the format does not read, or special files), or None. A folder is
-    walked only up to its first readable file."""
+    "unreadable" (only files the format does not read), "special" (only FIFOs, devices, sockets),
+    or None. A folder is walked only up to its first readable file."""
     if is_folder(pattern):
-        found = False
+        found = special = False
         for folder, _, names in os.walk(pattern):
             for name in names:
                 found, path = True, os.path.join(folder, name)
-                if folder_accepts(path, input_format) and _file_kind(path) == "regular":
-                    return None
-        return "unreadable" if found else "none"
+                if folder_accepts(path, input_format):
+                    kind = _file_kind(path)
+                    if kind == "regular":
+                        return None
+                    special = special or kind == "special"
+        return "special" if special else "unreadable" if found else "none"
     files = match_files(pattern)
     if any(_file_kind(path) != "special" for path in files):
         return None
-    return "unreadable" if files else "none"
+    return "special" if files else "none"
 
 
 def _no_input_message(pattern: str, input_format: str, problem: str) -> str:
     shown = repr(key_text(pattern))
-    if problem == "none":
-        return f"input pattern {shown} matched no files"
-    return (
-        f"input pattern {shown} matched no files that --input_format {input_format} reads "
-        "(FIFOs, devices and sockets are never read)"
-    )
+    if problem == "special":
+        return f"input pattern {shown} matched only FIFOs, devices or sockets, which are never read"
+    if problem == "unreadable":
+        return f"input pattern {shown} matched no files that --input_format {input_format} reads"
+    return f"input pattern {shown} matched no files"
 
 
 # ---------------------------------------------------------------------------------------- Beam
@@ -548,7 +550,7 @@ class _MatchFiles(GcsDoFn):
                 note += f"; skipped {len(found)} file(s) that {why} (e.g. {examples})"
         _LOG.info("input %s: %d file(s)%s", key_text(pattern), len(paths), note)
         if not paths:
-            problem = "unreadable" if skipped or special else "none"
+            problem = "unreadable" if skipped else "special" if special else "none"
             raise ValueError(_no_input_message(pattern, self._format, problem))
         counters.READ_FILES.metric().inc(len(paths))
         progress.matched(len(paths), shards)

@@ -246,3 +246,20 @@ def test_an_escaped_name_that_is_taken_is_a_duplicate_key(tmp_path):
             equal_to([(key, "DuplicateKey")]),
             label="failures",
         )
+
+
+def test_links_to_nothing_are_failures_not_silently_dropped(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(corpus.make_jpeg(8, 8))
+    os.symlink(tmp_path / "moved-away.jpg", tmp_path / "gone.jpg")
+    os.symlink(tmp_path / "loop.jpg", tmp_path / "loop.jpg")
+    os.symlink(tmp_path / "moved-away.txt", tmp_path / "gone.txt")  # a sidecar: skipped
+    found = expand_input(str(tmp_path))
+    links = sorted(str(tmp_path / n) for n in ("gone.jpg", "loop.jpg"))
+    assert sorted(found.files) == sorted([str(tmp_path / "a.jpg"), *links])
+    assert found.skipped == [str(tmp_path / "gone.txt")]
+    with BeamTestPipeline() as p:
+        _, failures = p | ReadImages([str(tmp_path)])
+        assert_that(
+            failures | beam.Map(lambda f: (f.key, f.stage, f.error.split(":")[0])),
+            equal_to([(links[0], "read", "FileNotFoundError"), (links[1], "read", "OSError")]),
+        )

@@ -48,7 +48,7 @@ import struct
 from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import counters, progress
@@ -192,20 +192,25 @@ def read_file(uri: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> bytes:
     `NotRegularFileError` for a local FIFO, device or socket (opened without blocking)."""
     if "://" in uri:
         with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            return _read_capped(f, _stream_size(f), key_text(uri), max_bytes)
+            return _read_capped(f, _stream_size(f), max_bytes)
     fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with io.FileIO(fd, closefd=True) as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFileError(f"{key_text(uri)} is not a regular file")
-        return _read_capped(f, info.st_size, key_text(uri), max_bytes)
+        return _read_capped(f, info.st_size, max_bytes)
 
 
-def _read_capped(f, size: Optional[int], name: str, max_bytes: int) -> bytes:
-    if size is not None and size > max_bytes:
+def _read_capped(f, size: Optional[int], max_bytes: int) -> bytes:
+    if size is None:
+        data = read_exact(f, max_bytes + 1)
+    elif size > max_bytes:
         raise too_large("the file", size, max_bytes)
-    data = read_exact(f, max_bytes + 1)
-    if len(data) > max_bytes:  # no size known, or the file grew
+    else:
+        data = read_exact(f, size + 1)  # one buffer of the file's size (as a plain read() has)
+        if len(data) > size:  # it grew since it was measured: the rest, up to the limit
+            data += read_exact(f, max_bytes + 1 - len(data))
+    if len(data) > max_bytes:
         raise too_large("the file", len(data), max_bytes)
     return data
 
@@ -465,26 +470,48 @@ def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
     that cannot be read becomes a failure), or every file under a folder, recursively, that
     `folder_accepts` (the others are returned as `skipped`, not failures). Local matches that are
     not regular files (FIFOs, devices, sockets, links to them) are returned as `special`, so they
-    are never opened (one stat a file; gs:// objects are always files)."""
+    are never opened; links to nothing are inputs (reading them gives their failure row)."""
     pattern = normalize_pattern(pattern)
-    if not is_folder(pattern):
-        files, skipped = match_files(pattern), []
+    listed = pattern.rstrip("/") + "/**" if is_folder(pattern) else pattern
+    if "://" in pattern:
+        found = [(uri, "regular") for uri in match_files(listed)]  # objects are always files
     else:
-        files, skipped = [], []
-        for uri in match_files(pattern.rstrip("/") + "/**"):
-            (files if folder_accepts(uri, input_format) else skipped).append(uri)
-    special = [uri for uri in files if _file_kind(uri) == "special"]
-    if special:
-        left_out = set(special)
-        files = [uri for uri in files if uri not in left_out]
+        found = _match_local(listed)
+    files, skipped, special = [], [], []
+    folder = listed != pattern
+    for uri, kind in found:
+        if folder and not folder_accepts(uri, input_format):
+            skipped.append(uri)
+        else:
+            (special if kind == "special" else files).append(uri)
     return Expansion(files, skipped, special)
 
 
+def _match_local(pattern: str) -> list[tuple[str, Optional[str]]]:
+    """(path, kind) of every local file a glob matches: the paths and glob syntax of Beam's local
+    `FileSystems.match` (a walk under the glob's fixed prefix, `FileSystem.translate_pattern`),
+    with one stat a file for its kind (`_file_kind`; Beam's takes two), and links to nothing kept
+    (Beam drops them unseen; here they become failure rows)."""
+    if pattern.endswith("/"):
+        pattern += "*"
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:  # no glob: the file itself
+        if os.path.lexists(pattern) and not os.path.isdir(pattern):
+            return [(pattern, _file_kind(pattern))]
+        return []
+    matches = re.compile(FileSystem.translate_pattern(pattern)).match
+    found = []
+    for folder, _, names in os.walk(os.path.dirname(prefix)):
+        for name in names:
+            path = os.path.join(folder, name)
+            if matches(path):
+                found.append((path, _file_kind(path)))
+    return found
+
+
 def _file_kind(path: str) -> Optional[str]:
-    """ "regular" or "special" for a local path (links followed), None when it cannot be stat'ed
-    (a link to nothing: reading it gives its failure) or is a URI."""
-    if "://" in path:
-        return "regular"
+    """ "regular" or "special" (FIFO, device, socket) for a local path, links followed; None when
+    it cannot be stat'ed (a link to nothing or a loop: reading it gives its failure)."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
@@ -495,20 +522,19 @@ def _file_kind(path: str) -> Optional[str]:
 def _local_problem(pattern: str, input_format: str) -> Optional[str]:
     """Why a local (normalized) pattern gives no file to read: "none" (it matches nothing),
     "unreadable" (only files the format does not read), "special" (only FIFOs, devices, sockets),
-    or None. A folder is walked only up to its first readable file."""
+    or None. A folder is walked only up to its first input."""
     if is_folder(pattern):
         found = special = False
         for folder, _, names in os.walk(pattern):
             for name in names:
                 found, path = True, os.path.join(folder, name)
                 if folder_accepts(path, input_format):
-                    kind = _file_kind(path)
-                    if kind == "regular":
+                    if _file_kind(path) != "special":
                         return None
-                    special = special or kind == "special"
+                    special = True
         return "special" if special else "unreadable" if found else "none"
-    files = match_files(pattern)
-    if any(_file_kind(path) != "special" for path in files):
+    files = _match_local(pattern)
+    if any(kind != "special" for _, kind in files):
         return None
     return "special" if files else "none"
 

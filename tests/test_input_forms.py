@@ -116,6 +116,9 @@ def test_gcs_globs_and_folders(beam_gcs):
             records | beam.Map(lambda r: (r.key, r.data)),
             equal_to([(uri, b"not decoded here") for uri in accepted]),
         )
+    beam_gcs.upload(f"{root}/sidecars/notes.txt", b"x")
+    with pytest.raises(ValueError, match="sidecars' matched no files that --input_format auto"):
+        ReadImages([f"{root}/sidecars"])
     # the size limit applies before reading an object too (GCS readers know the size)
     with BeamTestPipeline() as p:
         _, failures = p | ReadImages([f"{root}/photos/a.jpg"], max_input_bytes=10)

@@ -734,30 +734,46 @@ class ReadImages(beam.PTransform):
         return ReadResult(outputs.records, outputs[FAILURES])
 
 
+_CHECK_LISTING = 1000  # objects listed to check a gs:// folder before the job starts
+
+
 def check_patterns(patterns: list[str], input_format: str = "auto") -> None:
     """Raise ValueError naming every pattern that gives no file to read (or cannot be listed).
 
     Local patterns are checked as the match will expand them (a folder only up to its first
     readable file), so a folder of sidecars or a lone FIFO is a usage error before the job starts.
-    gs:// ones are checked cheaply (one listed object): a gs:// folder with objects but none the
-    format reads fails at run time, in the match."""
+    gs:// globs are checked cheaply (one listed object), gs:// folders by their first 1,000
+    objects: a bigger one with none the format reads among them fails at run time, in the match."""
     empty, unreadable, remote = [], [], []
     try:
         for pattern in patterns:
             normalized = normalize_pattern(pattern)
             if "://" in normalized:
-                remote.append((pattern, normalized))
+                folder = is_folder(normalized)
+                listed = normalized.rstrip("/") + "/**" if folder else normalized
+                remote.append((pattern, listed, folder))
                 continue
             problem = _local_problem(normalized, input_format)
             if problem == "none":
                 empty.append(pattern)
             elif problem:
                 unreadable.append(_no_input_message(pattern, input_format, problem))
-        listed = [p.rstrip("/") + "/**" if is_folder(p) else p for _, p in remote]
-        results = FileSystems.match(listed, limits=[1] * len(listed)) if listed else []
+        results = FileSystems.match(
+            [listed for _, listed, _ in remote],
+            limits=[_CHECK_LISTING if folder else 1 for _, _, folder in remote],
+        )
     except Exception as exc:  # noqa: BLE001 - BeamIOError lists the failing patterns
         raise ValueError(f"cannot list input files: {error_text(exc)}") from None
-    empty += [pattern for (pattern, _), result in zip(remote, results) if not result.metadata_list]
+    for (pattern, _, folder), result in zip(remote, results):
+        found = [m.path for m in result.metadata_list]
+        if not found:
+            empty.append(pattern)
+        elif (
+            folder
+            and len(found) < _CHECK_LISTING
+            and not any(folder_accepts(uri, input_format) for uri in found)
+        ):
+            unreadable.append(_no_input_message(pattern, input_format, "unreadable"))
     problems = unreadable
     if empty:
         shown = ", ".join(key_text(pattern) for pattern in empty)

@@ -476,7 +476,7 @@ def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
     if "://" in pattern:
         found = [(uri, "regular") for uri in match_files(listed)]  # objects are always files
     else:
-        found = _match_local(listed)
+        found = list(_match_local(listed))
     files, skipped, special = [], [], []
     folder = listed != pattern
     for uri, kind in found:
@@ -487,7 +487,7 @@ def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
     return Expansion(files, skipped, special)
 
 
-def _match_local(pattern: str) -> list[tuple[str, Optional[str]]]:
+def _match_local(pattern: str) -> Iterator[tuple[str, Optional[str]]]:
     """(path, kind) of every local file a glob matches: the paths and glob syntax of Beam's local
     `FileSystems.match` (a walk under the glob's fixed prefix, `FileSystem.translate_pattern`),
     with one stat a file for its kind (`_file_kind`; Beam's takes two), and links to nothing kept
@@ -497,16 +497,14 @@ def _match_local(pattern: str) -> list[tuple[str, Optional[str]]]:
     prefix = re.match(r"^[^[*?]*", pattern).group(0)
     if prefix == pattern:  # no glob: the file itself
         if os.path.lexists(pattern) and not os.path.isdir(pattern):
-            return [(pattern, _file_kind(pattern))]
-        return []
+            yield pattern, _file_kind(pattern)
+        return
     matches = re.compile(FileSystem.translate_pattern(pattern)).match
-    found = []
     for folder, _, names in os.walk(os.path.dirname(prefix)):
         for name in names:
             path = os.path.join(folder, name)
             if matches(path):
-                found.append((path, _file_kind(path)))
-    return found
+                yield path, _file_kind(path)
 
 
 def _file_kind(path: str) -> Optional[str]:
@@ -522,7 +520,7 @@ def _file_kind(path: str) -> Optional[str]:
 def _local_problem(pattern: str, input_format: str) -> Optional[str]:
     """Why a local (normalized) pattern gives no file to read: "none" (it matches nothing),
     "unreadable" (only files the format does not read), "special" (only FIFOs, devices, sockets),
-    or None. A folder is walked only up to its first input."""
+    or None. A folder or glob is walked only up to its first input."""
     if is_folder(pattern):
         found = special = False
         for folder, _, names in os.walk(pattern):
@@ -533,10 +531,12 @@ def _local_problem(pattern: str, input_format: str) -> Optional[str]:
                         return None
                     special = True
         return "special" if special else "unreadable" if found else "none"
-    files = _match_local(pattern)
-    if any(kind != "special" for _, kind in files):
-        return None
-    return "special" if files else "none"
+    matched = False
+    for _, kind in _match_local(pattern):  # up to the first file that is not special
+        if kind != "special":
+            return None
+        matched = True
+    return "special" if matched else "none"
 
 
 def _no_input_message(pattern: str, input_format: str, problem: str) -> str:

@@ -561,7 +561,7 @@ class _MatchFiles(GcsDoFn):
     def __init__(self, input_format: str = "auto"):
         self._format = input_format
 
-    def process(self, pattern):
+    def process(self, pattern: str | bytes):
         pattern = from_element(pattern)
         paths, skipped, special = expand_input(pattern, self._format)
         shards = sum(detect_format(u, self._format) != "images" for u in paths)
@@ -596,7 +596,7 @@ class _ExtractKeys(GcsDoFn):
         self._format, self._key_feature = input_format, key_feature
         self._max_bytes = max_input_bytes
 
-    def process(self, element):
+    def process(self, element: str | bytes):
         uri = from_element(element)
         name = key_text(uri)
         for entry in iter_entries(
@@ -636,7 +636,7 @@ class _ReadShard(GcsDoFn):
         self._records = counters.READ_IMAGES.metric()
         self._failures = counters.READ_FAILURES.metric()
 
-    def process(self, element, losers=None):
+    def process(self, element: str | bytes, losers=None):
         losers = losers or {}
         uri = from_element(element)
         name = key_text(uri)

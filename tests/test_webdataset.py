@@ -323,3 +323,13 @@ def test_folders_and_keyless_members_are_ignored(tmp_path):
     path = str(tmp_path / "dirs.tar")
     corpus.write_tar(path, [("d", None), ("d/README", b"x"), ("d/k.jpg", IMAGES[0])])
     assert _outcome(_read(path)) == [("d/k", True, False)]
+
+
+def test_a_link_to_a_member_cut_off_by_the_damage_is_a_failure(tmp_path):
+    path = str(tmp_path / "cut-target.tar")
+    corpus.write_tar(path, [("a.jpg", ("symbolic", "b.jpg")), ("b.jpg", IMAGES[1])])
+    members, _ = corpus.tar_layout(path)
+    corpus.truncate_file(path, members[1].data + 10)
+    entries = _read(path)
+    assert entries[0].key == "a" and "the target is not a file of this shard" in entries[0].error
+    assert entries[-1].fatal and entries[-1].key == f"{path}:1"

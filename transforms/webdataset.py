@@ -219,13 +219,12 @@ class _Reader:
             if not member.isfile() and link is None:  # folders, devices, FIFOs
                 self._ignore()
                 continue
-            self.members.setdefault(_normalise(member.name), []).append(
-                _Member(position, member.offset_data, member.size, link)
-            )
+            if link is not None:  # a file member is recorded once its data was read whole
+                self._record(member, position, link)
             key, ext = split_member(member.name)
             if key is None:
                 self._ignore()
-                if link is None and not self._skip(tar, member):
+                if link is None and not self._skip(tar, member, position):
                     break
                 continue
             if sample is not None and (sample.key != key or ext in sample.exts):
@@ -239,14 +238,14 @@ class _Reader:
                     sample.link = (member.name, position)
                 continue
             if not is_image:
-                if not self._skip(tar, member):
+                if not self._skip(tar, member, position):
                     break
                 continue
             if member.size > self.max_bytes:
                 sample.error = error_text(
                     too_large(f"image member {key_text(member.name)}", member.size, self.max_bytes)
                 )
-                if not self._skip(tar, member):
+                if not self._skip(tar, member, position):
                     sample = None  # cut off: the damage covers it
                     break
                 continue
@@ -256,6 +255,7 @@ class _Reader:
                 self.damage = (member.offset, _data_error(exc))
                 sample = None  # its image is incomplete: the damage covers it
                 break
+            self._record(member, position)
             sample.image = data
         # At damage, a sample is kept only when its image member was read whole: one without an
         # image member yet may have lost it to the damage.
@@ -273,14 +273,21 @@ class _Reader:
         else:
             yield sample.entry(self.shard, self.with_data)
 
-    def _skip(self, tar, member) -> bool:
+    def _skip(self, tar, member, position: int) -> bool:
         """Reads past a member's data; False (and `damage` set) when the shard ends inside it."""
         try:
             _read_member(tar, member, keep=False)
-            return True
         except _SHARD_ERRORS as exc:
             self.damage = (member.offset, _data_error(exc))
             return False
+        self._record(member, position)
+        return True
+
+    def _record(self, member, position: int, link=None) -> None:
+        """A file member read whole, or a link member: what links may resolve to."""
+        self.members.setdefault(_normalise(member.name), []).append(
+            _Member(position, member.offset_data, member.size, link)
+        )
 
     def linked(self, reopen: Callable[[], object]) -> Iterator[Entry]:
         """The samples whose image member is a link, resolved (bytes read in one forward pass)."""

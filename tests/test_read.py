@@ -332,6 +332,7 @@ def test_corrupt_shards_and_dedupe_in_a_pipeline(shards):
     }
     assert counters["read_images"] == len(shards.records)
     assert counters["read_failures"] == len(expected_failures)
+    assert counters["read_ignored_members"] == 1  # non_image.tar's README, once (not per pass)
 
 
 def _stem(key):

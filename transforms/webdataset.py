@@ -178,7 +178,10 @@ class _Reader:
         self.shard, self.f, self.with_data, self.max_bytes = shard, f, with_data, max_bytes
         self.index = 0  # the index of the sample being read (= samples yielded so far)
         self.damage: Optional[tuple[int, str]] = None
-        self.members: dict[str, list[_Member]] = {}  # normalised name -> members of that name
+        # (name, position, offset, size, link) of every file (read whole) and link member, as
+        # read; indexed by normalised name only when a link is resolved (`_by_name`).
+        self.seen: list[tuple] = []
+        self._index: Optional[dict[str, list[_Member]]] = None
         self.pending: list[_Sample] = []  # samples whose image member is a link
         self.comptype = "tar"
         # Counted in the read pass only (the key pass reads the same members).
@@ -285,9 +288,7 @@ class _Reader:
 
     def _record(self, member, position: int, link=None) -> None:
         """A file member read whole, or a link member: what links may resolve to."""
-        self.members.setdefault(_normalise(member.name), []).append(
-            _Member(position, member.offset_data, member.size, link)
-        )
+        self.seen.append((member.name, position, member.offset_data, member.size, link))
 
     def linked(self, reopen: Callable[[], object]) -> Iterator[Entry]:
         """The samples whose image member is a link, resolved (bytes read in one forward pass)."""
@@ -328,7 +329,7 @@ class _Reader:
             target = _normalise(target)
             if target == ".." or target.startswith("../"):
                 raise TarLinkError(f"{shown} points outside the shard")
-            candidates = self.members.get(target, [])
+            candidates = self._by_name().get(target, [])
             if kind == "hard":
                 candidates = [m for m in candidates if m.position < current.position]
             if not candidates:
@@ -338,10 +339,18 @@ class _Reader:
         raise TarLinkError(f"link {key_text(name)}: a loop, or more than {_MAX_LINK_HOPS} links")
 
     def _latest(self, name: str, position: int) -> _Member:
-        for member in self.members.get(_normalise(name), []):
+        for member in self._by_name().get(_normalise(name), []):
             if member.position == position:
                 return member
         raise TarLinkError(f"link target {key_text(name)} is not a file of this shard")
+
+    def _by_name(self) -> dict[str, list[_Member]]:
+        """Normalised member name -> the members of that name, in shard order."""
+        if self._index is None:
+            self._index = {}
+            for name, *fields in self.seen:
+                self._index.setdefault(_normalise(name), []).append(_Member(*fields))
+        return self._index
 
     def _read_targets(self, reopen, targets: dict) -> None:
         by_id = {id(s): s for s in self.pending}

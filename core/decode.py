@@ -7,12 +7,19 @@ Decoding uses Pillow. JPEGs are decoded with `draft()` (libjpeg DCT scaling) str
 smallest power-of-two reduction that is still >= the target size, which is most of the speed. The
 pixel-count limit is checked from the header, before any pixel is decoded, and per call: images are
 opened through Pillow's plugin registry directly, so Pillow's process-wide `Image.MAX_IMAGE_PIXELS`
-is neither read nor changed (no global state shared between threads).
+is neither read nor changed (no global state shared between threads). HEIC/HEIF photos are read
+through pillow-heif's Pillow plugin (registered at import; it applies the photo's orientation
+itself), AVIF by Pillow's own plugin.
+
+Failure messages are made of our own words, the format Pillow detected and the byte size, never of
+the image's bytes or a plugin's message (which can quote them): a text file named `.jpg` must not
+leak into the failures file (docs/bad-input.md).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 
@@ -26,8 +33,9 @@ RESIZE_MODES = ("squash", "center_crop")
 
 # Formats we accept, most common first (the open loop tries them in order). A closed list keeps
 # rarely used parsers away from untrusted bytes and stops random bytes being "recognised" as TGA.
-# MPO is how Pillow opens camera JPEGs with several pictures.
-FORMATS = ("JPEG", "PNG", "WEBP", "MPO", "GIF", "BMP", "TIFF", "AVIF")
+# MPO is how Pillow opens camera JPEGs with several pictures; HEIF is pillow-heif's (HEIC photos).
+FORMATS = ("JPEG", "PNG", "WEBP", "MPO", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
+_LOG = logging.getLogger(__name__)
 
 # EXIF orientation -> the transpose making the image upright (as in ImageOps.exif_transpose).
 _ORIENTATION = {
@@ -41,6 +49,20 @@ _ORIENTATION = {
 }
 _EXIF_ORIENTATION_TAG = 0x0112
 _WHITE = (255, 255, 255)
+
+
+def _register_heif() -> None:
+    """pillow-heif's opener in Pillow's registry (format "HEIF"; no thumbnails decoded). It
+    decodes with the photo's rotation and mirroring applied and sets its EXIF orientation to 1,
+    so the EXIF step below does not turn it twice."""
+    try:
+        import pillow_heif
+    except ImportError:  # not installed: HEIC is then an "unsupported image format" failure
+        return
+    pillow_heif.register_heif_opener(thumbnails=False)
+
+
+_register_heif()
 
 
 class DecodeError(ValueError):
@@ -70,14 +92,14 @@ def decode_image(
     check_resize(resize)
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    opened = []  # the image, once its header is read: its format names the failure
     try:
-        return _decode(data, image_size, max_pixels, resize)
+        return _decode(data, image_size, max_pixels, resize, opened)
     except DecodeError:
         raise
-    except (
-        Image.DecompressionBombError
-    ) as exc:  # raised by a plugin mid-decode (e.g. GIF frame growth)
-        raise DecodeError(f"image is over the decompression-bomb pixel limit ({exc})") from None
+    except Image.DecompressionBombError:  # raised by a plugin mid-decode (e.g. GIF frame growth)
+        what = _what(opened, data)
+        raise DecodeError(f"image is over the decompression-bomb pixel limit ({what})") from None
     except (
         OSError,
         SyntaxError,
@@ -88,12 +110,20 @@ def decode_image(
         TypeError,
         KeyError,
         zlib.error,
+        RuntimeError,  # pillow-heif's decoder errors
     ) as exc:
-        raise DecodeError(_describe_pillow_error(exc)) from None
+        raise DecodeError(_describe_pillow_error(exc, _what(opened, data))) from None
 
 
-def _decode(data: bytes, size: int, max_pixels: int | None, resize: str):
+def _what(opened: list, data: bytes) -> str:
+    """ "JPEG, 1234 bytes": what the failing input is, in words that hold none of its content."""
+    fmt = opened[0].format if opened else None
+    return f"{fmt}, {len(data)} bytes" if fmt else f"{len(data)} bytes"
+
+
+def _decode(data: bytes, size: int, max_pixels: int | None, resize: str, opened: list):
     im = _open(data)
+    opened.append(im)
     width, height = im.size
     if max_pixels and width * height > max_pixels:
         raise DecodeError(f"image is {width}x{height}, over the {max_pixels}-pixel limit")
@@ -134,9 +164,9 @@ def _open(data: bytes) -> ImageFile.ImageFile:
         try:
             return factory(fp, None)
         except (SyntaxError, IndexError, TypeError, struct.error, ValueError, EOFError) as exc:
-            problems.append(f"{fmt}: {exc}")
+            problems.append(f"{fmt}: {type_name(exc)}")  # the message can quote the bytes
     if problems:
-        raise DecodeError(f"corrupt image header ({'; '.join(problems)})")
+        raise DecodeError(f"corrupt image header ({'; '.join(problems)}; {len(data)} bytes)")
     raise DecodeError(_sniff(data))
 
 
@@ -160,7 +190,7 @@ def _sniff(data: bytes) -> str:
     other = _other_pillow_format(data)
     if other:
         return f"unsupported image format ({other})"
-    return f"not an image (unrecognised format, starts with {data[:8].hex(' ')})"
+    return f"not an image (unrecognised format, {len(data)} bytes)"
 
 
 def _other_pillow_format(data: bytes) -> str | None:
@@ -254,15 +284,19 @@ def _center_square(box):
     return (x0, y0, x0 + side, y0 + side)
 
 
-def _describe_pillow_error(exc: BaseException) -> str:
-    text = str(exc).strip()
-    low = text.lower()
+def _describe_pillow_error(exc: BaseException, what: str) -> str:
+    """The failure in our words: the plugin's message is read to tell truncation from corruption,
+    never copied (Pillow's can quote the file's bytes, e.g. a PNG chunk name or a TIFF header)."""
+    low = str(exc).lower()
     if "truncated" in low or isinstance(exc, EOFError) or "unexpected end" in low:
-        return "truncated image file"
+        return f"truncated image file ({what})"
     if "broken data stream" in low or isinstance(exc, zlib.error):
-        return f"corrupt image data ({text or type(exc).__name__})"
-    return (
-        f"cannot decode image ({type(exc).__name__}: {text})"
-        if text
-        else f"cannot decode image ({type(exc).__name__})"
-    )
+        return f"corrupt image data ({what}; {type_name(exc)})"
+    return f"cannot decode image ({what}; {type_name(exc)})"
+
+
+def type_name(exc: BaseException) -> str:
+    """`SyntaxError`, `zlib.error`, `struct.error`: the exception's type, readable."""
+    kind = type(exc)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"

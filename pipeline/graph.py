@@ -70,7 +70,10 @@ def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None, know
     config = InferenceConfig.from_options(opts, schema)
 
     records, read_failures = p | "Read" >> ReadImages(
-        split_patterns(opts.input), input_format=opts.input_format, key_feature=opts.key_feature
+        split_patterns(opts.input),
+        input_format=opts.input_format,
+        key_feature=opts.key_feature,
+        max_input_bytes=opts.max_input_bytes,
     )
     if opts.skip_keys_from:
         directory = known_keys_dir or work_dir(p.options, output)

@@ -7,7 +7,9 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from transforms.entries import DEFAULT_MAX_INPUT_BYTES
 from transforms.infer import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL
+from transforms.names import key_text
 
 
 def _fraction(text: str) -> float:
@@ -62,6 +64,14 @@ class JobOptions(PipelineOptions):
             "--key_feature",
             default="image/encoded",
             help="tf.train.Example feature holding the encoded image (TFRecord inputs).",
+        )
+        inputs.add_argument(
+            "--max_input_bytes",
+            type=_positive,
+            default=DEFAULT_MAX_INPUT_BYTES,
+            help="Size limit of one input: an image file, a TFRecord record or a tar image "
+            "member. A larger one is a failure row (stage read, InputTooLargeError) and its "
+            "bytes are never read into memory. Default 268435456 (256 MiB).",
         )
         inputs.add_argument(
             "--skip_keys_from",
@@ -241,6 +251,11 @@ def job_flags(options: PipelineOptions) -> dict:
     parser = argparse.ArgumentParser(add_help=False)
     JobOptions._add_argparse_args(parser)
     values = options.get_all_options()
-    flags = {a.dest: values.get(a.dest) for a in parser._actions}
+    # A path that is not UTF-8 (surrogates from argv) as its escaped key text, so summary.json
+    # and the report hold valid text (transforms/names.py).
+    flags = {
+        a.dest: key_text(v) if isinstance(v := values.get(a.dest), str) else v
+        for a in parser._actions
+    }
     flags["runner"] = str(options.view_as(StandardOptions).runner or "in-process (FnApiRunner)")
     return flags

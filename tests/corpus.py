@@ -1,8 +1,11 @@
 """Generated good and broken inputs, and the writers other tests reuse.
 
-Writers:   `write_tfrecord(path, records)`, `make_example(...)`, `write_webdataset(path, samples)`.
+Writers:   `write_tfrecord(path, records)`, `make_example(...)`, `write_webdataset(path, samples)`,
+           `write_tar(path, members)` (files, links, folders; any name).
 Images:    `make_jpeg(w, h, seed)`, `make_png(w, h, seed)`, `photo_like(w, h, seed)`,
-           `quadrants(...)`.
+           `quadrants(...)`, `exif_photo(orientation, fmt)` (JPEG, AVIF, HEIF), `heic(array)`.
+Damage:    `truncate_file`, `patch_file`, `set_tar_header_field`, `tar_layout(path)` (where each
+           member is), `fifo_unblocked_after(path, seconds)`.
 Corpus:    `IMAGE_CASES` (name -> (file name, bytes factory)), `EXPECTATIONS` (name -> `Expect`),
            `write_image_corpus(directory)` -> {name: path}.
 Shards:    `write_shard_corpus(directory)` -> `ShardCorpus` (paths plus what reading must give).
@@ -13,10 +16,12 @@ Everything is built from code (no binary fixtures) and is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
 import tarfile
+import threading
 import zlib
 from typing import Callable, Iterable, NamedTuple, Optional
 
@@ -102,10 +107,33 @@ EXIF_STORED_SIZE = (80, 40)  # width, height: non-square so 5-8 swap the reporte
 
 
 def exif_jpeg(orientation: int) -> bytes:
+    return exif_photo(orientation, "JPEG")
+
+
+def exif_photo(orientation: int, fmt: str) -> bytes:
+    """The quadrants image stored as EXIF_STORED_SIZE with an EXIF orientation, as a camera or a
+    phone writes it: JPEG, AVIF (Pillow keeps the tag) or HEIF (pillow-heif stores the
+    orientation as the container's rotation/mirror, which readers apply)."""
     w, h = EXIF_STORED_SIZE
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(quadrants(w, h), "JPEG", quality=95, subsampling=0, exif=exif.tobytes())
+    params = {"subsampling": 0} if fmt == "JPEG" else {}
+    if fmt == "HEIF":
+        register_heif()
+    return encode(quadrants(w, h), fmt, quality=95, exif=exif.tobytes(), **params)
+
+
+def register_heif() -> None:
+    """pillow-heif's HEIF plugin in Pillow (to write HEIC test photos with the library the job
+    reads them with)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+
+
+def heic(array, **params) -> bytes:
+    register_heif()
+    return encode(array, "HEIF", **params)
 
 
 def exif_expected_quadrants(orientation: int) -> tuple:
@@ -262,6 +290,17 @@ IMAGE_CASES: dict[str, tuple[str, Callable[[], bytes]]] = {
     "wide_10000x10": ("wide_10000x10.jpg", lambda: make_jpeg(10_000, 10, seed=5)),
     "photo_jpeg": ("photo_jpeg.jpg", lambda: make_jpeg(640, 480, seed=6)),
     **{f"exif_{o}": (f"exif_{o}.jpg", (lambda o=o: exif_jpeg(o))) for o in range(1, 9)},
+    # Photos as phones and the web have them: HEIC and AVIF, upright and turned.
+    "heic_photo": ("heic_photo.heic", lambda: heic(photo_like(64, 48, seed=7), quality=90)),
+    "avif_photo": ("avif_photo.avif", lambda: encode(photo_like(64, 48, seed=8), "AVIF")),
+    **{
+        f"{fmt.lower()}_exif_{o}": (
+            f"{fmt.lower()}_exif_{o}.{ext}",
+            (lambda o=o, fmt=fmt: exif_photo(o, fmt)),
+        )
+        for fmt, ext in (("HEIF", "heic"), ("AVIF", "avif"))
+        for o in (3, 6, 8)
+    },
 }
 
 
@@ -295,6 +334,9 @@ EXPECTATIONS: dict[str, Expect] = {
     "wide_10000x10": ok(10_000, 10),
     "photo_jpeg": ok(640, 480),
     **{f"exif_{o}": _exif_expect(o) for o in range(1, 9)},
+    "heic_photo": ok(64, 48),
+    "avif_photo": ok(64, 48),
+    **{f"{fmt}_exif_{o}": _exif_expect(o) for fmt in ("heif", "avif") for o in (3, 6, 8)},
 }
 assert EXPECTATIONS.keys() == IMAGE_CASES.keys()
 
@@ -400,6 +442,89 @@ def truncate_file(path: str, size: int) -> None:
         f.truncate(size)
 
 
+def patch_file(path: str, offset: int, data: bytes) -> None:
+    """Overwrite bytes at `offset` (damage for the shard tests)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@contextlib.contextmanager
+def fifo_unblocked_after(path: str, seconds: float):
+    """Within the block, a reader left waiting on the FIFO at `path` gets end of file after
+    `seconds` (a writer opens and closes it), so a test of code that must never open a FIFO fails
+    instead of hanging when that code does."""
+    done = threading.Event()
+
+    def unblock():
+        while not done.wait(seconds):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader waiting (ENXIO), or gone
+                pass
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+class TarMember(NamedTuple):
+    """Where one member of a tar is (tarfile in random-access mode, independent of the reader)."""
+
+    name: str
+    header: int  # offset of its (first) header block
+    data: int  # offset of its data
+    size: int
+    end: int  # end of its data padded to 512 bytes (the next header)
+
+
+def tar_layout(path: str) -> tuple[list, int]:
+    """The members of a tar file and the offset of its end-of-archive marker."""
+    with tarfile.open(path) as tar:
+        members = [
+            TarMember(
+                m.name, m.offset, m.offset_data, m.size, m.offset_data + -(-m.size // 512) * 512
+            )
+            for m in tar.getmembers()
+        ]
+    return members, members[-1].end
+
+
+def set_tar_header_field(path: str, header: int, start: int, value: bytes) -> None:
+    """Write `value` into a ustar header field and fix the header's checksum (a well-formed header
+    with a bad value, unlike damage, which the checksum catches)."""
+    with open(path, "r+b") as f:
+        f.seek(header)
+        block = bytearray(f.read(512))
+        block[start : start + len(value)] = value
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        f.seek(header)
+        f.write(block)
+
+
+def write_tar(path: str, members: Iterable, format=tarfile.USTAR_FORMAT) -> None:
+    """A tar of (name, bytes) files, (name, ("hard" | "symbolic", target)) links and (name, None)
+    folders, in order; names may be str with surrogates (bytes that are not UTF-8)."""
+    with tarfile.open(path, "w", format=format, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(content, tuple):
+                kind, info.linkname = content
+                info.type = tarfile.LNKTYPE if kind == "hard" else tarfile.SYMTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+
+
 # ------------------------------------------------------------------------------------- shards
 
 
@@ -419,7 +544,8 @@ def write_shard_corpus(directory: str) -> ShardCorpus:
     """Broken and tricky shards.
 
     Bad CRC in the middle, truncated TFRecord, Example without the image, truncated tar, tar with
-    non-image members, the same key twice (within and across shards).
+    non-image members, the same key twice (within and across shards), tar link members, a damaged
+    header after a long name, a tar member name that is not UTF-8.
     """
     os.makedirs(directory, exist_ok=True)
     p = {
@@ -432,6 +558,9 @@ def write_shard_corpus(directory: str) -> ShardCorpus:
             ("non_image_tar", "non_image.tar"),
             ("dup_a", "dup-00000-of-00002"),
             ("dup_b", "dup-00001-of-00002"),
+            ("links_tar", "links.tar"),
+            ("long_name_tar", "long_name.tar"),
+            ("latin1_tar", "latin1.tar"),
         )
     }
     records, failures = {}, {}
@@ -505,6 +634,43 @@ def write_shard_corpus(directory: str) -> ShardCorpus:
     write_tfrecord(p["dup_a"], [("dup", _img(50)), ("cross", _img(51)), ("dup", _img(52))])
     write_tfrecord(p["dup_b"], [("dup", _img(53)), ("cross", _img(54)), ("solo", _img(55))])
     records.update({"dup": src("dup_a", 0), "cross": src("dup_a", 1), "solo": src("dup_b", 2)})
+
+    # link members: resolved inside the shard, or failures; never silently gone.
+    write_tar(
+        p["links_tar"],
+        [
+            ("lk0.jpg", _img(60)),
+            ("lk0.json", b"{}"),
+            ("lk1.jpg", ("hard", "lk0.jpg")),
+            ("sub/lk2.jpg", ("symbolic", "../lk0.jpg")),
+            ("lk3.jpg", ("symbolic", "../../etc/hosts")),
+        ],
+    )
+    records.update(
+        {
+            "lk0": src("links_tar", "lk0.jpg"),
+            "lk1": src("links_tar", "lk1.jpg"),
+            "sub/lk2": src("links_tar", "sub/lk2.jpg"),
+        }
+    )
+    failures["lk3"] = "TarLinkError: symbolic link lk3.jpg -> ../../etc/hosts points outside"
+
+    # a damaged header after a GNU long name: tarfile raises, and the sample before must stay.
+    write_tar(
+        p["long_name_tar"],
+        [("ln0.jpg", _img(70)), ("d" * 110 + "/ln1.jpg", _img(71))],
+        format=tarfile.GNU_FORMAT,
+    )
+    members, _ = tar_layout(p["long_name_tar"])
+    patch_file(p["long_name_tar"], members[1].data - 512 + 3, b"\x7f")  # the real header
+    records["ln0"] = src("long_name_tar", "ln0.jpg")
+    failures[f"{p['long_name_tar']}:1"] = (
+        f"corrupt or truncated tar at byte {members[1].header} of {p['long_name_tar']}"
+    )
+
+    # a member name that is not UTF-8 (Latin-1 e-acute): an escaped, lossless key.
+    write_tar(p["latin1_tar"], [(os.fsdecode(b"caf\xe9.jpg"), _img(80))])
+    records["caf%E9"] = src("latin1_tar", "caf%E9.jpg")
     return ShardCorpus(p, records, failures)
 
 

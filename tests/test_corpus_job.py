@@ -1,11 +1,13 @@
 """The whole corpus of good, odd and broken inputs (tests/corpus.py) through the full job.
 
 Every input is accounted for: a result row (with the orientation-corrected size) or a failure row
-with its stage and a phrase a user understands; a key appears in results at most once; the job
-exits 0. Single- and multi-process runs agree.
+with its stage and a phrase a user understands (never the file's content); a key appears in
+results at most once; FIFOs and devices are skipped and counted; names that are not UTF-8 get
+keys; the job exits 0. Single- and multi-process runs agree.
 """
 
 import collections
+import os
 import pathlib
 
 import pyarrow as pa
@@ -16,17 +18,46 @@ from pipeline.main import main, run
 from tests import corpus
 from tests.jobs import MULTI_PROCESS, job_args
 
+SECRET = "db-password=S3CRETxTOKENq9Zw"
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     images = corpus.write_image_corpus(str(root / "images"))
     shards = corpus.write_shard_corpus(str(root / "shards"))
-    return root, images, shards
+    odd = _write_odd_folder(root / "odd")
+    return root, images, shards, odd
+
+
+def _write_odd_folder(folder):
+    """A folder as people have them: a Latin-1 file name, a FIFO, a link to /dev/zero, and a
+    link named .jpg to a config file. {what: (path or key, ...)}."""
+    folder.mkdir()
+    latin1 = os.fsencode(str(folder)) + b"/\xe9t\xe9.jpg"
+    with open(latin1, "wb") as f:
+        f.write(corpus.make_jpeg(40, 30, seed=90))
+    os.mkfifo(folder / "pipe.jpg")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    config = folder.parent / "settings.conf"
+    config.write_text(SECRET + "\n")
+    os.symlink(config, folder / "notes.jpg")
+    return {
+        "latin1_key": str(folder / "%E9t%E9.jpg"),
+        "fifo": str(folder / "pipe.jpg"),
+        "secret_link": str(folder / "notes.jpg"),
+    }
 
 
 def job(root, output, models, *extra):
-    return job_args(f"{root}/images/*,{root}/shards/*", output, models, *extra, image_size=32)
+    inputs = f"{root}/images/*,{root}/shards/*,{root}/odd"
+    return job_args(inputs, output, models, *extra, image_size=32)
+
+
+def run_guarded(root, argv):
+    """The job, with the FIFO among its inputs unblocked should a reader ever open it."""
+    with corpus.fifo_unblocked_after(str(root / "odd" / "pipe.jpg"), seconds=30):
+        return run(argv, save_main_session=False)
 
 
 def table(output, kind):
@@ -36,14 +67,14 @@ def table(output, kind):
 
 @pytest.fixture(scope="module")
 def single_run(inputs, models, tmp_path_factory):
-    root, _, _ = inputs
+    root, _, _, _ = inputs
     output = tmp_path_factory.mktemp("out-single")
-    summary = run(job(root, output, models), save_main_session=False)
+    summary = run_guarded(root, job(root, output, models))
     return summary, table(output, "results"), table(output, "failures")
 
 
 def test_every_image_case_has_its_expected_outcome(inputs, single_run):
-    _, images, _ = inputs
+    _, images, _, _ = inputs
     _, results, failures = single_run
     results = {r["key"]: r for r in results}
     failures = {f["key"]: f for f in failures}
@@ -63,7 +94,7 @@ def test_every_image_case_has_its_expected_outcome(inputs, single_run):
 
 
 def test_broken_shards_keep_what_was_read_and_say_where(inputs, single_run):
-    _, _, shards = inputs
+    _, _, shards, _ = inputs
     _, results, failures = single_run
     sources = {r["key"]: r["source"] for r in results}
     for key, source in shards.records.items():
@@ -90,23 +121,33 @@ def test_duplicate_keys_keep_the_first_and_fail_the_rest(single_run):
 
 
 def test_every_input_is_accounted_for(inputs, single_run):
-    _, images, shards = inputs
+    _, images, shards, _ = inputs
     summary, results, failures = single_run
     assert summary["inputs"] == summary["results"] + summary["failures"]
     assert summary["accounted"]
     assert summary["results"] == len(results) and summary["failures"] == len(failures)
-    expected_ok = sum(e.ok for e in corpus.EXPECTATIONS.values()) + len(shards.records)
+    expected_ok = sum(e.ok for e in corpus.EXPECTATIONS.values()) + len(shards.records) + 1
     assert len(results) == expected_ok
     assert set(summary["failures_by_stage"]) == {"read", "decode"}
+    assert summary["counters"]["read_skipped_special"] == 2  # the FIFO and the /dev/zero link
+
+
+def test_odd_files_are_read_skipped_or_fail_without_leaking(inputs, single_run):
+    _, _, _, odd = inputs
+    _, results, failures = single_run
+    keys = {r["key"] for r in results}
+    assert odd["latin1_key"] in keys  # a name that is not UTF-8: an escaped key, not a dead job
+    assert odd["fifo"] not in keys | {f["key"] for f in failures}
+    [leak] = [f for f in failures if f["key"] == odd["secret_link"]]
+    assert leak["stage"] == "decode" and leak["error"].startswith("DecodeError: not an image")
+    assert not any(SECRET[12:20] in f["error"] for f in failures)
+    assert not any(SECRET.encode()[12:18].hex() in f["error"].replace(" ", "") for f in failures)
 
 
 def test_multi_process_run_accounts_the_same(inputs, models, single_run, tmp_path):
-    root, _, _ = inputs
+    root, _, _, _ = inputs
     summary, results, failures = single_run
-    multi = run(
-        job(root, tmp_path, models, *MULTI_PROCESS),
-        save_main_session=False,
-    )
+    multi = run_guarded(root, job(root, tmp_path, models, *MULTI_PROCESS))
     assert multi["accounted"]
     assert (multi["inputs"], multi["results"], multi["failures"]) == (
         summary["inputs"],
@@ -120,8 +161,9 @@ def test_multi_process_run_accounts_the_same(inputs, models, single_run, tmp_pat
 
 
 def test_job_exits_zero_unless_the_failure_rate_is_exceeded(inputs, models, single_run, tmp_path):
-    root, _, _ = inputs
+    root, _, _, _ = inputs
     summary, _, _ = single_run
-    assert main(job(root, tmp_path / "a", models)) == 0
     limit = summary["failure_rate"] / 2
-    assert main(job(root, tmp_path / "b", models, "--max_failure_rate", f"{limit:.4f}")) == 3
+    with corpus.fifo_unblocked_after(str(root / "odd" / "pipe.jpg"), seconds=30):
+        assert main(job(root, tmp_path / "a", models)) == 0
+        assert main(job(root, tmp_path / "b", models, "--max_failure_rate", f"{limit:.4f}")) == 3

@@ -176,3 +176,100 @@ def test_dofn_never_raises_on_valid_and_damaged_images(image, damage, byte):
         data = data[: len(data) // 2] + bytes(range(byte))
     out = _run(_FN, ImageRecord("k", "s", data))
     assert isinstance(out, Decoded) or out.tag == FAILURES
+
+
+# ------------------------------------------------------------------------------- privacy
+
+SECRET = b"S3CRETxTOKENq9Zw-hunter2"
+# Bytes that look like the start of an image (so a plugin's parser reads on), then the secret.
+_DISGUISES = {
+    "text file": b"",
+    "TIFF header": b"II*\x00",
+    "big-endian TIFF": b"MM\x00*",
+    "PNG chunk name": b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0d",
+    "PNG IHDR body": b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR",
+    "JPEG": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+    "GIF": b"GIF89a",
+    "BMP": b"BM",
+    "WebP": b"RIFF\x40\x00\x00\x00WEBPVP8 ",
+    "HEIC": b"\x00\x00\x00\x18ftypheic",
+    "AVIF": b"\x00\x00\x00\x18ftypavif",
+}
+
+
+def _leaks(text: str, secret: bytes = SECRET) -> bool:
+    """Whether `text` holds a piece of `secret`: 5 characters of it, or 4 bytes of it in hex."""
+    flat = text.replace(" ", "").replace("\\x", "").lower()
+    pieces = [secret[i : i + 5].decode() for i in range(len(secret) - 4)]
+    hex_pieces = [secret[i : i + 4].hex() for i in range(len(secret) - 3)]
+    return any(p in text for p in pieces) or any(h in flat for h in hex_pieces)
+
+
+@pytest.mark.parametrize("disguise", sorted(_DISGUISES))
+def test_failure_messages_never_quote_the_file(disguise):
+    """A text file named .jpg (a symlink to a config file, say) must not leak into the failures
+    file: the message names the problem, the format and the size, never the bytes."""
+    data = _DISGUISES[disguise] + SECRET * 3 + b"\n"
+    out = _run(DecodeAndResize(image_size=16), ImageRecord("k", "s", data))
+    assert out.tag == FAILURES
+    error = out.value.error
+    assert not _leaks(error), error
+    assert f"{len(data)} bytes" in error or "looks like" in error or "HEIC" in error, error
+
+
+@_FAST
+@given(st.sampled_from(sorted(_DISGUISES)), st.binary(min_size=8, max_size=64))
+def test_failure_messages_never_quote_random_content(disguise, secret):
+    data = _DISGUISES[disguise] + secret
+    out = _run(_FN, ImageRecord("k", "s", data))
+    if not isinstance(out, Decoded):
+        flat = out.value.error.replace(" ", "").lower()
+        assert secret.hex() not in flat
+        printable = secret.decode("latin-1")
+        if printable.isprintable() and printable.strip():
+            assert printable not in out.value.error
+
+
+def test_decode_errors_name_format_and_size():
+    data = corpus.make_png(64, 48)
+    cut = data[: len(data) // 2]
+    with pytest.raises(DecodeError, match=rf"^truncated image file \(PNG, {len(cut)} bytes\)$"):
+        decode_image(cut)
+    with pytest.raises(DecodeError, match=r"^not an image \(unrecognised format, 5 bytes\)$"):
+        decode_image(b"\x01\x02\x03\x04\x05")
+
+
+def test_unexpected_errors_name_only_their_type(monkeypatch):
+    import transforms.decode as decode
+
+    def boom(*args, **kwargs):
+        raise KeyError(SECRET.decode())
+
+    monkeypatch.setattr(decode, "decode_image", boom)
+    out = decode.decode_record(ImageRecord("k", "s", b"x"))
+    assert out.error == "DecodeError: cannot decode image (KeyError)"
+
+
+# ------------------------------------------------------------------------------- HEIC, AVIF
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_phone_and_web_photos_decode_upright(fmt):
+    for orientation in range(1, 9):
+        w, h = corpus.EXIF_STORED_SIZE
+        pixels, width, height = decode_image(corpus.exif_photo(orientation, fmt), 64)
+        assert (width, height) == ((h, w) if orientation >= 5 else (w, h)), orientation
+        expected = corpus.exif_expected_quadrants(orientation)
+        for (fx, fy), colour in zip(
+            ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)), expected
+        ):
+            got = _colour_at(pixels, fx, fy)
+            assert np.abs(got - colour).max() <= TOLERANCE, (fmt, orientation, (fx, fy), got)
+
+
+def test_damaged_heic_is_a_decode_failure():
+    data = corpus.heic(corpus.photo_like(64, 48))
+    for cut in (len(data) // 2, 40):
+        with pytest.raises(DecodeError) as info:
+            decode_image(data[:cut])
+        assert "HEIF" in str(info.value) or "bytes" in str(info.value)

@@ -1,5 +1,7 @@
 """pipeline/options.py: the job's flags, their defaults and validation, and job_flags."""
 
+import os
+
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -18,6 +20,7 @@ def test_defaults():
     assert (opts.decode_threads, opts.num_shards, opts.max_failure_rate) == (0, 0, 1.0)
     assert opts.tags_model.endswith("BiT-M-R50x1.npz")
     assert opts.embed_model.endswith("BiT-M-R101x3.npz")
+    assert opts.max_input_bytes == 256 << 20
 
 
 def test_values_are_typed():
@@ -51,6 +54,8 @@ def test_values_are_typed():
         ("--precision", "float64"),
         ("--input_format", "zip"),
         ("--embedding_dtype", "int8"),
+        ("--max_input_bytes", "0"),
+        ("--max_input_bytes", "64MiB"),
     ],
 )
 def test_bad_values_are_refused_with_exit_code_2(flag, value, capsys):
@@ -70,3 +75,12 @@ def test_job_flags_lists_every_job_flag_and_the_runner():
     assert {"output", "tags_model", "embed_model", "batch_size", "resize"} <= set(flags)
     runner = job_flags(PipelineOptions(["--runner", "DataflowRunner"]))["runner"]
     assert runner == "DataflowRunner"
+
+
+def test_job_flags_hold_valid_text_for_paths_that_are_not_utf8():
+    """summary.json and the report are written from these: a folder named in Latin-1 (argv hands
+    it over with surrogates) is shown escaped, as its keys are."""
+    folder = os.fsdecode(b"/photos/\xe9t\xe9/*.jpg")
+    flags = job_flags(PipelineOptions(["--input", folder, "--max_input_bytes", "1000"]))
+    assert flags["input"] == "/photos/%E9t%E9/*.jpg"
+    assert flags["max_input_bytes"] == 1000

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import struct
 
 import apache_beam as beam
 import pytest
@@ -28,8 +29,8 @@ def shards(tmp_path_factory):
     return corpus.write_shard_corpus(str(tmp_path_factory.mktemp("shards")))
 
 
-def _entries(path, fmt="auto", with_data=True):
-    return list(iter_entries(path, detect_format(path, fmt), with_data=with_data))
+def _entries(path, fmt="auto", with_data=True, **kwargs):
+    return list(iter_entries(path, detect_format(path, fmt), with_data=with_data, **kwargs))
 
 
 # ------------------------------------------------------------------------------- units
@@ -101,6 +102,143 @@ def test_tfrecord_key_fallbacks(tmp_path):
     assert entries[5].error.startswith("MissingImageError: record is not a tf.train.Example")
     custom = list(iter_entries(path, "tfrecord", key_feature="image/raw"))
     assert custom[4].data == image and custom[0].error is not None
+
+
+RECORDS = 4
+_TFRECORD_DAMAGE = [
+    # (what happens to record i, the phrase of the failure)
+    ("cut inside its length", "truncated record header (4 of 12 bytes)"),
+    ("cut at its length CRC", "truncated record header (8 of 12 bytes)"),
+    ("cut inside its length CRC", "truncated record header (10 of 12 bytes)"),
+    ("cut at its data", "truncated record (0 of "),
+    ("cut inside its data", "truncated record ("),
+    ("cut at its data CRC", "truncated record (data CRC missing)"),
+    ("cut inside its data CRC", "truncated record (data CRC missing)"),
+    ("length damaged", "length CRC mismatch"),
+    ("length CRC damaged", "length CRC mismatch"),
+    ("data damaged", "data CRC mismatch"),
+    ("data CRC damaged", "data CRC mismatch"),
+    ("impossible length", "record length 1099511627776 is implausible"),
+    ("length past the end", "truncated record ("),
+]
+
+
+def _damage_record(path, offsets, i, kind):
+    start = offsets[i]
+    end = offsets[i + 1] if i + 1 < len(offsets) else os.path.getsize(path)
+    data_length = end - start - 16
+    cuts = {
+        "cut inside its length": start + 4,
+        "cut at its length CRC": start + 8,
+        "cut inside its length CRC": start + 10,
+        "cut at its data": start + 12,
+        "cut inside its data": start + 12 + data_length // 2,
+        "cut at its data CRC": start + 12 + data_length,
+        "cut inside its data CRC": start + 14 + data_length,
+    }
+    flips = {
+        "length damaged": start,
+        "length CRC damaged": start + 9,
+        "data damaged": start + 12 + data_length // 2,
+        "data CRC damaged": start + 13 + data_length,
+    }
+    if kind in cuts:
+        corpus.truncate_file(path, cuts[kind])
+    elif kind in flips:
+        with open(path, "rb") as f:
+            f.seek(flips[kind])
+            byte = f.read(1)[0]
+        corpus.patch_file(path, flips[kind], bytes([byte ^ 0x55]))
+    else:  # a length with a valid CRC that cannot be right
+        length = 1 << 40 if kind == "impossible length" else data_length + 10_000_000
+        header = struct.pack("<Q", length)
+        corpus.patch_file(path, start, header + struct.pack("<I", masked_crc32c(header)))
+
+
+@pytest.mark.parametrize("i", range(RECORDS))
+@pytest.mark.parametrize("kind, phrase", _TFRECORD_DAMAGE, ids=[k for k, _ in _TFRECORD_DAMAGE])
+def test_tfrecord_damage_keeps_every_record_before_it(tmp_path, i, kind, phrase):
+    path = str(tmp_path / "shard.tfrecord")
+    images = [corpus.make_jpeg(16 + 4 * r, 8, seed=r) for r in range(RECORDS)]
+    offsets = corpus.write_tfrecord(path, [(f"r{r}", images[r]) for r in range(RECORDS)])
+    _damage_record(path, offsets, i, kind)
+    entries = _entries(path)
+    assert [(e.key, e.data, e.error) for e in entries[:-1]] == [
+        (f"r{r}", images[r], None) for r in range(i)
+    ]
+    last = entries[-1]
+    assert last.fatal and last.key == f"{path}:{i}"
+    assert f"corrupt TFRecord at byte {offsets[i]} of {path}: {phrase}" in last.error
+
+
+@pytest.mark.parametrize(
+    "garbage, phrase",
+    [
+        (b"\x00" * 5, "truncated record header (5 of 12 bytes)"),
+        (b"GARBAGE" * 9, "length CRC mismatch"),
+    ],
+)
+def test_tfrecord_trailing_garbage_is_reported_after_every_record(tmp_path, garbage, phrase):
+    path = str(tmp_path / "shard.tfrecord")
+    corpus.write_tfrecord(path, [(f"r{r}", corpus.make_jpeg(8, 8, seed=r)) for r in range(3)])
+    end = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(garbage)
+    entries = _entries(path)
+    assert [e.key for e in entries] == ["r0", "r1", "r2", f"{path}:3"]
+    assert f"corrupt TFRecord at byte {end} of {path}: {phrase}" in entries[-1].error
+
+
+def test_tfrecord_record_over_the_size_limit_is_a_failure_and_the_next_is_read(tmp_path):
+    path = str(tmp_path / "big.tfrecord")
+    big, small = corpus.make_jpeg(200, 200, seed=1), corpus.make_jpeg(8, 8, seed=2)
+    offsets = corpus.write_tfrecord(path, [("big", big), ("small", small)])
+    limit = len(big)  # the serialized Example is a little larger than its image
+    entries = _entries(path, max_bytes=limit)
+    assert [(e.key, e.data) for e in entries] == [(f"{path}:0", None), ("small", small)]
+    assert entries[0].error.startswith("InputTooLargeError: the record is ")
+    assert f"over the --max_input_bytes limit of {limit}" in entries[0].error
+    assert not entries[0].fatal
+    # the skipped record's CRC is still checked: damage there ends the shard
+    corpus.patch_file(path, offsets[0] + 12 + 100, b"\x00\x01")
+    entries = _entries(path, max_bytes=limit)
+    assert len(entries) == 1 and "data CRC mismatch" in entries[0].error
+
+
+def test_image_file_over_the_size_limit_is_a_failure(tmp_path):
+    path = str(tmp_path / "big.jpg")
+    data = corpus.make_jpeg(64, 64)
+    open(path, "wb").write(data)
+    [entry] = _entries(path, max_bytes=len(data) - 1)
+    assert entry.key == path and entry.data is None
+    assert entry.error.startswith(f"InputTooLargeError: the file is {len(data)} bytes")
+    assert _entries(path, max_bytes=len(data))[0].data == data
+
+
+def test_a_huge_file_is_measured_not_read(tmp_path):
+    """A 300 MiB (sparse) file named .jpg is over the default 256 MiB limit: no byte is read."""
+    import tracemalloc
+
+    path = str(tmp_path / "huge.jpg")
+    with open(path, "wb") as f:
+        f.truncate(300 << 20)
+    tracemalloc.start()
+    try:
+        [entry] = _entries(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert entry.error.startswith("InputTooLargeError: the file is 314572800 bytes")
+    assert peak < 1 << 20
+
+
+def test_a_fifo_met_at_read_time_is_a_failure_not_a_hang(tmp_path):
+    """Listing leaves FIFOs out (test_input_forms.py); one that appears after it must not block."""
+    path = str(tmp_path / "pipe.jpg")
+    os.mkfifo(path)
+    with corpus.fifo_unblocked_after(path, seconds=20):  # a reader that blocks fails, not hangs
+        [entry] = _entries(path)
+    assert entry.error == f"NotRegularFileError: {path} is not a regular file"
 
 
 def test_key_pass_keeps_no_bytes_and_sees_same_items(shards):
@@ -195,6 +333,7 @@ def test_corrupt_shards_and_dedupe_in_a_pipeline(shards):
     }
     assert counters["read_images"] == len(shards.records)
     assert counters["read_failures"] == len(expected_failures)
+    assert counters["read_ignored_members"] == 1  # non_image.tar's README, once (not per pass)
 
 
 def _stem(key):

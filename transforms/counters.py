@@ -23,6 +23,7 @@ class Counter(NamedTuple):
 
 READ_FILES = Counter("read", "read_files")  # files the input globs matched
 READ_SKIPPED_FILES = Counter("read", "read_skipped_files")  # folder files no reader accepts
+READ_SKIPPED_SPECIAL = Counter("read", "read_skipped_special")  # FIFOs, devices, sockets
 READ_IMAGES = Counter("read", "read_images")  # image records read
 READ_FAILURES = Counter("read", "read_failures")  # inputs that could not be read (failure rows)
 READ_IGNORED_MEMBERS = Counter("read", "read_ignored_members")  # tar members that are no image
@@ -36,6 +37,7 @@ SKIPPED_IMAGES = Counter(JOB_NAMESPACE, "skipped_images")  # already in --skip_k
 SUMMARY = (
     READ_FILES,
     READ_SKIPPED_FILES,
+    READ_SKIPPED_SPECIAL,
     READ_IMAGES,
     READ_FAILURES,
     DECODED_IMAGES,

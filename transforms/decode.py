@@ -7,11 +7,22 @@ pure `core.decode.decode_image`.
 
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
 
-from core.decode import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, check_resize, decode_image
+from core.decode import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    check_resize,
+    decode_image,
+    type_name,
+)
 from transforms import counters
 from transforms.records import FAILURES, STAGE_DECODE, Decoded, Failure, ImageRecord, error_text
+
+_LOG = logging.getLogger(__name__)
 
 
 def decode_record(
@@ -24,8 +35,18 @@ def decode_record(
     any exception from one image, even an unexpected one, becomes that image's failure row)."""
     try:
         pixels, width, height = decode_image(record.data, image_size, max_pixels, resize)
-    except Exception as exc:  # noqa: BLE001 - one bad image must never fail the job
+    except DecodeError as exc:
         return Failure(record.key, record.source, STAGE_DECODE, error_text(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad image must never fail the job
+        # An exception we did not expect: its message may quote the image's bytes, so the failure
+        # names only its type (the debug log has the rest).
+        _LOG.debug("unexpected error decoding %s", record.source, exc_info=True)
+        return Failure(
+            record.key,
+            record.source,
+            STAGE_DECODE,
+            error_text(DecodeError(f"cannot decode image ({type_name(exc)})")),
+        )
     return Decoded(record.key, record.source, width, height, pixels)
 
 

@@ -17,69 +17,69 @@ job's wall time on local disk and ~4% on the GCS emulator, under the 10% that wo
 one-pass key plan; its shuffle holds one small tuple per record and the side input only the
 duplicates, so on Dataflow a worker's memory does not depend on the number of keys.
 
-Choices:
+Choices (docs/bad-input.md has the whole table of what bad input gets):
 - A zero-byte image file becomes a record (decode fails it with "empty file (0 bytes)").
 - A file whose format `auto` cannot tell from its extension becomes one read failure (not silence).
+- Non-regular files (FIFOs, devices, sockets, and links to them) are never opened: the match leaves
+  them out and counts them (`read_skipped_special`); one that turns into such a file after the
+  match is a read failure `NotRegularFileError` (local files are opened non-blocking).
+- Every input (file, TFRecord record, tar image member) is measured before it is read: one over
+  `max_input_bytes` (--max_input_bytes) is a read failure `InputTooLargeError`, its bytes skipped.
+- Names that are not UTF-8 (local files, tar members) get a lossless UTF-8 key: `transforms.names`.
 - A corrupt or truncated TFRecord / tar: records read before it are kept, then ONE failure names the
   shard and byte offset (of the uncompressed stream), keyed `<shard uri>:<index of lost record>`.
-- WebDataset: tar members are grouped by KEY (path up to the first dot of the basename, as
-  webdataset does), consecutive members with the same KEY form a sample; the image is the first
-  KEY.<image ext> member. A sample without one is a failure "no image member; members: ...".
-  Members without a KEY (no dot in the basename, dotfiles, `__meta__` files) and non-files are
-  ignored (counter `read_ignored_members`). On a truncated tar the sample being read is dropped
-  into the one failure.
+  TFRecord framing (length, its CRC, data, its CRC) is checked per record.
+- WebDataset tars (samples, link members, damage): `transforms.webdataset`.
 - I/O errors in the middle of a shard also become that shard's one failure, so one unreadable file
   never fails the job (Beam's FileSystems already retry transient GCS errors).
-- `.gz`/`.bz2`/... suffixes are decompressed transparently by FileSystems for TFRecord/tar inputs.
+- `.gz`/`.bz2`/... suffixes are decompressed transparently by FileSystems for TFRecord/tar inputs;
+  `.tgz` tars by tarfile.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import posixpath
 import re
+import stat
 import struct
-import tarfile
-import zlib
 from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import counters, progress
+from transforms.entries import (
+    DEFAULT_MAX_INPUT_BYTES,
+    IMAGE_EXTS,
+    CorruptShardError,
+    DuplicateKey,
+    Entry,
+    MissingImageError,
+    NotRegularFileError,
+    UnknownFormatError,
+    discard,
+    fatal,
+    read_exact,
+    seekable,
+    too_large,
+)
 from transforms.gcs import GcsDoFn
+from transforms.names import escaped_name_taken, from_element, key_text, to_element
 from transforms.records import FAILURES, STAGE_READ, Failure, ImageRecord, error_text
+from transforms.webdataset import iter_tar, split_member  # noqa: F401 (split_member re-exported)
 
 INPUT_FORMATS = ("auto", "tfrecord", "webdataset", "images")
 TFRECORD_EXTS = (".tfrecord", ".tfrec", ".tfrecords")
-TAR_EXTS = (".tar",)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TAR_EXTS = (".tar", ".tgz")
 KEY_FEATURES = ("image/key", "image/source_id", "image/filename")
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # data-00003-of-01024
 _COMPRESSION_EXTS = (".gz", ".bz2", ".deflate", ".zst", ".xz", ".lzma")
-# webdataset's own split: KEY is the dirname plus the basename up to its first dot.
-_WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _MAX_TFRECORD_LENGTH = 1 << 31
-_CHUNK = 1 << 20
 _LOG = logging.getLogger(__name__)
-
-
-class CorruptShardError(Exception):
-    """A TFRecord or tar shard is corrupt or truncated at some byte offset."""
-
-
-class MissingImageError(ValueError):
-    """A record or sample has no image bytes."""
-
-
-class DuplicateKey(Exception):
-    """The key was already read from another source (the failure text reads "DuplicateKey: ...")."""
-
-
-class UnknownFormatError(ValueError):
-    """`auto` could not tell a file's format from its name."""
 
 
 class ReadResult(NamedTuple):
@@ -87,17 +87,6 @@ class ReadResult(NamedTuple):
 
     records: beam.PCollection  # of ImageRecord
     failures: beam.PCollection  # of Failure, stage "read"
-
-
-class Entry(NamedTuple):
-    """One item of a shard as both passes see it (data is None in the key pass)."""
-
-    key: str
-    index: int  # position in the shard (record or sample number); orders duplicates
-    source: str
-    data: Optional[bytes] = None
-    error: Optional[str] = None  # "Type: message" when this item is a failure
-    fatal: bool = False  # the shard ends here (corrupt / truncated / unreadable)
 
 
 # ---------------------------------------------------------------------------------------- formats
@@ -122,89 +111,138 @@ def detect_format(uri: str, input_format: str = "auto") -> Optional[str]:
 
 
 def iter_entries(
-    uri: str, fmt: Optional[str], key_feature: str = "image/encoded", with_data: bool = True
+    uri: str | bytes,
+    fmt: Optional[str],
+    key_feature: str = "image/encoded",
+    with_data: bool = True,
+    max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> Iterator[Entry]:
-    """Every item of one file, in order; a shard-level problem ends it with one `fatal` Entry."""
+    """Every item of one file, in order; a shard-level problem ends it with one `fatal` Entry.
+
+    `uri`: the file's URI or local path (a str, with surrogates for a name that is not UTF-8, or a
+    PCollection element of `transforms.names.to_element`); keys, sources and messages name it by
+    its key text. `max_bytes`: the size limit of one input (file, record, image member)."""
+    uri = from_element(uri)
+    name = key_text(uri)
+    if escaped_name_taken(uri):
+        yield fatal(
+            name,
+            0,
+            DuplicateKey(
+                f"key also read from {name} (this name is not UTF-8, and its key text, "
+                "with the undecodable bytes escaped, is that file's name)"
+            ),
+            key=name,
+            source=name,
+        )
+        return
     if fmt is None:
-        yield _fatal(
-            uri,
+        yield fatal(
+            name,
             0,
             UnknownFormatError(
-                f"cannot tell the input format of {uri} from its extension; "
+                f"cannot tell the input format of {name} from its extension; "
                 f"pass --input_format (one of {', '.join(INPUT_FORMATS[1:])})"
             ),
-            key=uri,
-            source=uri,
+            key=name,
+            source=name,
         )
         return
     if fmt == "images":
-        yield from _iter_image_file(uri, with_data)
+        yield from _iter_image_file(uri, name, with_data, max_bytes)
         return
     if fmt not in ("tfrecord", "webdataset"):
         raise ValueError(f"input_format must be one of {INPUT_FORMATS}, not {fmt!r}")
     position = [0]  # index of the item being read, for the failure of an unexpected I/O error
     try:
-        with FileSystems.open(uri, compression_type=CompressionTypes.AUTO) as f:
+        with _open_shard(uri) as f:
             if fmt == "tfrecord":
-                items = _iter_tfrecord(uri, f, key_feature, with_data)
+                items = _iter_tfrecord(name, f, key_feature, with_data, max_bytes)
             else:
-                items = _iter_tar(uri, f, with_data)
+                items = iter_tar(name, f, lambda: _open_shard(uri), with_data, max_bytes)
             for entry in items:
                 position[0] = entry.index + 1
                 yield entry
     except Exception as exc:  # noqa: BLE001 - an unreadable shard is a failure row, not a dead job
-        yield _fatal(
-            uri,
+        yield fatal(
+            name,
             position[0],
-            OSError(f"cannot read {uri} after {position[0]} items: {error_text(exc)}"),
+            OSError(f"cannot read {name} after {position[0]} items: {error_text(exc)}"),
         )
 
 
-def _fatal(uri: str, index: int, exc: BaseException, key: str = None, source: str = None) -> Entry:
-    at = f"{uri}:{index}"
-    return Entry(key or at, index, source or at, error=error_text(exc), fatal=True)
+def _open_shard(uri: str):
+    return FileSystems.open(uri, compression_type=CompressionTypes.AUTO)
 
 
-def _iter_image_file(uri: str, with_data: bool) -> Iterator[Entry]:
+def _iter_image_file(uri: str, name: str, with_data: bool, max_bytes: int) -> Iterator[Entry]:
     if not with_data:
-        yield Entry(uri, 0, uri)
+        yield Entry(name, 0, name)
         return
     try:
-        with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            data = f.read()
+        data = read_file(uri, max_bytes)
     except Exception as exc:  # noqa: BLE001
-        yield _fatal(uri, 0, exc, key=uri, source=uri)
+        yield fatal(name, 0, exc, key=name, source=name)
         return
-    yield Entry(uri, 0, uri, data)
+    yield Entry(name, 0, name, data)
 
 
-def _read_exact(f, n: int) -> bytes:
-    """Up to n bytes; fewer only at end of file (streams may return short reads)."""
-    chunks, remaining = [], n
-    while remaining > 0:
-        chunk = f.read(min(remaining, 64 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+def read_file(uri: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> bytes:
+    """A whole file's bytes, measured first: `InputTooLargeError` over `max_bytes` (nothing read),
+    `NotRegularFileError` for a local FIFO, device or socket (opened without blocking)."""
+    if "://" in uri:
+        with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            return _read_capped(f, _stream_size(f), max_bytes)
+    fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with io.FileIO(fd, closefd=True) as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(f"{key_text(uri)} is not a regular file")
+        return _read_capped(f, info.st_size, max_bytes)
+
+
+def _read_capped(f, size: Optional[int], max_bytes: int) -> bytes:
+    if size is None:
+        data = read_exact(f, max_bytes + 1)
+    elif size > max_bytes:
+        raise too_large("the file", size, max_bytes)
+    else:
+        data = read_exact(f, size + 1)  # one buffer of the file's size (as a plain read() has)
+        if len(data) > size:  # it grew since it was measured: the rest, up to the limit
+            data += read_exact(f, max_bytes + 1 - len(data))
+    if len(data) > max_bytes:
+        raise too_large("the file", len(data), max_bytes)
+    return data
+
+
+def _stream_size(f) -> Optional[int]:
+    """The size of an open file without reading it (GCS readers know it), or None."""
+    try:
+        if seekable(f):
+            end = f.seek(0, io.SEEK_END)
+            f.seek(0)
+            return end
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
 
 
 # ---------------------------------------------------------------------------------------- TFRecord
 
 
 def _crc32c_function():
-    """Fastest CRC-32C at hand: google-crc32c (a Beam[gcp] dependency), crc32c, or pure Python."""
+    """Fastest CRC-32C at hand as `extend(crc, data)`: google-crc32c (a Beam[gcp] dependency),
+    crc32c, or pure Python."""
     try:
         import google_crc32c
 
-        return google_crc32c.value
+        return google_crc32c.extend
     except ImportError:
         pass
     try:
         import crc32c
 
-        return crc32c.crc32c
+        return lambda crc, data: crc32c.crc32c(data, crc)
     except ImportError:
         return _crc32c_python
 
@@ -222,47 +260,64 @@ def _crc32c_table():
 _TABLE = None
 
 
-def _crc32c_python(data: bytes) -> int:
+def _crc32c_python(crc: int, data: bytes) -> int:
     global _TABLE
     if _TABLE is None:
         _TABLE = _crc32c_table()
-    crc = 0xFFFFFFFF
+    crc ^= 0xFFFFFFFF
     for b in data:
         crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF
 
 
-_crc32c = _crc32c_function()
+_crc32c_extend = _crc32c_function()
+
+
+def _mask(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC-32C of `data`."""
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    return _mask(_crc32c_extend(0, data))
 
 
-def _iter_tfrecord(uri: str, f, key_feature: str, with_data: bool) -> Iterator[Entry]:
+def _iter_tfrecord(
+    name: str, f, key_feature: str, with_data: bool, max_bytes: int
+) -> Iterator[Entry]:
     from tensorflow.core.example import example_pb2  # protobuf only; imported where needed
 
     offset, index = 0, 0
     while True:
-        header = _read_exact(f, 12)
+        header = read_exact(f, 12)
         if not header:
             return
         problem, length = _check_header(header)
-        data = b""
-        if problem is None:
-            data = _read_exact(f, length)
-            footer = _read_exact(f, 4) if len(data) == length else b""
+        if problem is None and length > max_bytes:  # measured, skipped, never held
+            problem = _skip_record(f, length)
+            if problem is None:
+                source = f"{name}:{index}"
+                yield Entry(
+                    source,
+                    index,
+                    source,
+                    error=error_text(too_large("the record", length, max_bytes)),
+                )
+                offset += 16 + length
+                index += 1
+                continue
+        elif problem is None:
+            data = read_exact(f, length)
+            footer = read_exact(f, 4) if len(data) == length else b""
             problem = _check_data(data, length, footer)
         if problem:
-            yield _fatal(
-                uri,
+            yield fatal(
+                name,
                 index,
-                CorruptShardError(f"corrupt TFRecord at byte {offset} of {uri}: {problem}"),
+                CorruptShardError(f"corrupt TFRecord at byte {offset} of {name}: {problem}"),
             )
             return
-        yield _example_entry(example_pb2, data, uri, index, key_feature, with_data)
+        yield _example_entry(example_pb2, data, name, index, key_feature, with_data)
         offset += 16 + length
         index += 1
 
@@ -288,19 +343,37 @@ def _check_data(data: bytes, length: int, footer: bytes) -> Optional[str]:
     return None
 
 
+def _skip_record(f, length: int) -> Optional[str]:
+    """Reads past a record's data, checking its CRC as it goes; the problem, or None."""
+    crc = [0]
+
+    def update(chunk):
+        crc[0] = _crc32c_extend(crc[0], chunk)
+
+    read = discard(f, length, update)
+    footer = read_exact(f, 4) if read == length else b""
+    if read < length:
+        return f"truncated record ({read} of {length} data bytes)"
+    if len(footer) < 4:
+        return "truncated record (data CRC missing)"
+    if _mask(crc[0]) != struct.unpack("<I", footer)[0]:
+        return "data CRC mismatch"
+    return None
+
+
 def _example_entry(
-    example_pb2, data: bytes, uri: str, index: int, key_feature: str, with_data: bool
+    example_pb2, data: bytes, name: str, index: int, key_feature: str, with_data: bool
 ) -> Entry:
-    source = f"{uri}:{index}"
+    source = f"{name}:{index}"
     try:
         example = example_pb2.Example.FromString(data)
-    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError (its text is not shown)
         return Entry(
             source,
             index,
             source,
             error=error_text(
-                MissingImageError(f"record is not a tf.train.Example ({error_text(exc)})")
+                MissingImageError(f"record is not a tf.train.Example ({type(exc).__name__})")
             ),
         )
     features = example.features.feature
@@ -333,112 +406,7 @@ def _example_key(features) -> Optional[str]:
     return None
 
 
-# --------------------------------------------------------------------------------------- WebDataset
-
-
-class _CountingReader:
-    """File wrapper that counts bytes read and notices end of file (to spot a cut-off tar)."""
-
-    def __init__(self, f):
-        self._f = f
-        self.count = 0
-        self.eof = False
-
-    def read(self, n=-1):
-        data = self._f.read(n)
-        self.count += len(data)
-        if not data and n != 0:
-            self.eof = True
-        return data
-
-
-class _Sample:
-    """Members of one WebDataset sample seen so far (image bytes only for the image member)."""
-
-    def __init__(self, key: str, index: int):
-        self.key, self.index = key, index
-        self.members: list[str] = []
-        self.exts: set[str] = set()
-        self.image_member: Optional[str] = None
-        self.image: Optional[bytes] = None
-
-    def add(self, name: str, ext: str, data: Optional[bytes]):
-        self.members.append(name)
-        self.exts.add(ext)
-        if self.image_member is None and _is_image_ext(ext):
-            self.image_member, self.image = name, data
-
-    def entry(self, uri: str, with_data: bool) -> Entry:
-        if self.image_member is None:
-            names = ", ".join(posixpath.basename(m) for m in self.members)
-            return Entry(
-                self.key,
-                self.index,
-                f"{uri}:{self.members[0]}",
-                error=error_text(MissingImageError(f"no image member; members: {names}")),
-            )
-        return Entry(
-            self.key, self.index, f"{uri}:{self.image_member}", self.image if with_data else None
-        )
-
-
-def _is_image_ext(ext: str) -> bool:
-    return "." + ext in IMAGE_EXTS
-
-
-def split_member(name: str) -> tuple[Optional[str], str]:
-    """(KEY, ext) of a tar member as webdataset splits it; KEY None when the name has none."""
-    match = _WDS_MEMBER.match(name)
-    if not match:
-        return None, ""
-    return match.group(1), match.group(2).lower()
-
-
-def _iter_tar(uri: str, f, with_data: bool) -> Iterator[Entry]:
-    reader = _CountingReader(f)
-    sample: Optional[_Sample] = None
-    index, offset = 0, 0
-    try:
-        tar = tarfile.open(fileobj=reader, mode="r|*")
-        for member in tar:
-            offset = member.offset
-            if not member.isfile():
-                continue
-            key, ext = split_member(member.name)
-            if key is None:
-                _read_member(tar, member, keep=False)
-                counters.READ_IGNORED_MEMBERS.metric().inc()
-                continue
-            if sample is not None and (sample.key != key or ext in sample.exts):
-                yield sample.entry(uri, with_data)  # complete: the next sample has started
-                index, sample = index + 1, None
-            if sample is None:
-                sample = _Sample(key, index)
-            keep = with_data and _is_image_ext(ext) and sample.image_member is None
-            sample.add(member.name, ext, _read_member(tar, member, keep))
-        if sample is not None:  # every member of it was read in full
-            yield sample.entry(uri, with_data)
-            index, sample = index + 1, None
-        if tar.fileobj.comptype == "tar" and reader.eof and reader.count < tar.offset + 512:
-            offset = tar.offset  # tarfile ends quietly when a cut falls on a header: we do not
-            raise tarfile.ReadError("end of file before the end-of-archive marker")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        yield _fatal(
-            uri,
-            index,
-            CorruptShardError(f"corrupt or truncated tar at byte {offset} of {uri}: {exc}"),
-        )
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, keep: bool) -> Optional[bytes]:
-    """Read a member's bytes (kept or thrown away): a streamed tar must be read to move on anyway,
-    and reading every byte is what detects a cut-off member."""
-    fobj = tar.extractfile(member)
-    if keep:
-        return fobj.read()
-    while fobj.read(_CHUNK):
-        pass
-    return None
+# ---------------------------------------------------------------------------------- globs
 
 
 def split_patterns(patterns) -> list:
@@ -460,10 +428,11 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class Expansion(NamedTuple):
-    """What one `--input` item stands for: the files to read, and the folder files left out."""
+    """What one `--input` item stands for: the files to read, and the files left out."""
 
     files: list  # URIs to read (a glob's matches, or a folder's accepted files)
     skipped: list  # files in a folder whose extension --input_format does not accept
+    special: list = []  # local FIFOs, devices, sockets (or links to them): never opened
 
 
 def normalize_pattern(pattern: str) -> str:
@@ -499,14 +468,84 @@ def folder_accepts(uri: str, input_format: str = "auto") -> bool:
 def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
     """The files one `--input` item stands for: a glob's matches (every match is an input; one
     that cannot be read becomes a failure), or every file under a folder, recursively, that
-    `folder_accepts` (the others are returned as `skipped`, not failures)."""
+    `folder_accepts` (the others are returned as `skipped`, not failures). Local matches that are
+    not regular files (FIFOs, devices, sockets, links to them) are returned as `special`, so they
+    are never opened; links to nothing are inputs (reading them gives their failure row)."""
     pattern = normalize_pattern(pattern)
-    if not is_folder(pattern):
-        return Expansion(match_files(pattern), [])
-    files, skipped = [], []
-    for uri in match_files(pattern.rstrip("/") + "/**"):
-        (files if folder_accepts(uri, input_format) else skipped).append(uri)
-    return Expansion(files, skipped)
+    listed = pattern.rstrip("/") + "/**" if is_folder(pattern) else pattern
+    if "://" in pattern:
+        found = [(uri, "regular") for uri in match_files(listed)]  # objects are always files
+    else:
+        found = list(_match_local(listed))
+    files, skipped, special = [], [], []
+    folder = listed != pattern
+    for uri, kind in found:
+        if folder and not folder_accepts(uri, input_format):
+            skipped.append(uri)
+        else:
+            (special if kind == "special" else files).append(uri)
+    return Expansion(files, skipped, special)
+
+
+def _match_local(pattern: str) -> Iterator[tuple[str, Optional[str]]]:
+    """(path, kind) of every local file a glob matches: the paths and glob syntax of Beam's local
+    `FileSystems.match` (a walk under the glob's fixed prefix, `FileSystem.translate_pattern`),
+    with one stat a file for its kind (`_file_kind`; Beam's takes two), and links to nothing kept
+    (Beam drops them unseen; here they become failure rows)."""
+    if pattern.endswith("/"):
+        pattern += "*"
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:  # no glob: the file itself
+        if os.path.lexists(pattern) and not os.path.isdir(pattern):
+            yield pattern, _file_kind(pattern)
+        return
+    matches = re.compile(FileSystem.translate_pattern(pattern)).match
+    for folder, _, names in os.walk(os.path.dirname(prefix)):
+        for name in names:
+            path = os.path.join(folder, name)
+            if matches(path):
+                yield path, _file_kind(path)
+
+
+def _file_kind(path: str) -> Optional[str]:
+    """ "regular" or "special" (FIFO, device, socket) for a local path, links followed; None when
+    it cannot be stat'ed (a link to nothing or a loop: reading it gives its failure)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return "regular" if stat.S_ISREG(mode) else "special"
+
+
+def _local_problem(pattern: str, input_format: str) -> Optional[str]:
+    """Why a local (normalized) pattern gives no file to read: "none" (it matches nothing),
+    "unreadable" (only files the format does not read), "special" (only FIFOs, devices, sockets),
+    or None. A folder or glob is walked only up to its first input."""
+    if is_folder(pattern):
+        found = special = False
+        for folder, _, names in os.walk(pattern):
+            for name in names:
+                found, path = True, os.path.join(folder, name)
+                if folder_accepts(path, input_format):
+                    if _file_kind(path) != "special":
+                        return None
+                    special = True
+        return "special" if special else "unreadable" if found else "none"
+    matched = False
+    for _, kind in _match_local(pattern):  # up to the first file that is not special
+        if kind != "special":
+            return None
+        matched = True
+    return "special" if matched else "none"
+
+
+def _no_input_message(pattern: str, input_format: str, problem: str) -> str:
+    shown = repr(key_text(pattern))
+    if problem == "special":
+        return f"input pattern {shown} matched only FIFOs, devices or sockets, which are never read"
+    if problem == "unreadable":
+        return f"input pattern {shown} matched no files that --input_format {input_format} reads"
+    return f"input pattern {shown} matched no files"
 
 
 # ---------------------------------------------------------------------------------------- Beam
@@ -515,45 +554,60 @@ def expand_input(pattern: str, input_format: str = "auto") -> Expansion:
 class _MatchFiles(GcsDoFn):
     """Pattern -> the URIs it matches; a pattern matching nothing fails loudly (typos are errors).
 
-    Folder files with extensions no reader accepts are counted (`read_skipped_files`) and logged."""
+    Folder files with extensions no reader accepts are counted (`read_skipped_files`), and so are
+    FIFOs, devices and sockets (`read_skipped_special`), and logged. URIs go out as
+    `transforms.names.to_element` makes them (bytes for a local name that is not UTF-8)."""
 
     def __init__(self, input_format: str = "auto"):
         self._format = input_format
 
-    def process(self, pattern: str):
-        paths, skipped = expand_input(pattern, self._format)
+    def process(self, pattern: str | bytes):
+        pattern = from_element(pattern)
+        paths, skipped, special = expand_input(pattern, self._format)
         shards = sum(detect_format(u, self._format) != "images" for u in paths)
         note = f" ({shards} TFRecord/tar shards)" if shards else ""
-        if skipped:
-            counters.READ_SKIPPED_FILES.metric().inc(len(skipped))
-            examples = ", ".join(posixpath.basename(s) for s in skipped[:3])
-            note += (
-                f"; skipped {len(skipped)} file(s) that --input_format {self._format} "
-                f"does not read (e.g. {examples})"
-            )
-        _LOG.info("input %s: %d file(s)%s", pattern, len(paths), note)
+        for found, counter, why in (
+            (skipped, counters.READ_SKIPPED_FILES, f"--input_format {self._format} does not read"),
+            (special, counters.READ_SKIPPED_SPECIAL, "are FIFOs, devices or sockets"),
+        ):
+            if found:
+                counter.metric().inc(len(found))
+                examples = ", ".join(key_text(posixpath.basename(s)) for s in found[:3])
+                note += f"; skipped {len(found)} file(s) that {why} (e.g. {examples})"
+        _LOG.info("input %s: %d file(s)%s", key_text(pattern), len(paths), note)
         if not paths:
-            raise ValueError(
-                f"input pattern {pattern!r} matched no files"
-                + (f" that --input_format {self._format} reads" if skipped else "")
-            )
+            problem = "unreadable" if skipped else "special" if special else "none"
+            raise ValueError(_no_input_message(pattern, self._format, problem))
         counters.READ_FILES.metric().inc(len(paths))
         progress.matched(len(paths), shards)
-        yield from paths
+        for path in paths:
+            yield to_element(path)
 
 
 class _ExtractKeys(GcsDoFn):
     """Key pass: (key, (uri, index, source)) of every keyed item; no image bytes kept."""
 
-    def __init__(self, input_format: str, key_feature: str):
+    def __init__(
+        self,
+        input_format: str,
+        key_feature: str,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    ):
         self._format, self._key_feature = input_format, key_feature
+        self._max_bytes = max_input_bytes
 
-    def process(self, uri: str):
+    def process(self, element: str | bytes):
+        uri = from_element(element)
+        name = key_text(uri)
         for entry in iter_entries(
-            uri, detect_format(uri, self._format), self._key_feature, with_data=False
+            uri,
+            detect_format(uri, self._format),
+            self._key_feature,
+            with_data=False,
+            max_bytes=self._max_bytes,
         ):
             if not entry.fatal:
-                yield entry.key, (uri, entry.index, entry.source)
+                yield entry.key, (name, entry.index, entry.source)
 
 
 def _losers(item):
@@ -571,17 +625,29 @@ def _losers(item):
 class _ReadShard(GcsDoFn):
     """Read pass: one shard/file -> ImageRecords, and Failures on the FAILURES tag."""
 
-    def __init__(self, input_format: str, key_feature: str):
+    def __init__(
+        self,
+        input_format: str,
+        key_feature: str,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    ):
         self._format, self._key_feature = input_format, key_feature
+        self._max_bytes = max_input_bytes
         self._records = counters.READ_IMAGES.metric()
         self._failures = counters.READ_FAILURES.metric()
 
-    def process(self, uri: str, losers=None):
+    def process(self, element: str | bytes, losers=None):
         losers = losers or {}
-        for entry in iter_entries(uri, detect_format(uri, self._format), self._key_feature):
+        uri = from_element(element)
+        name = key_text(uri)
+        for entry in iter_entries(
+            uri, detect_format(uri, self._format), self._key_feature, max_bytes=self._max_bytes
+        ):
             error = entry.error
-            if error is None and (uri, entry.index) in losers:
-                error = error_text(DuplicateKey(f"key also read from {losers[(uri, entry.index)]}"))
+            if error is None and (name, entry.index) in losers:
+                error = error_text(
+                    DuplicateKey(f"key also read from {losers[(name, entry.index)]}")
+                )
             if error is not None:
                 self._failures.inc()
                 yield beam.pvalue.TaggedOutput(
@@ -601,12 +667,15 @@ class ReadImages(beam.PTransform):
       whose extension `input_format` reads (see `expand_input`).
     input_format: "auto" (by extension, per file), "tfrecord", "webdataset" or "images".
     key_feature: the tf.train.Example bytes feature holding the encoded image.
+    max_input_bytes: the size limit of one input (file, TFRecord record, tar image member); a
+      larger one is a read failure `InputTooLargeError`, its bytes never read.
     validate: check at construction that every pattern matches at least one file (a typo must not
       give an empty, successful run); the runtime match checks again.
     Returns `ReadResult(records: PCollection[ImageRecord], failures: PCollection[Failure])`; it
     unpacks as `records, failures = p | ReadImages(...)`.
     Counters (namespace "read"): read_images, read_failures, read_files, read_ignored_members,
-      read_skipped_files (folder files with an extension no reader accepts).
+      read_skipped_files (folder files with an extension no reader accepts),
+      read_skipped_special (FIFOs, devices, sockets: never opened).
     """
 
     def __init__(
@@ -615,6 +684,7 @@ class ReadImages(beam.PTransform):
         input_format: str = "auto",
         key_feature: str = "image/encoded",
         validate: bool = True,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     ):
         super().__init__()
         self._patterns = [
@@ -627,8 +697,11 @@ class ReadImages(beam.PTransform):
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, not {input_format!r}")
         self._format = input_format
         self._key_feature = key_feature
+        if max_input_bytes <= 0:
+            raise ValueError(f"max_input_bytes must be positive, not {max_input_bytes}")
+        self._max_bytes = max_input_bytes
         if validate:
-            check_patterns(self._patterns)
+            check_patterns(self._patterns, input_format)
 
     def _needs_key_pass(self) -> bool:
         if self._format == "images":
@@ -640,7 +713,7 @@ class ReadImages(beam.PTransform):
     def expand(self, pbegin):
         uris = (
             pbegin
-            | "Patterns" >> beam.Create(self._patterns)
+            | "Patterns" >> beam.Create([to_element(p) for p in self._patterns])
             | "Match" >> beam.ParDo(_MatchFiles(self._format))
             | "DistinctFiles" >> beam.Distinct()
             | "SpreadFiles" >> beam.Reshuffle()
@@ -649,31 +722,61 @@ class ReadImages(beam.PTransform):
         if self._needs_key_pass():
             losers = beam.pvalue.AsDict(
                 uris
-                | "ExtractKeys" >> beam.ParDo(_ExtractKeys(self._format, self._key_feature))
+                | "ExtractKeys"
+                >> beam.ParDo(_ExtractKeys(self._format, self._key_feature, self._max_bytes))
                 | "GroupKeys" >> beam.GroupByKey()
                 | "FindDuplicates" >> beam.FlatMap(_losers)
             )
-        read = _ReadShard(self._format, self._key_feature)
+        read = _ReadShard(self._format, self._key_feature, self._max_bytes)
         outputs = uris | "ReadShards" >> (
             beam.ParDo(read, losers) if losers is not None else beam.ParDo(read)
         ).with_outputs(FAILURES, main="records")
         return ReadResult(outputs.records, outputs[FAILURES])
 
 
-def check_patterns(patterns: list[str]) -> None:
-    """Raise ValueError naming every pattern that matches no file (or cannot be listed).
+_CHECK_LISTING = 1000  # objects listed to check a gs:// folder before the job starts
 
-    Cheap (one listed file per pattern); a folder with files but none the format reads fails at
-    run time, in the match."""
-    problems = []
+
+def check_patterns(patterns: list[str], input_format: str = "auto") -> None:
+    """Raise ValueError naming every pattern that gives no file to read (or cannot be listed).
+
+    Local patterns are checked as the match will expand them (a folder only up to its first
+    readable file), so a folder of sidecars or a lone FIFO is a usage error before the job starts.
+    gs:// globs are checked cheaply (one listed object), gs:// folders by their first 1,000
+    objects: a bigger one with none the format reads among them fails at run time, in the match."""
+    empty, unreadable, remote = [], [], []
     try:
-        listed = [normalize_pattern(p) for p in patterns]
-        listed = [p.rstrip("/") + "/**" if is_folder(p) else p for p in listed]
-        results = FileSystems.match(listed, limits=[1] * len(listed))
+        for pattern in patterns:
+            normalized = normalize_pattern(pattern)
+            if "://" in normalized:
+                folder = is_folder(normalized)
+                listed = normalized.rstrip("/") + "/**" if folder else normalized
+                remote.append((pattern, listed, folder))
+                continue
+            problem = _local_problem(normalized, input_format)
+            if problem == "none":
+                empty.append(pattern)
+            elif problem:
+                unreadable.append(_no_input_message(pattern, input_format, problem))
+        results = FileSystems.match(
+            [listed for _, listed, _ in remote],
+            limits=[_CHECK_LISTING if folder else 1 for _, _, folder in remote],
+        )
     except Exception as exc:  # noqa: BLE001 - BeamIOError lists the failing patterns
         raise ValueError(f"cannot list input files: {error_text(exc)}") from None
-    for pattern, result in zip(patterns, results):
-        if not result.metadata_list:
-            problems.append(pattern)
+    for (pattern, _, folder), result in zip(remote, results):
+        found = [m.path for m in result.metadata_list]
+        if not found:
+            empty.append(pattern)
+        elif (
+            folder
+            and len(found) < _CHECK_LISTING
+            and not any(folder_accepts(uri, input_format) for uri in found)
+        ):
+            unreadable.append(_no_input_message(pattern, input_format, "unreadable"))
+    problems = unreadable
+    if empty:
+        shown = ", ".join(key_text(pattern) for pattern in empty)
+        problems = [f"input pattern(s) matched no files: {shown}", *unreadable]
     if problems:
-        raise ValueError("input pattern(s) matched no files: " + ", ".join(problems))
+        raise ValueError("; ".join(problems))

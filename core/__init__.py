@@ -1,0 +1,1 @@
+"""Beam-free plumbing shared by the job (pipeline/, transforms/) and the index (search/)."""

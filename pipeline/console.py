@@ -21,6 +21,7 @@ import sys
 import threading
 from typing import Optional
 
+from core.text import printable
 from transforms import progress
 
 _LOG = logging.getLogger("pipeline.console")
@@ -37,6 +38,9 @@ NOISY_MESSAGES = re.compile(
             r"Creating state cache",
             r"BatchElements statistics",
             r"Renamed \d+ shards",
+            # A failing step's error, logged by the runner with its traceback: the same error
+            # reaches the launcher, which reports it (one line, or a bug's traceback).
+            r"\[while running '",
         ]
     )
 )
@@ -98,7 +102,12 @@ class _ConsoleHandler(logging.StreamHandler):
 
 
 class _Formatter(logging.Formatter):
-    """'12:03:04 message' for the job's INFO lines; level and logger name for everything else."""
+    """'12:03:04 message' for the job's INFO lines; level and logger name for everything else.
+    Control characters in messages (keys, paths: user data) are escaped, line breaks kept."""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message, keep_newlines=True)
+        return super().formatMessage(record)
 
     def format(self, record):
         short = record.levelno == logging.INFO and record.name.split(".")[0] in OUR_LOGGERS

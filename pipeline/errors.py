@@ -1,12 +1,14 @@
 """One error policy for both entry points (`python -m pipeline`, `python -m pipeline.dataflow`).
 
 - a usage or set-up error (a missing or inconsistent flag, inputs that match nothing, an output
-  directory holding an earlier run, models that cannot serve the job): one clear line, exit 2;
+  directory holding an earlier run or claimed by a running one, an output that cannot be written
+  (a file, read-only, a full disk), models that cannot serve the job): one clear line, exit 2;
 - the job ran but too many images failed (`--max_failure_rate`): one line, exit 3;
 - anything else is a bug or an outage: the exception propagates (traceback), exit 1.
 
 The lower layers raise their own specific errors (`transforms.outputs.OutputExistsError`,
-`transforms.infer.ModelError`); `usage_errors()` is the one list of what counts as set-up.
+`transforms.outputs.OutputError`, `core.claim.ClaimError`, `transforms.infer.ModelError`);
+`usage_errors()` is the one list of what counts as set-up.
 """
 
 import logging
@@ -27,10 +29,11 @@ class JobFailed(RuntimeError):
 
 def usage_errors() -> tuple:
     """Exception types reported as one line with exit code 2 (imported lazily: cheap `--help`)."""
+    from core.claim import ClaimError
     from transforms.infer import ModelError
-    from transforms.outputs import OutputExistsError
+    from transforms.outputs import OutputError, OutputExistsError
 
-    return UsageError, OutputExistsError, ModelError
+    return UsageError, OutputExistsError, OutputError, ClaimError, ModelError
 
 
 def exit_code(job: Callable[[], object]) -> int:

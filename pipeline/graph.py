@@ -45,12 +45,13 @@ def footer_metadata(opts: JobOptions, model: ModelInfo, basis=None) -> dict:
     return metadata
 
 
-def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None):
+def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None, output=None):
     """Adds the whole job to `p`; returns the results and failures write results.
 
     `basis` is the PCA basis of `--pca_basis`, already loaded and checked by the launcher
-    (`pipeline.main.check_pca_basis`); read here when not given (a dry-run job description)."""
-    output = opts.output.rstrip("/")
+    (`pipeline.main.check_pca_basis`); read here when not given (a dry-run job description).
+    `output`: where the files go (the launcher's staging directory; default `--output`)."""
+    output = (output or opts.output).rstrip("/")
     if basis is None and opts.pca_basis:
         from model.pca import load_basis
 

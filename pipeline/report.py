@@ -11,10 +11,10 @@ is ~2 MB at most). It shows:
   image's top-3 tags and scores, and its key on hover.
 
 The results are read one record batch at a time, only the key and tags columns, so memory stays
-small for millions of rows.
+small for millions of rows. An output without `summary.json` (a run that did not commit) gets a
+page that says INCOMPLETE RUN at the top, and its failures as unknown, never "No failures".
 """
 
-import argparse
 import base64
 import collections
 import html
@@ -25,10 +25,12 @@ from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
+from core.args import OneLineParser, quiet_broken_pipe
+from core.text import printable
 from transforms import gcs, outputs
-from transforms.read import match_files
 from transforms.sample import SAMPLES_FILE
 
 REPORT_FILE = "report.html"
@@ -36,6 +38,8 @@ TOP_TAGS = 30
 EXAMPLES = 5
 HISTOGRAM_BINS = 20
 _LOG = logging.getLogger(__name__)
+# What writing the report can fail with that is about the files, not a bug in this module.
+REPORT_ERRORS = (OSError, BeamIOError, pa.ArrowException, outputs.OutputError)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -77,16 +81,13 @@ class _Stats:
 
 
 def _files(output: str, pattern: str) -> list:
-    try:
-        return sorted(match_files(f"{output}/{pattern}"))
-    except Exception:  # pylint: disable=broad-except  (nothing matched on some filesystems)
-        return []
+    return sorted(outputs.list_files(f"{output}/{pattern}"))
 
 
 def read_samples(output: str) -> list:
     """[{key, source, width, height, thumbnail}] from OUTPUT/samples.parquet ([] when absent)."""
     path = f"{output}/{SAMPLES_FILE}"
-    if not FileSystems.exists(path):
+    if not outputs.list_files(path):
         return []
     with outputs.open_parquet(path) as samples:
         return samples.read().to_pylist()
@@ -94,7 +95,9 @@ def read_samples(output: str) -> list:
 
 def gather(output: str) -> dict:
     """Everything the page shows, read from a finished output directory."""
-    summary = outputs.read_summary(output) or {}
+    summary = outputs.read_summary(output)
+    complete = summary is not None
+    summary = summary or {}
     samples = read_samples(output)
     stats = _Stats(s["key"] for s in samples)
     for path in _files(output, "results-*.parquet"):
@@ -114,6 +117,7 @@ def gather(output: str) -> dict:
     for sample in samples:
         sample["tags"] = stats.sample_tags.get(sample["key"], [])
     return {
+        "complete": complete,
         "summary": summary,
         "samples": samples,
         "tag_counts": stats.tag_counts,
@@ -138,6 +142,7 @@ text-align:left;vertical-align:top}th{background:#f0f0f0}td.n{text-align:right}
 .card ol{margin:0;padding-left:18px;font-size:12px}.card li span{color:#777}
 .kv td:first-child{font-weight:600}.err{font-family:monospace;font-size:12px;word-break:break-all}
 .charts{display:flex;flex-wrap:wrap;gap:24px}
+.incomplete{background:#b00020;color:#fff;padding:10px 14px;border-radius:6px;font-size:16px}
 """
 
 
@@ -253,6 +258,8 @@ def _summary_section(summary: dict, rows: int) -> str:
 
 def _failures_section(data: dict) -> str:
     counts = data["failure_counts"]
+    if not counts and not data.get("complete", True):
+        return "<p>Unknown: the run did not commit, its failures may never have been written.</p>"
     if not counts:
         return "<p>No failures.</p>"
     by_stage = collections.Counter()
@@ -297,6 +304,17 @@ def _contact_sheet(samples: list) -> str:
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
+def _incomplete_banner(data: dict, output: str) -> str:
+    if data.get("complete", True):
+        return ""
+    return (
+        "<p class='incomplete'><strong>INCOMPLETE RUN</strong>: this output has results but no "
+        "summary.json, the mark of a run that committed. The run was killed or failed before "
+        "it finished (or is still running): the rows below are only part of it, and its "
+        f"failures are unknown. Rerun the job into {_e(output)} with --overwrite.</p>"
+    )
+
+
 def render(data: dict, output: str) -> str:
     """The whole page as one HTML string."""
     summary = data["summary"]
@@ -311,6 +329,7 @@ def render(data: dict, output: str) -> str:
             "img-src data:; style-src 'unsafe-inline'\">",
             f"<title>bit-tagger report: {_e(output)}</title><style>{_CSS}</style></head><body>",
             f"<h1>bit-tagger run report</h1><p class='muted'>{_e(output)}</p>",
+            _incomplete_banner(data, output),
             "<h2>Summary</h2>",
             _summary_section(summary, data["rows"]),
             "<h2>Failures</h2>",
@@ -346,7 +365,7 @@ def write_report(output: str) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m pipeline.report",
         description="(Re)write OUTPUT/report.html from a finished run's output (local or gs://).",
     )
@@ -354,14 +373,29 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     gcs.configure_beam_gcs()
-    output = args.output.rstrip("/")
-    if not outputs.existing_outputs(output):
-        print(
-            f"error: {output} has no output of a run (results, failures or summary.json)",
-            file=sys.stderr,
-        )
+    return quiet_broken_pipe(lambda: _report(args.output.rstrip("/")))
+
+
+def _report(output: str) -> int:
+    shown = printable(output)
+    try:
+        state = outputs.run_state(output)
+        if state == outputs.EMPTY:
+            print(
+                f"error: {shown} has no output of a run (results, failures or summary.json)",
+                file=sys.stderr,
+            )
+            return 2
+        if state == outputs.INCOMPLETE:
+            print(
+                f"warning: {printable(outputs.incomplete_message(output))}; the report says so",
+                file=sys.stderr,
+            )
+        path = write_report(output)
+    except REPORT_ERRORS as exc:
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
-    print(write_report(output))
+    print(printable(path))
     return 0
 
 

@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
+from core.claim import ClaimedError, ClaimError
 from pipeline import dataflow
 from pipeline import main as job_main
 from pipeline.errors import JobFailed, UsageError, exit_code
 from tests.jobs import DATAFLOW_LAUNCH
 from transforms.infer import ModelError
-from transforms.outputs import OutputExistsError
+from transforms.outputs import OutputError, OutputExistsError
 
 
 def raising(exc):
@@ -31,6 +32,9 @@ def raising(exc):
         (UsageError("missing required flag(s): --input"), 2),
         (OutputExistsError("out already has results"), 2),
         (ModelError("cannot load the models"), 2),
+        (OutputError("no space left on the device of out"), 2),
+        (ClaimedError("out", {"what": "a bit-tagger run", "pid": 7}), 2),
+        (ClaimError("out is a file, not a directory"), 2),
         (JobFailed("3 of 10 images failed"), 3),
     ],
 )

@@ -53,6 +53,7 @@ import re
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from core.args import integer
 from pipeline.errors import UsageError, exit_code
 
 _LOG = logging.getLogger(__name__)
@@ -79,8 +80,13 @@ def default_container_image(project: str, region: str) -> str:
     return f"{region}-docker.pkg.dev/{project}/{IMAGE_REPOSITORY}/{IMAGE_NAME}:latest"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (pipeline.errors), not the usage block
+        raise UsageError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m pipeline.dataflow",
         allow_abbrev=False,
         description="Submit the BiT tagging job to Google Cloud Dataflow (GPU workers by default).",
@@ -128,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_num_workers",
-        type=int,
+        type=integer(1, 100_000),
         default=None,
         help="Autoscaling ceiling (also your GPU quota in the region). Default: Dataflow's.",
     )

@@ -209,6 +209,26 @@ def test_a_gcs_permission_error_is_not_read_as_no_output(beam_gcs):
     assert run_state(output) == COMPLETE
 
 
+def test_on_gcs_a_committed_staging_is_moved_in_and_a_dead_one_removed(beam_gcs):
+    output = f"gs://{beam_gcs.new_bucket()}/out"
+    for name in ("results-00000-of-00002.parquet", "results-00001-of-00002.parquet"):
+        beam_gcs.upload(f"{output}/{name}", b"old")
+    beam_gcs.upload(f"{output}/summary.json", b'{"run_id": "old"}')
+    committed = f"{output}/.staging-new"  # killed after step 1 of its commit
+    beam_gcs.upload(f"{committed}/results-00000-of-00001.parquet", b"new")
+    beam_gcs.upload(
+        f"{committed}/summary.json",
+        json.dumps({"run_id": "new", "files": ["results-00000-of-00001.parquet"]}).encode(),
+    )
+    beam_gcs.upload(f"{output}/.staging-dead/beam-temp-results-1/x.parquet", b"dead")
+    recover(output)
+    assert beam_gcs.list(f"{output}/") == [
+        f"{output}/results-00000-of-00001.parquet",
+        f"{output}/summary.json",
+    ]
+    assert read_summary(output)["run_id"] == "new"
+
+
 def test_a_damaged_summary_is_an_error_not_a_missing_one(tmp_path):
     (tmp_path / "summary.json").write_text('{"inputs": 3, "resu')
     with pytest.raises(OutputError, match="summary.json is damaged"):

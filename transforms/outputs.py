@@ -209,7 +209,7 @@ def _children(output: str, prefix: str) -> list:
         local = output[len("file://") :] if output.startswith("file://") else output
         return sorted(p for p in glob.glob(os.path.join(glob.escape(local), prefix + "*")))
     found = set()
-    for path in list_files(f"{output}/{prefix}*"):  # gs:// globs cross "/": every object
+    for path in list_files(f"{output}/{prefix}*/**"):  # every object under those prefixes
         rest = path[len(output) + 1 :]
         if "/" in rest:
             found.add(f"{output}/{rest.split('/', 1)[0]}")

@@ -15,6 +15,7 @@ import pytest
 
 from core import claim as claims
 from core.claim import ClaimedError, ClaimError, ClaimLostError, claim
+from tests.mounts import read_only
 
 HOLD = """
 import sys, time
@@ -78,17 +79,9 @@ def test_a_file_or_a_read_only_directory_cannot_be_claimed(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(ClaimError, match=f"{tmp_path / 'file'} is a file, not a directory"):
         claim(str(tmp_path / "file"), "a bit-tagger run")
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)]
-    ).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (root bypasses file modes)")
-    try:
+    with read_only(tmp_path / "ro") as readonly:
         with pytest.raises(ClaimError, match=f"cannot write to {readonly}: Read-only file system"):
             claim(str(readonly), "a bit-tagger run")
-    finally:
-        subprocess.run(["umount", "-l", str(readonly)], check=True)
 
 
 # ------------------------------------------------------------------------------------- gs://

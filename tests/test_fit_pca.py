@@ -1,6 +1,5 @@
 """`./run.sh fit_pca`: a basis fitted from the embedding column of results files, local or gs://."""
 
-import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 from model.pca import fit_basis, load_basis
 from pipeline import fit_pca
+from tests.mounts import read_only
 from transforms.write import results_batch, results_schema, top_k
 
 D = 32
@@ -118,14 +118,6 @@ def test_a_target_that_is_a_folder_or_read_only_is_refused_before_fitting(tmp_pa
     (tmp_path / "folder.npz").mkdir()
     code = fit_pca.main([str(tmp_path), "--dims", "2", "--to", str(tmp_path / "folder.npz")])
     assert code == 2 and f"--to {tmp_path / 'folder.npz'} is a folder" in caplog.text
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)]
-    ).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (root bypasses file modes)")
-    try:
+    with read_only(tmp_path / "ro") as readonly:
         code = fit_pca.main([str(tmp_path), "--dims", "2", "--to", str(readonly / "b.npz")])
-    finally:
-        subprocess.run(["umount", "-l", str(readonly)], check=True)
     assert code == 2 and f"cannot write to {readonly} (Read-only file system)" in caplog.text

@@ -23,6 +23,7 @@ from pipeline.main import JobFailed, main, run
 from tests import corpus
 from tests.bit_checkpoints import write_checkpoint
 from tests.jobs import MULTI_PROCESS, job_args
+from tests.mounts import read_only, tmpfs
 from transforms.outputs import OutputExistsError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -510,32 +511,18 @@ def test_an_output_that_is_a_file_or_read_only_exits_2_naming_it(images, models,
     assert main(job_args(images / "*.tfrecord", tmp_path / "file", models)) == 2
     assert f"{tmp_path / 'file'} is a file, not a directory" in one_error_line(caplog)
     caplog.clear()
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)]
-    ).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (root bypasses file modes)")
-    try:
+    with read_only(tmp_path / "ro") as readonly:
         assert main(job_args(images / "*.tfrecord", readonly, models)) == 2
-    finally:
-        subprocess.run(["umount", "-l", str(readonly)], check=True)
     assert f"cannot write to {readonly}: Read-only file system" in one_error_line(caplog)
 
 
 def test_a_full_disk_exits_2_and_leaves_no_temporary_files(images, models, tmp_path, caplog):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)]).returncode:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", "size=48k") as disk:
         (disk / "out").mkdir()
         (disk / "out" / "notes.txt").write_text("mine")
         assert main(job_args(images / "*.tfrecord", disk / "out", models)) == 2
         assert [p.name for p in (disk / "out").iterdir()] == ["notes.txt"]
         assert "beam-temp" not in str(list(disk.rglob("*")))
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
     assert f"no space left on the device of {disk / 'out'}" in one_error_line(caplog)
 
 

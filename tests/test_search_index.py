@@ -16,6 +16,7 @@ from core.claim import claim
 from search import SearchError, ann, query
 from search.index import build_index, default_index_dir, open_index, read_meta
 from tests import search_outputs as so
+from tests.mounts import read_only
 
 
 def test_index_holds_every_result_row_with_its_embedding(job_output, tmp_path, caplog):
@@ -268,3 +269,13 @@ def test_an_overwritten_output_replaces_its_rows_and_its_own_index_asks_for_it(
         np.testing.assert_array_equal(np.stack(mine.column("vector").to_pylist()), vectors)
         assert report["rows"] == len(table) + (so.NUM_PHOTOS if index_dir else 0)
     assert [r["output"] for r in read_meta(everything)["runs"]][-1] == first
+
+
+def test_an_index_dir_that_is_a_file_or_read_only_is_one_clear_error(job_output, tmp_path):
+    output, _ = job_output
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SearchError, match=f"--index_dir {tmp_path / 'file'}: .* is a file"):
+        build_index(output, str(tmp_path / "file"))
+    with read_only(tmp_path / "ro") as readonly:
+        with pytest.raises(SearchError, match=f"cannot write to {readonly}: Read-only file system"):
+            build_index(output, str(readonly))

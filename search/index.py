@@ -216,7 +216,8 @@ _LANCE_SOURCE = re.compile(r",\s*/\S+\.rs:\d+:\d+\s*$")
 @contextlib.contextmanager
 def lance_errors(index_dir: str):
     """Turns LanceDB's errors about damaged files (a truncated `.lance` data file or manifest, a
-    missing one) into a one-line `SearchError` naming the index and what to do."""
+    missing one) into a one-line `SearchError` naming the index and what to do (a full disk or a
+    permission error named as such, not as damage)."""
     try:
         yield
     except (RuntimeError, OSError, ValueError) as e:
@@ -224,6 +225,10 @@ def lance_errors(index_dir: str):
         if not ("lance error" in text.lower() or "LanceError" in text or "was not found" in text):
             raise
         text = _LANCE_SOURCE.sub("", text)
+        if any(s in text for s in ("No space left on device", "Disk quota exceeded")):
+            raise SearchError(f"cannot write the index {index_dir}: {text}") from None
+        if any(s in text for s in ("Permission denied", "Read-only file system")):
+            raise SearchError(f"cannot read or write the index {index_dir}: {text}") from None
         raise SearchError(
             f"the index {index_dir} is damaged ({text}); {_rebuild_hint(index_dir)}"
         ) from None

@@ -269,6 +269,8 @@ class _GcsClaim(Claim):
                 if current is None:
                     continue  # released meanwhile: try again
                 found = _holder_of(current)
+                if found.get("token") == holder["token"]:  # a retried upload had succeeded
+                    return cls(path, holder, bucket, name, current.generation, ttl, renew)
                 expires = current.updated + datetime.timedelta(
                     seconds=_number(found.get("ttl_seconds"), TTL_SECONDS)
                 )

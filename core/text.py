@@ -8,6 +8,7 @@ fake another line. `printable` escapes them, as Python writes them in a string l
 
 from __future__ import annotations
 
+import logging
 import re
 
 # C0 and C1 control characters and DEL, and the Unicode bidirectional formatting characters
@@ -31,3 +32,11 @@ def printable(text: object, keep_newlines: bool = False) -> str:
     if keep_newlines:
         return "\n".join(_CONTROL.sub(_escape, line) for line in text.split("\n"))
     return _CONTROL.sub(_escape, text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """A log formatter that escapes control characters in messages (line breaks kept)."""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message, keep_newlines=True)
+        return super().formatMessage(record)

@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Optional
 
-from core.text import printable
+from core.text import PrintableFormatter
 from transforms import progress
 
 _LOG = logging.getLogger("pipeline.console")
@@ -101,13 +101,9 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-class _Formatter(logging.Formatter):
+class _Formatter(PrintableFormatter):
     """'12:03:04 message' for the job's INFO lines; level and logger name for everything else.
     Control characters in messages (keys, paths: user data) are escaped, line breaks kept."""
-
-    def formatMessage(self, record):
-        record.message = printable(record.message, keep_newlines=True)
-        return super().formatMessage(record)
 
     def format(self, record):
         short = record.levelno == logging.INFO and record.name.split(".")[0] in OUR_LOGGERS

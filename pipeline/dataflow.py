@@ -54,6 +54,7 @@ import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from core.args import integer
+from core.text import PrintableFormatter
 from pipeline.errors import UsageError, exit_code
 
 _LOG = logging.getLogger(__name__)
@@ -329,9 +330,9 @@ def _staging_disabled(client):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; exit codes as `python -m pipeline` (`pipeline.errors`)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()  # messages with user data: control characters escaped
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         _parser().print_help()

@@ -232,10 +232,12 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def _api_errors() -> tuple:
-    import requests
+    """What a Cloud Storage request can fail with that is not a bug (requests' errors are
+    OSErrors; google.auth's are raised for token refresh failures)."""
+    import google.auth.exceptions
     from google.api_core import exceptions
 
-    return exceptions.GoogleAPIError, requests.RequestException, OSError
+    return exceptions.GoogleAPIError, google.auth.exceptions.GoogleAuthError, OSError
 
 
 class _GcsClaim(Claim):

@@ -170,11 +170,15 @@ def test_a_reader_that_stops_early_ends_the_search_quietly(indexed):
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
 
 
-def test_a_damaged_index_file_exits_2_with_one_line_naming_the_index(indexed, tmp_path, capsys):
+@pytest.mark.parametrize("part", ["data", "_versions"])
+def test_a_damaged_index_file_exits_2_with_one_line_naming_the_index(
+    indexed, tmp_path, capsys, part
+):
+    """A truncated data file, or truncated manifests (`_versions`), of images.lance."""
     output, _ = indexed
     damaged = tmp_path / "index"
     shutil.copytree(pathlib.Path(output) / "index", damaged)
-    for data in (damaged / "images.lance" / "data").iterdir():
+    for data in (damaged / "images.lance" / part).glob("*.*"):
         data.write_bytes(data.read_bytes()[:100])
     rc, out, err = run(capsys, "search", str(damaged), "--tag", "golden retriever")
     assert rc == 2 and out == "" and err.count("\n") == 1

@@ -70,6 +70,7 @@ RUN printf '%s\n' \
 FROM weights-${BAKE_WEIGHTS} AS final
 ARG BAKE_WEIGHTS
 COPY setup.py requirements.txt ./
+COPY core/ core/
 COPY pipeline/ pipeline/
 COPY transforms/ transforms/
 COPY model/ model/

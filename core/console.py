@@ -23,6 +23,7 @@ import threading
 from typing import NamedTuple, Optional, Protocol
 
 from core.errors import UsageError
+from core.text import PrintableFormatter
 
 _LOG = logging.getLogger("core.console")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -38,6 +39,9 @@ NOISY_MESSAGES = re.compile(
             r"Creating state cache",
             r"BatchElements statistics",
             r"Renamed \d+ shards",
+            # A failing step's error, logged by the runner with its traceback: the same error
+            # reaches the launcher, which reports it (one line, or a bug's traceback).
+            r"\[while running '",
         ]
     )
 )
@@ -98,8 +102,9 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-class _Formatter(logging.Formatter):
-    """'12:03:04 message' for the job's INFO lines; level and logger name for everything else."""
+class _Formatter(PrintableFormatter):
+    """'12:03:04 message' for the job's INFO lines; level and logger name for everything else.
+    Control characters in messages (keys, paths: user data) are escaped, line breaks kept."""
 
     def format(self, record):
         short = record.levelno == logging.INFO and record.name.split(".")[0] in OUR_LOGGERS

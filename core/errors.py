@@ -5,6 +5,7 @@
   directory holding an earlier run, models that cannot serve the job, a missing index): one clear
   line on stderr, `PROG: error: MESSAGE` (argparse's own form), exit 2;
 - the job ran but too many images failed (`--max_failure_rate`): one line, exit 3;
+- a reader that stops reading (`... | head`): the output ends quietly, exit 0;
 - anything else is a bug or an outage: the exception propagates (traceback), exit 1.
 
 A usage error is any `UsageError`: the layers above raise their own subclasses
@@ -14,8 +15,11 @@ A usage error is any `UsageError`: the layers above raise their own subclasses
 """
 
 import argparse
+import os
 import sys
 from typing import Callable
+
+from core.text import printable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILURES = 0, 1, 2, 3
 
@@ -33,6 +37,10 @@ def exit_code(job: Callable[[], object], prog: str) -> int:
     command in the one line (`PROG: error: MESSAGE`)."""
     try:
         job()
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
     except JobFailed as exc:
         _report(prog, exc)
         return EXIT_FAILURES
@@ -43,8 +51,18 @@ def exit_code(job: Callable[[], object], prog: str) -> int:
 
 
 def _report(prog: str, exc: Exception) -> None:
-    sys.stdout.flush()
-    print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    print(f"{prog}: error: {printable(exc)}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null once its reader has gone, so that Python's flush at exit does
+    not print "Exception ignored ... BrokenPipeError" (as Python's documentation recommends)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -95,6 +95,9 @@ def _gcs_filesystem():
         return GCSFileSystem(
             token=token,
             endpoint_url=endpoint,
+            # Listings are always fresh: the launcher lists an output the workers have just
+            # written (a cached listing would miss files and break the accounting).
+            use_listings_cache=False,
             requests_timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
             ),

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import urllib.parse
 
+import numpy as np
 import tensorflow as tf
 
 from core.storage import unreachable_reason
@@ -68,10 +69,33 @@ def load_saved_model(handle):
         raise HubError(
             f"{handle}: cannot load the SavedModel in {path}: {type(e).__name__}: {e}"
         ) from e
+    bad = _first_non_finite(path)
+    if bad is not None:
+        raise HubError(
+            f"{handle}: variable {bad} has non-finite values (NaN or infinity): a damaged or "
+            "diverged model cannot give meaningful tags or embeddings"
+        )
     fn, key, dim = _entry_point(obj, handle)
     model = HubModel(fn, key, handle, path, dim)
     model._saved_model = obj  # keep the variables alive
     return model
+
+
+def _first_non_finite(path):
+    """The name of the first floating-point variable of the SavedModel at `path` holding a NaN or
+    an infinity (read from its checkpoint one variable at a time), or None."""
+    prefix = os.path.join(path, "variables", "variables")
+    if not tf.io.gfile.exists(prefix + ".index"):
+        return None
+    for name, _ in tf.train.list_variables(prefix):
+        value = tf.train.load_variable(prefix, name)
+        if (
+            isinstance(value, np.ndarray)
+            and value.dtype.kind == "f"
+            and not np.isfinite(value).all()
+        ):
+            return name
+    return None
 
 
 def _fingerprint(path):

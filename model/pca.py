@@ -75,10 +75,15 @@ def to_bytes(basis: PcaBasis) -> bytes:
 
 
 def save_basis(basis: PcaBasis, path: str) -> PcaBasis:
-    """Writes the basis (local or gs://); returns it with its `sha256` and `source` set."""
+    """Writes the basis (local or gs://), all or nothing (`core.atomic`: a crash or a full disk
+    never leaves half a basis under the name); returns it with its `sha256` and `source` set."""
+    from core.atomic import atomic_write
+
     data = to_bytes(basis)
-    with storage.open_file(path, "wb") as f:
-        f.write(data)
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        raise PcaBasisError(f"cannot write the PCA basis {path}: {e}") from e
     return basis._replace(sha256=hashlib.sha256(data).hexdigest(), source=path)
 
 
@@ -93,6 +98,11 @@ def from_bytes(data: bytes, source: str = "") -> PcaBasis:
         raise PcaBasisError(f"PCA basis {source} lacks the array {e}") from e
     except Exception as e:  # noqa: BLE001 (zip, header or pickle errors: all mean "not a basis")
         raise PcaBasisError(f"PCA basis {source} is not a readable .npz file: {e}") from e
+    for name, array in arrays.items():
+        if array.dtype.kind not in "fiu":
+            raise PcaBasisError(
+                f"PCA basis {source}: the array {name} has dtype {array.dtype}, not numbers"
+            )
     mean, comps = arrays["mean"], arrays["components"]
     if comps.ndim != 2 or mean.shape != (comps.shape[1],) or comps.shape[0] < 1:
         raise PcaBasisError(
@@ -105,6 +115,14 @@ def from_bytes(data: bytes, source: str = "") -> PcaBasis:
         )
     if not (np.isfinite(mean).all() and np.isfinite(comps).all()):
         raise PcaBasisError(f"PCA basis {source} has non-finite values")
+    for name in ("explained_variance", "explained_variance_ratio"):
+        if arrays[name].shape != (comps.shape[0],):
+            raise PcaBasisError(
+                f"PCA basis {source}: {name} has shape {arrays[name].shape}, expected "
+                f"({comps.shape[0]},) (one value a component)"
+            )
+    if arrays["num_samples"].shape != () or arrays["num_samples"].dtype.kind not in "iu":
+        raise PcaBasisError(f"PCA basis {source}: num_samples must be one integer")
     gram = comps.astype(np.float64) @ comps.T.astype(np.float64)
     if not np.allclose(gram, np.eye(len(comps)), atol=1e-3):
         raise PcaBasisError(f"PCA basis {source}: the components are not orthonormal")

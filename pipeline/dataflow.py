@@ -53,7 +53,9 @@ import re
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from core.args import integer
 from core.errors import ArgumentParser, UsageError, exit_code
+from core.text import PrintableFormatter
 
 _LOG = logging.getLogger(__name__)
 
@@ -80,8 +82,16 @@ def default_container_image(project: str, region: str) -> str:
     return f"{region}-docker.pkg.dev/{project}/{IMAGE_REPOSITORY}/{IMAGE_NAME}:latest"
 
 
+class _Parser(ArgumentParser):
+    """Errors raise `UsageError` (so `dataflow_args` can be called as a function); `main` reports
+    it as one line, exit 2."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         allow_abbrev=False,
         description="Submit the BiT tagging job to Google Cloud Dataflow (GPU workers by default).",
@@ -129,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_num_workers",
-        type=int,
+        type=integer(1, 100_000),
         default=None,
         help="Autoscaling ceiling (also your GPU quota in the region). Default: Dataflow's.",
     )
@@ -324,9 +334,9 @@ def _staging_disabled(client):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; exit codes as `python -m pipeline` (`core.errors`)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()  # messages with user data: control characters escaped
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         _parser().print_help()

@@ -46,14 +46,22 @@ def footer_metadata(opts: JobOptions, model: ModelInfo, basis=None) -> dict:
     return metadata
 
 
-def build(p: beam.Pipeline, opts: JobOptions, model: ModelInfo, basis=None, known_keys_dir=None):
+def build(
+    p: beam.Pipeline,
+    opts: JobOptions,
+    model: ModelInfo,
+    basis=None,
+    known_keys_dir=None,
+    output=None,
+):
     """Adds the whole job to `p`; returns the results and failures write results.
 
     `basis` is the PCA basis of `--pca_basis`, already loaded and checked by the launcher
     (`pipeline.main.check_pca_basis`); read here when not given (a dry-run job description).
     `known_keys_dir`: the work directory of `--skip_keys_from` (`transforms.skip.work_dir`), which
-    the launcher removes after the run; a new one when not given."""
-    output = opts.output.rstrip("/")
+    the launcher removes after the run; a new one when not given. `output`: where the files go
+    (the launcher's staging directory; default `--output`)."""
+    output = (output or opts.output).rstrip("/")
     if basis is None and opts.pca_basis:
         from model.pca import load_basis
 

@@ -22,10 +22,11 @@ from apache_beam.options.pipeline_options import (
 )
 
 from core import console
+from core.claim import ClaimedError, claim
 from core.errors import JobFailed, UsageError, exit_code
 from pipeline import report
 from pipeline.graph import build
-from pipeline.options import JobOptions, job_flags
+from pipeline.options import JobOptions, check_flags, job_flags
 from transforms import gcs, infer, outputs, progress, skip
 from transforms.read import split_patterns
 
@@ -91,14 +92,46 @@ def check_pca_basis(opts: JobOptions, model: infer.ModelInfo):
     return basis
 
 
+def check_skip_sources(opts: JobOptions) -> None:
+    """Warns about `--skip_keys_from` files of a run that did not commit (no summary.json next to
+    them): their rows are real results, so their keys are skipped, but that run's failures were
+    never recorded; its images without a result row are tagged again by this run."""
+    if not opts.skip_keys_from:
+        return
+    folders = sorted(
+        {
+            path.rsplit("/", 1)[0]
+            for pattern in split_patterns(opts.skip_keys_from)
+            for path in outputs.list_files(pattern)
+        }
+    )
+    for folder in folders:
+        if outputs.run_state(folder) == outputs.INCOMPLETE:
+            _LOG.warning(
+                "--skip_keys_from: %s; its results are skipped as known keys, its other images "
+                "are tagged again",
+                outputs.incomplete_message(folder),
+            )
+
+
+def _output_path(output: str) -> str:
+    output = output.rstrip("/")
+    if "://" in output:
+        return output
+    return os.path.abspath(os.path.expanduser(output))
+
+
 def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=None) -> dict:
     """Runs the job to completion and returns its summary (also written to OUTPUT/summary.json).
 
-    console_stream: where the live progress bar goes (default stderr)."""
+    The run claims OUTPUT first (a second run into it is refused), writes into a staging
+    directory under it, and replaces the previous run only when it commits (transforms/outputs.py,
+    docs/outputs.md). console_stream: where the live progress bar goes (default stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(parser().format_help())
         return {}
+    check_flags(argv)
     gcs.configure_beam_gcs()
     options = PipelineOptions(argv)
     opts = options.view_as(JobOptions)
@@ -108,9 +141,31 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
             "missing required flag(s): " + ", ".join(f"--{m}" for m in missing) + " (see --help)"
         )
     options.view_as(SetupOptions).save_main_session = save_main_session
-    output = opts.output.rstrip("/")
+    output = _output_path(opts.output)
+    try:
+        held = claim(output, "a bit-tagger run")
+    except ClaimedError as exc:
+        raise UsageError(
+            f"--output {exc}: wait for it to finish, or choose another --output"
+        ) from None
+    with held:
+        summary = _run_claimed(options, opts, output, held, test_pipeline, console_stream)
+    console.summary(summary, output)
+    if summary["failure_rate"] > opts.max_failure_rate:
+        raise JobFailed(
+            f"{summary['failures']} of {summary['inputs']} images failed "
+            f"({summary['failure_rate']:.1%}), over --max_failure_rate "
+            f"{opts.max_failure_rate:.1%}; see {output}/failures-*.parquet"
+        )
+    return summary
 
-    outputs.prepare_output_dir(output, overwrite=opts.overwrite)
+
+def _run_claimed(options, opts, output, held, test_pipeline, console_stream) -> dict:
+    """The run, once OUTPUT is claimed: every check before anything is written, the graph into
+    the staging directory, the commit; the staging directory removed if anything fails."""
+    outputs.recover(output)
+    if outputs.check_previous(output, overwrite=opts.overwrite):
+        _LOG.info("the previous run in %s is replaced when this one commits", output)
     started = time.time()
     model = describe_models(opts, keep_loaded=test_pipeline is not None or _in_process(options))
     _LOG.debug("models ready: %s", model.metadata)
@@ -118,14 +173,53 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
     console.header(
         split_patterns(opts.input), output, flags["runner"], model.metadata, model.group_norm
     )
-
-    p = _make_pipeline(options, test_pipeline)
     basis = check_pca_basis(opts, model)
-    known_keys_dir = skip.work_dir(options, output) if opts.skip_keys_from else None
+    check_skip_sources(opts)
+    staging = outputs.staging_dir(output, held.token)
+    # The known keys' work files go under --temp_location, or into the staging directory (every
+    # worker can write there, and a failed run's staging directory is removed whole).
+    known_keys_dir = skip.work_dir(options, staging) if opts.skip_keys_from else None
+    p = _make_pipeline(options, test_pipeline)
     try:
-        build(p, opts, model, basis, known_keys_dir=known_keys_dir)
+        build(p, opts, model, basis, output=staging, known_keys_dir=known_keys_dir)
     except ValueError as exc:  # flags the graph cannot be built from (e.g. globs matching nothing)
         raise UsageError(str(exc)) from exc
+    outputs.create_staging(output, held.token)
+    try:
+        summary = _run_graph(p, options, opts, staging, console_stream, started, known_keys_dir)
+        summary.update(
+            {
+                "run_id": held.token,
+                "options": flags,
+                "models": model.metadata,
+                "versions": {
+                    "python": platform.python_version(),
+                    "apache_beam": beam.__version__,
+                    **infer.library_versions(),
+                },
+            }
+        )
+        held.check()  # still ours: nobody else took the output over meanwhile
+        outputs.commit(output, staging, summary)
+    except BaseException as exc:
+        if not outputs.committing(staging):
+            outputs.discard(staging)
+        if outputs.disk_full(exc):
+            raise outputs.OutputError(
+                f"no space left on the device of {output}: the run's temporary files were "
+                "removed; free some space or choose another --output"
+            ) from exc
+        raise
+    try:
+        report.write_report(output)
+    except report.REPORT_ERRORS as exc:  # the committed outputs are complete without it
+        _LOG.warning("could not write %s/report.html: %s", output, exc)
+    return summary
+
+
+def _run_graph(
+    p, options, opts, staging: str, console_stream, started: float, known_keys_dir
+) -> dict:
     sink = progress.activate(skipping=bool(opts.skip_keys_from)) if _in_process(options) else None
     try:
         with (
@@ -139,33 +233,7 @@ def run(argv=None, save_main_session=True, test_pipeline=None, console_stream=No
         progress.deactivate()
         if known_keys_dir:
             skip.remove_work_dir(known_keys_dir)
-    wall = time.time() - started
-
-    summary = outputs.summarize(output, result.metrics(), wall_seconds=wall)
-    summary.update(
-        {
-            "options": flags,
-            "models": model.metadata,
-            "versions": {
-                "python": platform.python_version(),
-                "apache_beam": beam.__version__,
-                **infer.library_versions(),
-            },
-        }
-    )
-    outputs.write_summary(output, summary)
-    try:
-        report.write_report(output)
-    except Exception as exc:  # pylint: disable=broad-except  (the outputs are complete without it)
-        _LOG.warning("could not write %s/report.html: %s", output, exc)
-    console.summary(summary, output)
-    if summary["failure_rate"] > opts.max_failure_rate:
-        raise JobFailed(
-            f"{summary['failures']} of {summary['inputs']} images failed "
-            f"({summary['failure_rate']:.1%}), over --max_failure_rate "
-            f"{opts.max_failure_rate:.1%}; see {output}/failures-*.parquet"
-        )
-    return summary
+    return outputs.summarize(staging, result.metrics(), wall_seconds=time.time() - started)
 
 
 def main(argv: Optional[list] = None) -> int:

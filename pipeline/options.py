@@ -7,30 +7,23 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from core import args
+from core.errors import UsageError
 from transforms.entries import DEFAULT_MAX_INPUT_BYTES
 from transforms.infer import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL
 from transforms.names import key_text
 
+# Ranges of the numeric flags (a value outside is a usage error, exit 2, before anything runs).
+MAX_TOP_K = 21843  # the ImageNet-21k classes
+MAX_IMAGE_SIZE = 2048
+MAX_BATCH_SIZE = 4096
+MAX_SHARDS = 100_000
+MAX_THREADS = 256
+MAX_MODEL_COPIES = 64
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {text}")
-    return value
+_fraction = args.number(0.0, 1.0)
+_non_negative = args.integer(0)
+_positive = args.integer(1)
 
 
 class JobOptions(PipelineOptions):
@@ -95,13 +88,13 @@ class JobOptions(PipelineOptions):
         )
         outputs.add_argument(
             "--num_shards",
-            type=_non_negative,
+            type=args.integer(0, MAX_SHARDS),
             default=0,
             help="Number of results/failures files; 0 lets the runner decide.",
         )
         outputs.add_argument(
             "--top_k",
-            type=_positive,
+            type=args.integer(1, MAX_TOP_K),
             default=10,
             help="Number of tags kept per image (highest sigmoid scores first).",
         )
@@ -160,7 +153,7 @@ class JobOptions(PipelineOptions):
 
         preprocessing.add_argument(
             "--image_size",
-            type=_positive,
+            type=args.integer(8, MAX_IMAGE_SIZE),
             default=224,
             help="Images are resized to SIZE x SIZE before the model (BiT: 224).",
         )
@@ -179,7 +172,7 @@ class JobOptions(PipelineOptions):
         )
         preprocessing.add_argument(
             "--decode_threads",
-            type=_non_negative,
+            type=args.integer(0, MAX_THREADS),
             default=0,
             help="Decode each batch in this many threads, one batch ahead of "
             "inference (overlaps decoding with the model); 0 decodes inline.",
@@ -205,7 +198,7 @@ class JobOptions(PipelineOptions):
         )
         models.add_argument(
             "--batch_size",
-            type=_positive,
+            type=args.integer(1, MAX_BATCH_SIZE),
             default=16,
             help="Images per model call (fixed; the last batch is padded).",
         )
@@ -223,14 +216,14 @@ class JobOptions(PipelineOptions):
         )
         models.add_argument(
             "--model_copies",
-            type=_positive,
+            type=args.integer(1, MAX_MODEL_COPIES),
             default=None,
             help="Exact number of model copies per machine, shared across its "
             "processes (default: one per worker process).",
         )
         models.add_argument(
             "--log_every_secs",
-            type=float,
+            type=args.number(0.0),
             default=30.0,
             help="Interval of the progress line when stderr is not a terminal (a live "
             "bar is shown when it is); 0 turns the periodic line off.",
@@ -259,3 +252,16 @@ def job_flags(options: PipelineOptions) -> dict:
     }
     flags["runner"] = str(options.view_as(StandardOptions).runner or "in-process (FnApiRunner)")
     return flags
+
+
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def check_flags(argv: list) -> None:
+    """`UsageError` (one line, exit 2) for a job flag with a value of the wrong type or out of its
+    range, before Beam parses the command line (Beam would print its whole usage block)."""
+    parser = _FlagParser(add_help=False, allow_abbrev=False)
+    JobOptions._add_argparse_args(parser)
+    parser.parse_known_args(list(argv))

@@ -12,7 +12,9 @@ is ~2 MB at most). It shows:
 
 The results are read one record batch at a time, only the key and tags columns, so memory stays
 small for millions of rows. The markup is `pipeline/templates/report.html`, a Jinja2 template with
-autoescape: this module gathers the data and the chart geometry, every value is escaped there.
+autoescape: this module gathers the data and the chart geometry, every value is escaped there. An
+output without `summary.json` (a run that did not commit) gets a page that says INCOMPLETE RUN at
+the top, and its failures as unknown, never "No failures".
 """
 
 import argparse
@@ -26,10 +28,12 @@ from typing import Optional
 import jinja2
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from core.errors import ArgumentParser, UsageError, exit_code
 from core.outputs import FAILURES, RESULTS, output_files
+from core.text import printable
 from transforms import gcs, outputs
 from transforms.sample import SAMPLES_FILE
 
@@ -38,6 +42,8 @@ TOP_TAGS = 30
 EXAMPLES = 5
 HISTOGRAM_BINS = 20
 _LOG = logging.getLogger(__name__)
+# What writing the report can fail with that is about the files, not a bug in this module.
+REPORT_ERRORS = (OSError, BeamIOError, pa.ArrowException, outputs.OutputError)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -81,7 +87,7 @@ class _Stats:
 def read_samples(output: str) -> list:
     """[{key, source, width, height, thumbnail}] from OUTPUT/samples.parquet ([] when absent)."""
     path = f"{output}/{SAMPLES_FILE}"
-    if not FileSystems.exists(path):
+    if not outputs.list_files(path):
         return []
     with outputs.open_parquet(path) as samples:
         return samples.read().to_pylist()
@@ -89,7 +95,9 @@ def read_samples(output: str) -> list:
 
 def gather(output: str) -> dict:
     """Everything the page shows, read from a finished output directory."""
-    summary = outputs.read_summary(output) or {}
+    summary = outputs.read_summary(output)
+    complete = summary is not None
+    summary = summary or {}
     samples = read_samples(output)
     stats = _Stats(s["key"] for s in samples)
     for path in output_files(output, RESULTS):
@@ -109,6 +117,7 @@ def gather(output: str) -> dict:
     for sample in samples:
         sample["tags"] = stats.sample_tags.get(sample["key"], [])
     return {
+        "complete": complete,
         "summary": summary,
         "samples": samples,
         "tag_counts": stats.tag_counts,
@@ -236,6 +245,7 @@ def render(data: dict, output: str) -> str:
     ]
     return _TEMPLATES.get_template(REPORT_FILE).render(
         output=output,
+        complete=data.get("complete", True),
         rows=data["rows"],
         summary=_summary_view(summary),
         failures=_failures_view(data),
@@ -276,9 +286,19 @@ def main(argv: Optional[list] = None) -> int:
 
 def _report(output: str) -> None:
     gcs.configure_beam_gcs()
-    if not outputs.existing_outputs(output):
-        raise UsageError(f"{output} has no output of a run (results, failures or summary.json)")
-    print(write_report(output))
+    try:
+        state = outputs.run_state(output)
+        if state == outputs.EMPTY:
+            raise UsageError(f"{output} has no output of a run (results, failures or summary.json)")
+        if state == outputs.INCOMPLETE:
+            print(
+                f"warning: {printable(outputs.incomplete_message(output))}; the report says so",
+                file=sys.stderr,
+            )
+        path = write_report(output)
+    except REPORT_ERRORS as exc:  # the files cannot be read or written: one line, exit 2
+        raise UsageError(str(exc)) from exc
+    print(printable(path))
 
 
 if __name__ == "__main__":

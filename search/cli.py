@@ -1,8 +1,11 @@
 """Command line of `./run.sh index` and `./run.sh search` (`python -m search index|search ...`).
 
-Exit codes (`core.errors`): 0 done (a query with no match prints nothing and says so on stderr); 2
-usage or input error, as one line on stderr (unknown tag or key, missing index, undecodable image, a
-model or output that does not match the index); 1 anything unexpected (with a traceback).
+Exit codes (`core.errors`): 0 done (a query with no match prints nothing and says so on stderr; a
+reader that stops reading, `| head`, ends it quietly); 2 usage or input error, as one line on stderr
+(a value out of range, unknown tag or key, missing, damaged or out-of-date index, another `index`
+writing the same index, an incomplete OUTPUT, undecodable image, a model or output that does not
+match the index); 1 anything unexpected (with a traceback). Keys, sources and tags printed as a
+table have their control characters escaped (`core.text.printable`); `--json` prints them exactly.
 """
 
 from __future__ import annotations
@@ -12,10 +15,16 @@ import json
 import logging
 import sys
 
+from core.args import integer, number
 from core.errors import ArgumentParser, exit_code
+from core.text import printable
 from search import SearchError, ann
 
 _LOG = logging.getLogger(__name__)
+
+MAX_K = 10_000  # results per query (a larger k is a usage error, not an allocation abort)
+MAX_NPROBES = 65_536
+MAX_REFINE_FACTOR = 1_000
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,14 +46,14 @@ def parser() -> argparse.ArgumentParser:
     )
     ix.add_argument(
         "--ann_min_rows",
-        type=int,
+        type=integer(0),
         default=ann.ANN_MIN_ROWS,
         help="build the IVF-PQ vector index from this many images on (below, "
         f"queries scan every vector exactly; default {ann.ANN_MIN_ROWS})",
     )
     ix.add_argument(
         "--log_every_secs",
-        type=float,
+        type=number(0.0),
         default=10.0,
         help="seconds between progress lines while indexing (0: none)",
     )
@@ -67,7 +76,12 @@ def parser() -> argparse.ArgumentParser:
         help="a wnid or lemma (case-insensitive, spaces = underscores): "
         "images whose categories contain it, by category score",
     )
-    se.add_argument("--k", type=int, default=10, help="results to return (default 10)")
+    se.add_argument(
+        "--k",
+        type=integer(1, MAX_K),
+        default=10,
+        help=f"results to return, 1 to {MAX_K:,} (default 10)",
+    )
     se.add_argument(
         "--json",
         action="store_true",
@@ -75,13 +89,13 @@ def parser() -> argparse.ArgumentParser:
     )
     se.add_argument(
         "--nprobes",
-        type=int,
+        type=integer(1, MAX_NPROBES),
         default=ann.DEFAULT_NPROBES,
         help=f"IVF partitions probed (default {ann.DEFAULT_NPROBES})",
     )
     se.add_argument(
         "--refine_factor",
-        type=int,
+        type=integer(1, MAX_REFINE_FACTOR),
         default=ann.DEFAULT_REFINE_FACTOR,
         help="PQ candidates re-ranked with full vectors, x k "
         f"(default {ann.DEFAULT_REFINE_FACTOR})",
@@ -114,44 +128,23 @@ def run_index(args) -> int:
     )
     print(
         f"indexed {report['rows_added']} new images of {report['rows_read']} read from "
-        f"{report['files']} files of {report['output']} in {report['seconds']:.1f} s; "
-        f"{report['index_dir']} holds {report['rows']} images, {report['bytes']:,} bytes "
-        f"({report['bytes_per_image']:,} bytes/image), vector index: "
+        f"{report['files']} files of {printable(report['output'])} in {report['seconds']:.1f} s; "
+        f"{printable(report['index_dir'])} holds {report['rows']} images, {report['bytes']:,} "
+        f"bytes ({report['bytes_per_image']:,} bytes/image), vector index: "
         f"{report['vector_index']}"
     )
     return 0
 
 
 def run_search(args) -> int:
-    from search import query
-    from search.index import open_index
+    from search.index import lance_errors, open_index
 
     modes = {name for name in ("image", "key", "tag") if getattr(args, name) is not None}
     if modes not in ({"image"}, {"key"}, {"tag"}, {"image", "tag"}):
         raise SearchError("give one of --image, --key or --tag (only --image and --tag combine)")
-    if args.k < 1:
-        raise SearchError("--k must be at least 1")
     index = open_index(args.index)
-    options = {"nprobes": args.nprobes, "refine_factor": args.refine_factor}
-    wnids = None
-    if args.tag is not None:
-        synsets = query.resolve_tag(index, args.tag)
-        wnids = [w for w, _ in synsets]
-        if len(synsets) > 1:
-            listed = ", ".join(f"{w} ({lab})" for w, lab in synsets)
-            print(
-                f"tag {args.tag!r} names {len(synsets)} synsets, all matched: {listed}",
-                file=sys.stderr,
-            )
-    if args.image is not None:
-        data = query.read_image(args.image)
-        model = query.load_model(index, args.embed_model, args.tags_model, args.model_cache_dir)
-        vector = query.embed_image(index, data, model, what=f"--image {args.image}")
-        hits = query.by_vector(index, vector, args.k, wnids=wnids, **options)
-    elif args.key is not None:
-        hits = query.by_key(index, args.key, args.k, **options)
-    else:
-        hits = query.by_tag(index, wnids, args.k)
+    with lance_errors(index.dir):
+        hits = _query(args, index)
     if index.settings.get("tag_column") == "tags" and args.tag is not None:
         print(
             "note: this index was built from results without a categories column: tags match "
@@ -167,16 +160,43 @@ def run_search(args) -> int:
     return 0
 
 
+def _query(args, index) -> list:
+    from search import query
+
+    options = {"nprobes": args.nprobes, "refine_factor": args.refine_factor}
+    wnids = None
+    if args.tag is not None:
+        synsets = query.resolve_tag(index, args.tag)
+        wnids = [w for w, _ in synsets]
+        if len(synsets) > 1:
+            listed = ", ".join(f"{w} ({lab})" for w, lab in synsets)
+            print(
+                printable(f"tag {args.tag!r} names {len(synsets)} synsets, all matched: {listed}"),
+                file=sys.stderr,
+            )
+    if args.image is not None:
+        data = query.read_image(args.image)
+        model = query.load_model(index, args.embed_model, args.tags_model, args.model_cache_dir)
+        vector = query.embed_image(index, data, model, what=f"--image {args.image}")
+        hits = query.by_vector(index, vector, args.k, wnids=wnids, **options)
+    elif args.key is not None:
+        hits = query.by_key(index, args.key, args.k, **options)
+    else:
+        hits = query.by_tag(index, wnids, args.k)
+    return hits
+
+
 def table(hits, tag_column=None) -> str:
-    """The readable output: rank, score, key, source (when not the key), top tags."""
+    """The readable output: rank, score, key, source (when not the key), top tags; every cell
+    with its control characters escaped (a key can hold any character)."""
     if not hits:
         return ""
     show_source = any(h.source != h.key for h in hits)
     header = ["#", "score", "key"] + (["source"] if show_source else []) + ["tags"]
     rows = [
-        [str(i), f"{h.score:.4f}", h.key]
-        + ([h.source] if show_source else [])
-        + [", ".join(h.tags) + (f"  [{h.wnid}]" if h.wnid else "")]
+        [str(i), f"{h.score:.4f}", printable(h.key)]
+        + ([printable(h.source)] if show_source else [])
+        + [printable(", ".join(h.tags) + (f"  [{h.wnid}]" if h.wnid else ""))]
         for i, h in enumerate(hits, 1)
     ]
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]

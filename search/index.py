@@ -15,6 +15,14 @@ Indexing another OUTPUT appends to the same index (rows whose key is already the
 so indexing the same OUTPUT twice adds nothing); outputs made with another embed model, PCA basis
 or preprocessing are refused with `SearchError`, as their vectors are not comparable.
 
+Safety (docs/outputs.md): one writer at a time (`core.claim` on the index directory: a second
+`index` exits 2 naming the holder); `index.json` written atomically (`core.atomic`), last, after
+the tables; a missing or damaged `index.json` next to existing tables, or damaged Lance files, are
+`SearchError`s naming the path (never a silent rebuild). Only committed runs are indexed (an
+OUTPUT without `summary.json` is refused), and each run is recorded with its `run_id`: indexing an
+OUTPUT that a newer run replaced (`--overwrite`) replaces its rows, and an OUTPUT's own index
+(`OUTPUT/index/`) refuses searches once the OUTPUT was replaced, until it is indexed again.
+
 Where the index lives: `--index_dir`, else `OUTPUT/index/` for a local OUTPUT, and for a `gs://`
 OUTPUT a local directory, `$BIT_CACHE_DIR/index/gs/BUCKET/PATH` (default `~/.cache/bit_tagger/...`):
 results are read from Cloud Storage, the index is built on local disk, where queries are fastest.
@@ -25,11 +33,14 @@ uses, so it is refused while `STORAGE_EMULATOR_HOST` is set.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
 import posixpath
+import re
 import time
 from typing import Iterator
 
@@ -37,7 +48,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core import claim as claims
 from core import storage
+from core.atomic import atomic_write
 from core.outputs import output_files
 from core.schema import category_type
 from core.schema import list_type as _list
@@ -46,6 +59,7 @@ from search import SearchError, ann, terms
 _LOG = logging.getLogger(__name__)
 
 META_FILE = "index.json"
+SUMMARY_FILE = "summary.json"  # a job output's commit marker (transforms/outputs.py)
 IMAGES = "images"
 VOCABULARY = "terms"
 TOP_TAGS = 3
@@ -102,25 +116,131 @@ def results_files(output: str) -> list[str]:
     """The `results-*.parquet` files of a job output (local or gs://), sorted."""
     try:
         return output_files(output)
-    except storage.StorageUnavailableError as e:
-        raise SearchError(str(e)) from None
+    except OSError as e:  # StorageUnavailableError, a permission error: not "no results"
+        raise SearchError(f"cannot list {output}: {e}") from None
+
+
+def _exists(path: str) -> bool:
+    try:
+        return storage.exists(path)
+    except OSError as e:
+        raise SearchError(f"cannot check {path}: {e}") from None
+
+
+def run_id(output: str) -> str:
+    """The id of the committed run in OUTPUT: its summary.json's `run_id` (a run of an older
+    version: `sha256:` of the summary's bytes). `SearchError` when OUTPUT has no summary.json (a
+    run that did not commit: its results are not all there) or it cannot be read."""
+    path = f"{output}/{SUMMARY_FILE}"
+    if not _exists(path):
+        raise SearchError(
+            f"{output} holds an incomplete run: results without {SUMMARY_FILE} (the run was "
+            "killed or failed before it committed, or is still running); rerun the job into it "
+            "with --overwrite, then index it"
+        )
+    try:
+        with storage.open_file(path, "rb") as f:
+            data = f.read()
+        summary = json.loads(data)
+    except OSError as e:
+        raise SearchError(f"cannot read {path}: {e}") from None
+    except ValueError as e:
+        raise SearchError(f"{path} is damaged (not JSON: {e})") from None
+    found = summary.get("run_id") if isinstance(summary, dict) else None
+    return str(found) if found else "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _has_tables(index_dir: str) -> list[str]:
+    return [n for n in (IMAGES, VOCABULARY) if _exists(join(index_dir, f"{n}.lance"))]
+
+
+def _rebuild_hint(index_dir: str) -> str:
+    return (
+        f"move {index_dir} away and index the outputs it held again (./run.sh index OUTPUT "
+        f"--index_dir {index_dir}; they are the `run` column of its images)"
+    )
 
 
 def read_meta(index_dir: str) -> dict | None:
-    """The index's `index.json`, or None when there is no index there."""
+    """The index's `index.json`, or None when there is no index there. `SearchError` when it is
+    missing next to existing tables, or damaged: never read as "no index" (that would rebuild
+    the index from one output and lose the others)."""
     path = join(index_dir, META_FILE)
     try:
         if not storage.exists(path):
+            tables = _has_tables(index_dir)
+            if tables:
+                raise SearchError(
+                    f"{index_dir} holds {', '.join(t + '.lance' for t in tables)} but no "
+                    f"{META_FILE}: the index is damaged; {_rebuild_hint(index_dir)}"
+                )
             return None
         with storage.open_file(path, "rb") as f:
-            return json.loads(f.read())
-    except storage.StorageUnavailableError as e:
-        raise SearchError(str(e)) from None
+            data = f.read()
+    except OSError as e:  # StorageUnavailableError, a permission error
+        raise SearchError(f"cannot read {path}: {e}") from None
+    try:
+        meta = json.loads(data)
+    except ValueError as e:
+        raise SearchError(
+            f"{path} is damaged (not JSON: {e}); {_rebuild_hint(index_dir)}"
+        ) from None
+    settings = meta.get("settings") if isinstance(meta, dict) else None
+    if (
+        not isinstance(settings, dict)
+        or not isinstance(meta.get("runs"), list)
+        or any(k not in settings for k in COMPATIBILITY_KEYS)
+    ):
+        raise SearchError(
+            f"{path} is damaged (not the index description this tool writes); "
+            f"{_rebuild_hint(index_dir)}"
+        )
+    return meta
 
 
 def _write_meta(index_dir: str, meta: dict) -> None:
-    with storage.open_file(join(index_dir, META_FILE), "wb") as f:
-        f.write(json.dumps(meta, indent=1, sort_keys=True).encode())
+    """index.json, all or nothing: a crash leaves the previous one or the new one."""
+    atomic_write(join(index_dir, META_FILE), json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+_LANCE_SOURCE = re.compile(r",\s*/\S+\.rs:\d+:\d+\s*$")
+
+
+@contextlib.contextmanager
+def lance_errors(index_dir: str):
+    """Turns LanceDB's errors about damaged files (a truncated `.lance` data file or manifest, a
+    missing one) into a one-line `SearchError` naming the index and what to do (a full disk or a
+    permission error named as such, not as damage)."""
+    try:
+        yield
+    except (RuntimeError, OSError, ValueError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if not ("lance error" in text.lower() or "LanceError" in text or "was not found" in text):
+            raise
+        text = _LANCE_SOURCE.sub("", text)
+        if any(s in text for s in ("No space left on device", "Disk quota exceeded")):
+            raise SearchError(f"cannot write the index {index_dir}: {text}") from None
+        if any(s in text for s in ("Permission denied", "Read-only file system")):
+            raise SearchError(f"cannot read or write the index {index_dir}: {text}") from None
+        raise SearchError(
+            f"the index {index_dir} is damaged ({text}); {_rebuild_hint(index_dir)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def writer_lock(index_dir: str):
+    """Holds the index directory's claim (`core.claim`) while the index is written: one writer
+    at a time. `SearchError` naming the holder when another `index` holds it."""
+    try:
+        held = claims.claim(index_dir, "./run.sh index")
+    except claims.ClaimedError as e:
+        raise SearchError(
+            f"{e}; wait for it to finish (indexing into one directory is one run at a time)"
+        ) from None
+    except claims.ClaimError as e:
+        raise SearchError(f"--index_dir {index_dir}: {e}") from None
+    with held:
+        yield held
 
 
 def _dir_bytes(index_dir: str) -> int:
@@ -145,8 +265,11 @@ def connect(index_dir: str):
 
 def read_footer(path: str) -> tuple[dict, pa.Schema]:
     """(footer key-value metadata as str -> str, Arrow schema) of one results file."""
-    with storage.open_file(path, "rb") as f:
-        schema = pq.ParquetFile(f).schema_arrow
+    try:
+        with storage.open_file(path, "rb") as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise SearchError(f"cannot read the results file {path}: {e}") from None
     meta = {
         k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k != b"ARROW:schema"
     }
@@ -287,15 +410,18 @@ def _read_rows(
     if settings["tag_column"] == "categories":
         columns.append("categories")
     for path in files:
-        with storage.open_file(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(READ_BATCH_ROWS, columns=columns):
-                rows = index_rows(batch, settings, run)
-                values = rows.column("categories").values
-                synsets.update(
-                    zip(values.field("wnid").to_pylist(), values.field("label").to_pylist())
-                )
-                progress.update(rows=rows.num_rows)
-                yield rows
+        try:
+            with storage.open_file(path, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(READ_BATCH_ROWS, columns=columns):
+                    rows = index_rows(batch, settings, run)
+                    values = rows.column("categories").values
+                    synsets.update(
+                        zip(values.field("wnid").to_pylist(), values.field("label").to_pylist())
+                    )
+                    progress.update(rows=rows.num_rows)
+                    yield rows
+        except (OSError, pa.ArrowException) as e:
+            raise SearchError(f"cannot read the results file {path}: {e}") from None
         progress.update(files=1)
 
 
@@ -316,9 +442,28 @@ def build_index(
     if not is_gcs(output):
         output = os.path.abspath(os.path.expanduser(output))
     index_dir = (index_dir or default_index_dir(output)).rstrip("/")
+    if is_gcs(index_dir):
+        connect(index_dir)  # refused against the emulator before anything is claimed
     files = results_files(output)
     if not files:
         raise SearchError(f"no results-*.parquet in {output}: is it the --output of a job run?")
+    with writer_lock(index_dir), lance_errors(index_dir):
+        return _build(output, index_dir, files, ann_min_rows, log_every_secs, started)
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _indexed_run(meta: dict | None, output: str) -> str | None:
+    """The run id of OUTPUT as last indexed ("" for an index older than run ids), or None."""
+    runs = [r for r in (meta or {}).get("runs", []) if r.get("output") == output]
+    return str(runs[-1].get("run_id") or "") if runs else None
+
+
+def _build(output, index_dir, files, ann_min_rows, log_every_secs, started) -> dict:
+    """build_index's work, while holding the index's writer lock."""
+    run = run_id(output)
     settings = None
     for path in files:
         footer, schema = read_footer(path)
@@ -342,6 +487,13 @@ def build_index(
         added = table.count_rows()
     else:
         table = db.open_table(IMAGES)
+        indexed = _indexed_run(meta, output)
+        if indexed is not None and indexed != run:
+            # OUTPUT was replaced by a newer run since it was indexed: its rows go, the new
+            # run's come in (changed images get their new vectors, deleted ones disappear).
+            replaced = table.count_rows(f"run = {_sql_text(output)}")
+            table.delete(f"run = {_sql_text(output)}")
+            _LOG.info("replacing the %d rows of the earlier run of %s", replaced, output)
         added = table.merge_insert("key").when_not_matched_insert_all().execute(reader)
         added = added.num_inserted_rows
         synsets.update(_vocabulary_synsets(db))
@@ -360,6 +512,10 @@ def build_index(
         table.create_index("wnids", config=lancedb.index.LabelList())
     elif added:
         table.optimize()  # new rows into the vector and label indexes; small files compacted
+    if run_id(output) != run:
+        raise SearchError(
+            f"{output} was replaced by a new run while it was indexed; index it again"
+        )
     seconds = time.monotonic() - started
     size = _dir_bytes(index_dir)
     report = {
@@ -383,6 +539,7 @@ def build_index(
                 for k in ("output", "files", "rows_read", "rows_added", "seconds", "indexed_at")
             },
             "tag_column": settings["tag_column"],
+            "run_id": run,
         }
     )
     meta.update(
@@ -408,8 +565,34 @@ class Index:
     def __init__(self, index_dir: str, meta: dict):
         self.dir, self.meta, self.settings = index_dir, meta, meta["settings"]
         db = connect(index_dir)
-        self.images = db.open_table(IMAGES)
-        self.vocabulary = db.open_table(VOCABULARY)
+        with lance_errors(index_dir):
+            self.images = db.open_table(IMAGES)
+            self.vocabulary = db.open_table(VOCABULARY)
+
+
+def check_current(index_dir: str, meta: dict) -> None:
+    """`SearchError` when the OUTPUT whose own index this is (`default_index_dir(OUTPUT)`) no
+    longer holds the run that was indexed (an `--overwrite` replaced it, or is replacing it): its
+    changed and deleted images must not be served from the old rows. One summary.json read;
+    indexes that gather other outputs are brought up to date by indexing those again."""
+    latest = {}
+    for entry in meta.get("runs", []):
+        latest[entry.get("output")] = entry
+    for output, entry in latest.items():
+        if not output or default_index_dir(output).rstrip("/") != index_dir.rstrip("/"):
+            continue
+        recorded = entry.get("run_id")
+        if not recorded:
+            continue  # indexed before runs had ids: cannot tell
+        try:
+            current = run_id(output)
+        except SearchError:
+            current = None  # no committed run there now
+        if current != recorded:
+            raise SearchError(
+                f"the index {index_dir} is out of date: {output} was replaced by another run "
+                f"(--overwrite) after it was indexed; run ./run.sh index {output} to update it"
+            )
 
 
 def open_index(index_or_output: str) -> Index:
@@ -421,6 +604,7 @@ def open_index(index_or_output: str) -> Index:
     for candidate in dict.fromkeys(candidates):
         meta = read_meta(candidate)
         if meta is not None:
+            check_current(candidate, meta)
             return Index(candidate, meta)
     raise SearchError(
         f"no index at {path} (nor at {default_index_dir(path)}): "

@@ -207,9 +207,12 @@ def embed_image(index: Index, data: bytes, model, what: str = "image") -> np.nda
 
 
 def _project(settings: dict, embeddings: np.ndarray) -> np.ndarray:
-    from model.pca import load_basis
+    from model.pca import PcaBasisError, load_basis
 
-    basis = load_basis(settings["pca_basis"])
+    try:
+        basis = load_basis(settings["pca_basis"])
+    except PcaBasisError as e:
+        raise SearchError(f"cannot project the query image: {e}") from None
     if settings["pca_basis_sha256"] and basis.sha256 != settings["pca_basis_sha256"]:
         raise SearchError(
             f"PCA basis {settings['pca_basis']} has changed since the results were "

@@ -12,12 +12,22 @@ The session-scoped fixture runs `gcp-storage-emulator` (in memory) in a subproce
 `fail_next(n, status)` makes the next `n` requests fail with `status` (503, 429, ...), for
 retry tests (the emulator is shared: consume the faults you inject). Helpers talk to the JSON API
 with urllib, independent of the clients under test.
+
+Generation preconditions: `gcp-storage-emulator` ignores `ifGenerationMatch`; this wrapper
+enforces it as Cloud Storage does (HTTP 412 when the object's live generation is not the one
+asked for, `0` meaning "does not exist") on uploads, downloads, metadata reads, patches and
+deletes. The server answers one request at a time, so a check and the write it guards are atomic,
+which is what `core/claim.py` relies on. (For a resumable upload the check is made when the upload
+starts, not when it completes.)
 """
 
 from __future__ import annotations
 
+import email.parser
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -119,6 +129,29 @@ def _split(gs_path: str, object_optional: bool = False) -> tuple[str, str]:
     return bucket, name
 
 
+_OBJECT_PATH = re.compile(r"^(?:/download)?/storage/v1/b/([^/]+)/o/([^/]+)$")
+_UPLOAD_PATH = re.compile(r"^/upload/storage/v1/b/([^/]+)/o$")
+
+
+def _object_of(url, body: bytes, content_type: str) -> tuple[str | None, str | None]:
+    """(bucket, object name) a JSON API request is about, or (None, None)."""
+    found = _OBJECT_PATH.match(url.path)
+    if found:
+        return found.group(1), urllib.parse.unquote(found.group(2))
+    found = _UPLOAD_PATH.match(url.path)
+    if not found:
+        return None, None
+    name = urllib.parse.parse_qs(url.query).get("name", [None])[0]
+    if name is None and content_type.startswith("multipart/"):
+        message = email.parser.BytesParser().parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + body
+        )
+        name = json.loads(message.get_payload()[0].get_payload()).get("name")
+    elif name is None and content_type.startswith("application/json") and body:
+        name = json.loads(body).get("name")
+    return found.group(1), name
+
+
 def start_emulator(timeout: float = 30.0) -> GcsEmulator:
     """Start the emulator subprocess on a free 127.0.0.1 port and wait until it answers."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -201,6 +234,7 @@ def _serve() -> None:
     from functools import partial
     from http import server as http_server
 
+    from gcp_storage_emulator import exceptions as emu_exceptions
     from gcp_storage_emulator import server as emu
     from gcp_storage_emulator.storage import Storage
 
@@ -209,6 +243,32 @@ def _serve() -> None:
     state = {"remaining": 0, "status": 503, "injected": 0}
 
     class Handler(emu.RequestHandler):
+        def _precondition_failed(self) -> bool:
+            """Enforce `ifGenerationMatch` (see the module docstring); True when answered 412."""
+            url = urllib.parse.urlsplit(self.path)
+            want = urllib.parse.parse_qs(url.query).get("ifGenerationMatch")
+            if not want:
+                return False
+            body = emu._read_raw_data(self) or b""
+            self.rfile = io.BytesIO(body)  # the emulator reads the body again
+            if "Transfer-Encoding" in self.headers:
+                del self.headers["Transfer-Encoding"]
+            del self.headers["Content-Length"]
+            self.headers["Content-Length"] = str(len(body))
+            bucket, name = _object_of(url, body, self.headers.get("Content-Type") or "")
+            if bucket is None:
+                return False
+            try:
+                live = str(storage.get_file_obj(bucket, name)["generation"])
+            except emu_exceptions.NotFound:
+                live = "0"
+            if live == want[0]:
+                return False
+            message = f"ifGenerationMatch {want[0]}: the live generation is {live}"
+            out = json.dumps({"error": {"code": 412, "message": message}}).encode()
+            self._reply(412, out)
+            return True
+
         def _control(self, method):
             if method == "POST":
                 body = json.loads(emu._read_raw_data(self) or b"{}")
@@ -245,19 +305,19 @@ def _serve() -> None:
             return True
 
         def do_GET(self):
-            self._maybe_fault("GET") or super().do_GET()
+            self._maybe_fault("GET") or self._precondition_failed() or super().do_GET()
 
         def do_POST(self):
-            self._maybe_fault("POST") or super().do_POST()
+            self._maybe_fault("POST") or self._precondition_failed() or super().do_POST()
 
         def do_PUT(self):
-            self._maybe_fault("PUT") or super().do_PUT()
+            self._maybe_fault("PUT") or self._precondition_failed() or super().do_PUT()
 
         def do_DELETE(self):
-            self._maybe_fault("DELETE") or super().do_DELETE()
+            self._maybe_fault("DELETE") or self._precondition_failed() or super().do_DELETE()
 
         def do_PATCH(self):
-            self._maybe_fault("PATCH") or super().do_PATCH()
+            self._maybe_fault("PATCH") or self._precondition_failed() or super().do_PATCH()
 
     storage = Storage(use_memory_fs=True)
 

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -93,11 +95,14 @@ def categories_of(tags: list[tuple[str, str, float]]) -> list[dict]:
 
 
 def write_output(output: str, table: pa.Table, metadata: dict) -> str:
+    """A committed run's output: the results file, then summary.json (a new run id each time)."""
     os.makedirs(output, exist_ok=True)
     pq.write_table(
         table.replace_schema_metadata(metadata),
         os.path.join(output, "results-00000-of-00001.parquet"),
     )
+    with open(os.path.join(output, "summary.json"), "w") as f:
+        json.dump({"run_id": uuid.uuid4().hex, "results": table.num_rows}, f)
     return output
 
 

@@ -127,6 +127,17 @@ def test_misshaped_key(tmp_path):
         load_checkpoint(_save(tmp_path / "s.npz", weights))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_array(tmp_path, bad):
+    weights = random_weights(**SMALL)
+    key = "resnet/block3/unit01/b/group_norm/gamma"
+    weights[key] = weights[key].copy()
+    weights[key][-1] = bad
+    path = _save(tmp_path / "diverged.npz", weights)
+    with pytest.raises(CheckpointError, match=f"diverged.npz: array {key} has non-finite values"):
+        load_checkpoint(path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_checkpoint(str(tmp_path / "nope.npz"))

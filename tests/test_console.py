@@ -115,6 +115,17 @@ def test_quiet_logging_hides_beam_chatter_but_not_real_warnings():
     assert "Converting" not in text and "Resource module" not in text and "chatter" not in text
 
 
+def test_control_characters_in_log_messages_are_escaped_line_breaks_kept():
+    stream = io.StringIO()
+    handler = console.configure_logging(None, stream)
+    try:
+        logging.getLogger("pipeline.x").warning("key %s\nsecond line", "a\x1b[2Jb\rc")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    assert "key a\\x1b[2Jb\\rc\nsecond line" in text and "\x1b" not in text
+
+
 def test_native_stderr_filter_drops_matching_lines_written_to_fd_2(tmp_path, capfd):
     with console.NativeStderrFilter(console.NATIVE_NOISE + [console.CUDA_PROBE]) as native:
         os.write(2, b"I0000 00:00:1796002625.632025    8940 cudart_stub.cc:31] Could not find\n")

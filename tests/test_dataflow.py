@@ -163,6 +163,8 @@ def test_user_flags_win_over_defaults(base):
         (["--runner", "FlinkRunner"], "DataflowRunner"),
         (["--bucket", "gs://"], "expected gs://BUCKET"),
         (["--bucket", "gs://b"], "expected gs://BUCKET"),
+        (["--max_num_workers", "0"], "argument --max_num_workers: must be an integer between 1"),
+        (["--max_num_workers", "many"], "argument --max_num_workers: must be an integer"),
     ],
 )
 def test_bad_combinations_are_usage_errors(base, extra, message):
@@ -197,3 +199,10 @@ def test_dry_run_job_file_submits_nothing(base, tmp_path, monkeypatch):
     job = json.loads(path.read_text())
     assert job["environment"]["serviceOptions"] == [ACCELERATOR]
     assert job["name"] == "bit-tagger-test"
+
+
+def test_a_missing_launcher_flag_is_one_line_and_exit_2(capsys):
+    assert dataflow.main(["--project", "p", "--input", "x", "--output", "gs://b/o"]) == 2
+    assert capsys.readouterr().err == (
+        f"{dataflow.PROG}: error: the following arguments are required: --region, --bucket\n"
+    )

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from core.claim import ClaimedError, ClaimError
 from core.errors import ArgumentParser, JobFailed, UsageError, exit_code
 from model.pca import PcaBasisError
 from pipeline import dataflow
@@ -16,7 +17,7 @@ from pipeline import main as job_main
 from search import SearchError
 from tests.jobs import DATAFLOW_LAUNCH
 from transforms.infer import ModelError
-from transforms.outputs import OutputExistsError
+from transforms.outputs import OutputError, OutputExistsError
 
 
 def raising(exc):
@@ -34,6 +35,9 @@ def raising(exc):
         (ModelError("cannot load the models"), 2),
         (PcaBasisError("no results-*.parquet files in out"), 2),
         (SearchError("no index at out"), 2),
+        (OutputError("no space left on the device of out"), 2),
+        (ClaimedError("out", {"what": "a bit-tagger run", "pid": 7}), 2),
+        (ClaimError("out is a file, not a directory"), 2),
         (JobFailed("3 of 10 images failed"), 3),
     ],
 )
@@ -110,7 +114,11 @@ def test_dataflow_entry_point_does_not_hide_a_bug(tmp_path, monkeypatch):
         ("pipeline.dataflow", [*DATAFLOW_LAUNCH[:4], "--bucket", "gs://b"], "expected gs://BUCKET"),
         ("pipeline.dataflow", ["--region", "r"], "the following arguments are required"),
         ("pipeline.fit_pca", ["/nonexistent/out", "--dims", "2", "--to", "b.npz"], "no results"),
-        ("pipeline.fit_pca", ["out", "--dims", "two", "--to", "b.npz"], "invalid int value"),
+        (
+            "pipeline.fit_pca",
+            ["out", "--dims", "two", "--to", "b.npz"],
+            "argument --dims: must be an integer >= 1",
+        ),
         ("pipeline.report", ["/nonexistent/out"], "has no output of a run"),
         ("search", ["search", "/nonexistent/index", "--tag", "dog"], "no index at"),
         ("search", ["search"], "the following arguments are required"),
@@ -124,3 +132,24 @@ def test_command_lines_exit_2_with_one_clear_line(module, argv, phrase):
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and phrase in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_writer_quietly():
+    writer = (
+        "from core.errors import exit_code\n"
+        "import sys\n"
+        "def main():\n"
+        "    for i in range(200000):\n"
+        "        print('line', i)\n"
+        "sys.exit(exit_code(main, 'prog'))\n"
+    )
+    done = subprocess.run(
+        f'{sys.executable} -c "{writer}" | head -1; echo "status ${{PIPESTATUS[0]}}"',
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == "line 0\nstatus 0\n"
+    assert done.stderr == ""

@@ -5,10 +5,12 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from core.schema import results_schema
 from model.pca import fit_basis, load_basis
 from pipeline import fit_pca
+from tests.mounts import read_only
 from transforms.write import results_batch, top_k
 
 D = 32
@@ -38,6 +40,8 @@ def write_results(directory, embeddings, dtype="float32", files=2):
         path = f"{directory}/results-{i:05d}-of-{files:05d}.parquet"
         pq.write_table(pa.Table.from_batches([batch]), path, row_group_size=50)
         paths.append(path)
+    with open(f"{directory}/summary.json", "w") as f:  # a committed run
+        f.write('{"run_id": "test"}')
     return paths
 
 
@@ -68,7 +72,7 @@ def test_fit_pca_on_gcs_with_a_sample_of_float16_embeddings(gcs_emulator, tmp_pa
     x = clustered(400, seed=1)
     write_results(tmp_path, x, dtype="float16")
     bucket = gcs_emulator.new_bucket()
-    for path in sorted(tmp_path.glob("results-*.parquet")):
+    for path in sorted(tmp_path.glob("results-*.parquet")) + [tmp_path / "summary.json"]:
         gcs_emulator.upload_file(f"gs://{bucket}/out/{path.name}", path)
     basis = fit_pca.fit(
         f"gs://{bucket}/out", dims=3, to=f"gs://{bucket}/basis.npz", max_samples=250
@@ -85,3 +89,41 @@ def test_no_results_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("./run.sh fit_pca: error: no results-*.parquet")
+
+
+def test_an_incomplete_run_is_refused_before_fitting(tmp_path, capsys):
+    write_results(tmp_path, clustered(100))
+    (tmp_path / "summary.json").unlink()
+    code = fit_pca.main([str(tmp_path), "--dims", "2", "--to", str(tmp_path / "b.npz")])
+    assert code == 2 and f"{tmp_path} holds an incomplete run" in capsys.readouterr().err
+    assert not (tmp_path / "b.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dims", "0"], "argument --dims: must be an integer >= 1, got '0'"),
+        (["--dims", "two"], "argument --dims: must be an integer >= 1, got 'two'"),
+        (["--dims", "2", "--max_samples", "-5"], "argument --max_samples: must be an integer >= 0"),
+        (["--dims", "2", "--seed", "-1"], "argument --seed: must be an integer between 0 and"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        fit_pca.main([str(tmp_path), "--to", str(tmp_path / "b.npz"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"./run.sh fit_pca: error: {message}") and err.count("\n") == 1
+
+
+def test_a_target_that_is_a_folder_or_read_only_is_refused_before_fitting(tmp_path, capsys):
+    write_results(tmp_path, clustered(100))
+    (tmp_path / "folder.npz").mkdir()
+    code = fit_pca.main([str(tmp_path), "--dims", "2", "--to", str(tmp_path / "folder.npz")])
+    assert code == 2 and f"--to {tmp_path / 'folder.npz'} is a folder" in capsys.readouterr().err
+    with read_only(tmp_path / "ro") as readonly:
+        code = fit_pca.main([str(tmp_path), "--dims", "2", "--to", str(readonly / "b.npz")])
+    assert (
+        code == 2
+        and f"cannot write to {readonly} (Read-only file system)" in capsys.readouterr().err
+    )

@@ -179,7 +179,7 @@ def cold_run(gcs, gcs_emulator):
 
     monkeypatch.setattr(pipeline.main, "describe_models", describe_models)
     on_gcs("open", [503])  # the first input shard read
-    on_gcs("create", [503, 429])  # the first two files written (Parquet temp files)
+    on_gcs("create", [503, 429])  # the first two files written (staging probe, a Parquet file)
     before = gcs_emulator.faults["injected"]
     output = f"{gcs['bucket']}/out/cold"
     try:
@@ -265,3 +265,20 @@ def test_second_run_takes_the_models_from_the_local_cache(
     )
     assert_same_rows(check_gcs_output(gcs_emulator, output, summary), local_reference)
     assert summary["models"] == cold_run["summary"]["models"]  # same sources and sha256
+
+
+def test_a_second_run_into_a_claimed_gcs_output_exits_2_and_touches_nothing(
+    gcs, cold_run, gcs_emulator, capsys
+):
+    from core.claim import claim
+
+    output = cold_run["output"]
+    before = {path: gcs_emulator.read(path) for path in gcs_emulator.list(f"{output}/")}
+    args = job_args(f"{gcs['bucket']}/inputs/*.tfrecord", output, gcs["models"], gcs["cache"])
+    with claim(output, "a bit-tagger run") as held:
+        assert pipeline.main.main(args + ["--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {output} is claimed by a bit-tagger run" in err
+        assert f"started {held.holder['started']})" in err
+    after = {path: gcs_emulator.read(path) for path in gcs_emulator.list(f"{output}/")}
+    assert after == before

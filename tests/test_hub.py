@@ -83,6 +83,16 @@ def test_export_logits_needs_head(tmp_path):
         export_saved_model(headless, str(tmp_path / "x"), output="probs")
 
 
+def test_non_finite_variables_are_refused(tmp_path):
+    weights = random_weights(UNITS, WIDTH, CLASSES, seed=3)
+    weights["resnet/head/conv2d/bias"] = np.full(CLASSES, np.nan, np.float32)
+    model = ResNetV2(units=UNITS, width=WIDTH, num_classes=CLASSES)
+    model.load_weights(weights)
+    export_saved_model(model, str(tmp_path / "nan"), output="logits")
+    with pytest.raises(HubError, match="has non-finite values"):
+        load_saved_model(str(tmp_path / "nan"))
+
+
 def test_missing_dir(tmp_path):
     with pytest.raises(HubError, match="no such SavedModel directory"):
         load_saved_model(str(tmp_path / "nope"))

@@ -146,6 +146,38 @@ def test_handler_turns_a_failing_batch_into_one_failure_per_image(loaded):
     assert all(f.error.startswith("ValueError: ") for f in out)
 
 
+class NaNForSome:
+    """The model, with the outputs of the images at `rows` made non-finite (as a diverged or
+    damaged model gives them)."""
+
+    def __init__(self, model, rows, field="embeddings"):
+        self.model, self.rows, self.field = model, rows, field
+
+    def __call__(self, images):
+        out = self.model(images)
+        values = getattr(out, self.field).copy()
+        values[self.rows, 0] = np.nan if self.field == "embeddings" else np.inf
+        return out._replace(**{self.field: values})
+
+
+@pytest.mark.parametrize("field", ["embeddings", "top_scores"])
+def test_an_image_with_non_finite_outputs_is_a_failure_never_a_result(loaded, field):
+    handler, model = loaded
+    batch = decoded(4, seed=2)
+    out = handler.run_inference(batch, NaNForSome(model, [1, 3], field))
+    rows = [o for o in out if isinstance(o, pa.RecordBatch)]
+    failures = [o for o in out if isinstance(o, Failure)]
+    assert len(rows) == 1 and rows[0].column("key").to_pylist() == ["k0", "k2"]
+    assert np.isfinite(np.stack(rows[0].column("embedding").to_pylist())).all()
+    assert [(f.key, f.source, f.stage) for f in failures] == [
+        ("k1", "s1", STAGE_INFERENCE),
+        ("k3", "s3", STAGE_INFERENCE),
+    ]
+    assert all(f.error.startswith("NonFiniteOutput: the model's embedding") for f in failures)
+    everything = handler.run_inference(batch, NaNForSome(model, [0, 1, 2, 3], field))
+    assert [type(o) for o in everything] == [Failure] * 4
+
+
 def test_check_models_refuses_a_tags_model_without_the_21k_classes(tmp_path):
     from tests.bit_checkpoints import write_checkpoint
 

@@ -4,21 +4,26 @@ These run the real graph (read -> decode -> infer -> write -> summary) on the in
 """
 
 import json
+import logging
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.claim import claim
 from model.labels import imagenet21k
 from pipeline.main import JobFailed, main, run
 from tests import corpus
 from tests.bit_checkpoints import write_checkpoint
 from tests.jobs import MULTI_PROCESS, job_args
+from tests.mounts import read_only, tmpfs
 from transforms.outputs import OutputExistsError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -242,9 +247,20 @@ def _wrong_output_size(tmp_path, models):
     return str(tmp_path / "saved"), models[1]
 
 
+def _nan_weights(tmp_path, models):
+    weights = dict(np.load(models[1]))
+    key = "resnet/block2/unit01/b/standardized_conv2d/kernel"
+    weights[key] = weights[key].copy()
+    weights[key][0, 0, 0, :3] = np.nan
+    path = tmp_path / "nan.npz"
+    np.savez(path, **weights)
+    return models[0], str(path)
+
+
 @pytest.mark.parametrize(
     "fault,phrase",
     [
+        (_nan_weights, "nan.npz: array resnet/block2/unit01/b/standardized_conv2d/kernel has "),
         (_truncated_npz, "truncated.npz"),
         (_pickled_npz, "pickle"),
         (_other_architecture, "not a BiT ResNet-v2 checkpoint"),
@@ -421,3 +437,196 @@ def test_a_run_that_dies_half_way_leaves_no_complete_looking_results(
     monkeypatch.setattr(write.RebatchTables, "process", original)
     summary = run(args, save_main_session=False)
     assert summary["results"] == NUM_IMAGES and summary["accounted"]
+
+
+# ---------------------------------------------------------------- exclusive, transactional outputs
+
+
+def snapshot(directory) -> dict:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(pathlib.Path(directory).rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_error_line(capture) -> str:
+    """The one error line of the job on stderr (`PROG: error: MESSAGE`), with no traceback (the
+    runner's own log of a failing step is hidden on the console: core/console.py). `capture`:
+    pytest's capsys or capfd."""
+    err = capture.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished(images, models, tmp_path_factory):
+    """A committed run, copied by each test that may damage it."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    run(job_args(images / "*.tfrecord", out, models), save_main_session=False)
+    return out
+
+
+def test_a_second_run_into_a_claimed_output_exits_2_naming_the_holder(
+    images, models, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    with claim(str(out), "a bit-tagger run") as held:
+        assert main(job_args(images / "*.tfrecord", out, models)) == 2
+    message = one_error_line(capsys)
+    assert f"--output {out} is claimed by a bit-tagger run (host " in message
+    assert f"pid {os.getpid()}, started {held.holder['started']})" in message
+    assert not out.exists()  # nothing written by the refused run
+
+
+def _bad_glob(images, models, tmp_path):
+    return job_args(images / "*.tfrecrod", tmp_path / "out", models)
+
+
+def _missing_model(images, models, tmp_path):
+    return job_args(images / "*.tfrecord", tmp_path / "out", (models[0], "missing.npz"))
+
+
+def _bad_basis(images, models, tmp_path):
+    (tmp_path / "basis.npz").write_text("not a basis")
+    return job_args(
+        images / "*.tfrecord", tmp_path / "out", models, "--pca_basis", str(tmp_path / "basis.npz")
+    )
+
+
+@pytest.mark.parametrize("bad_start", [_bad_glob, _missing_model, _bad_basis])
+def test_an_overwrite_that_cannot_start_leaves_the_previous_run_byte_for_byte(
+    images, models, finished, tmp_path, bad_start
+):
+    shutil.copytree(finished, tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    assert main(bad_start(images, models, tmp_path) + ["--overwrite"]) == 2
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_an_output_that_is_a_file_or_read_only_exits_2_naming_it(images, models, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(job_args(images / "*.tfrecord", tmp_path / "file", models)) == 2
+    assert f"{tmp_path / 'file'} is a file, not a directory" in one_error_line(capsys)
+    capsys.readouterr()
+    with read_only(tmp_path / "ro") as readonly:
+        assert main(job_args(images / "*.tfrecord", readonly, models)) == 2
+    assert f"cannot write to {readonly}: Read-only file system" in one_error_line(capsys)
+
+
+def test_a_full_disk_exits_2_and_leaves_no_temporary_files(images, models, tmp_path, capsys):
+    with tmpfs(tmp_path / "disk", "size=48k") as disk:
+        (disk / "out").mkdir()
+        (disk / "out" / "notes.txt").write_text("mine")
+        assert main(job_args(images / "*.tfrecord", disk / "out", models)) == 2
+        assert [p.name for p in (disk / "out").iterdir()] == ["notes.txt"]
+        assert "beam-temp" not in str(list(disk.rglob("*")))
+    assert f"no space left on the device of {disk / 'out'}" in one_error_line(capsys)
+
+
+def test_a_full_disk_is_one_line_also_where_it_cannot_be_mounted(
+    images, models, tmp_path, capsys, monkeypatch
+):
+    """The same, with the device's answer simulated inside the sample's write (in Beam)."""
+    from transforms import sample
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sample, "write_samples", full)
+    assert main(job_args(images / "*.tfrecord", tmp_path / "out", models)) == 2
+    assert "no space left on the device of" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()  # staging, Beam's temp files and the folder removed
+
+
+KILLED_IN_SUMMARY = """
+import os, signal, sys
+from transforms import outputs
+from pipeline.main import main
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 once every results file is written
+
+outputs.summarize = killed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_after_its_results_are_written_leaves_nothing_that_looks_complete(
+    images, models, tmp_path
+):
+    out = tmp_path / "out"
+    args = job_args(images / "*.tfrecord", out, models)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_SUMMARY, *args], capture_output=True, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not list(out.glob("results-*")) and not list(out.glob("failures-*"))
+    assert not (out / "summary.json").exists()
+    summary = run(args, save_main_session=False)  # the rerun is not blocked and needs no flag
+    assert summary["results"] == NUM_IMAGES and summary["accounted"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("results", "fail"))) == [
+        "report.html",
+        "samples.parquet",
+        "summary.json",
+    ]
+
+
+def test_overwrite_replaces_the_previous_run_when_the_new_one_commits(
+    images, models, finished, tmp_path
+):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    old = json.loads((out / "summary.json").read_text())
+    summary = run(
+        job_args(
+            images / "files" / "img00[0-2].*", out, models, "--overwrite", "--num_shards", "1"
+        ),
+        save_main_session=False,
+    )
+    assert summary["results"] == 3 and summary["run_id"] != old["run_id"]
+    assert sorted(p.name for p in out.glob("results-*")) == ["results-00000-of-00001.parquet"]
+    assert read_rows(out).num_rows == 3
+    assert json.loads((out / "summary.json").read_text())["files"] == summary["files"]
+
+
+@pytest.mark.parametrize(
+    "flag, value, phrase",
+    [
+        ("--top_k", "abc", "argument --top_k: must be an integer between 1 and 21843, got 'abc'"),
+        ("--top_k", "30000", "argument --top_k: must be an integer between 1 and 21843"),
+        ("--image_size", "100000", "argument --image_size: must be an integer between 8 and"),
+        ("--batch_size", "0", "argument --batch_size: must be an integer between 1 and"),
+        ("--log_every_secs", "nan", "argument --log_every_secs: must be a number >= 0"),
+        ("--max_failure_rate", "2", "argument --max_failure_rate: must be a number between 0"),
+        ("--resize", "stretch", "argument --resize: invalid choice: 'stretch'"),
+    ],
+)
+def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path, capfd, flag, value, phrase):
+    argv = ["--input", str(tmp_path / "*.jpg"), "--output", str(tmp_path / "out"), flag, value]
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and phrase in errors[0] and "Traceback" not in err
+    assert "usage:" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_keys_from_an_incomplete_run_is_named_in_a_warning(
+    images, models, finished, tmp_path, caplog
+):
+    earlier = tmp_path / "earlier"
+    shutil.copytree(finished, earlier)
+    (earlier / "summary.json").unlink()
+    args = job_args(
+        images / "*.tfrecord",
+        tmp_path / "out",
+        models,
+        "--skip_keys_from",
+        str(earlier / "results-*"),
+    )
+    summary = run(args, save_main_session=False)
+    assert summary["skipped"] == NUM_IMAGES
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"--skip_keys_from: {earlier} holds an incomplete run" in w for w in warnings)

@@ -1,5 +1,7 @@
 """model/pca.py: fitting, saving, loading and projecting with a shared PCA basis."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -92,6 +94,24 @@ def test_bad_basis_files_are_refused(tmp_path):
         from_bytes(to_bytes(basis._replace(components=basis.components * 2)), "x")
     with pytest.raises(PcaBasisError, match="must be"):
         from_bytes(to_bytes(basis._replace(mean=basis.mean[:3])), "x")
+    arrays = {
+        "mean": basis.mean,
+        "components": basis.components,
+        "explained_variance": basis.explained_variance,
+        "explained_variance_ratio": basis.explained_variance_ratio,
+        "num_samples": np.int64(basis.num_samples),
+    }
+    for name, bad, phrase in [
+        ("num_samples", np.array([1, 2]), "num_samples must be one integer"),
+        ("num_samples", np.float64(3.5), "num_samples must be one integer"),
+        ("explained_variance", np.array(["a"] * 4), "explained_variance has dtype <U1"),
+        ("explained_variance_ratio", np.ones(2), "explained_variance_ratio has shape (2,)"),
+        ("mean", np.array(["x"] * D), "the array mean has dtype"),
+    ]:
+        with open(tmp_path / "bad.npz", "wb") as f:
+            np.savez(f, **{**arrays, name: bad})
+        with pytest.raises(PcaBasisError, match=re.escape(phrase)):
+            load_basis(str(tmp_path / "bad.npz"))
     with pytest.raises(PcaBasisError, match="--dims"):
         fit_basis(batches(x), dims=D + 1)
     with pytest.raises(PcaBasisError, match="at least 2"):

@@ -4,6 +4,7 @@ gs://), self-contained, and it loads in headless Chromium with every thumbnail i
 import io
 import os
 import re
+import shutil
 
 import apache_beam as beam
 import numpy as np
@@ -73,6 +74,40 @@ def test_report_command_on_gcs(models, beam_gcs):
     assert report.main([root]) == 0
     page = beam_gcs.read(f"{root}/report.html").decode()
     assert page.count("data:image/jpeg;base64,") == len(PHOTOS)
+
+
+def test_an_incomplete_run_is_reported_as_one_never_as_no_failures(models, tmp_path, capsys):
+    """What a run killed after its results were written left (an older version could): results,
+    no failures files, no summary.json."""
+    output, _, _ = first_run(*models)
+    killed = tmp_path / "killed"
+    shutil.copytree(output, killed)
+    for path in [killed / "summary.json", killed / "report.html", *killed.glob("failures-*")]:
+        path.unlink()
+    assert report.main([str(killed)]) == 0
+    assert "holds an incomplete run" in capsys.readouterr().err
+    page = (killed / "report.html").read_text()
+    assert "INCOMPLETE RUN" in page and "No failures." not in page
+    assert "Unknown: the run did not commit" in page
+
+
+def test_an_output_that_cannot_be_read_is_an_error_not_no_output(models, beam_gcs, capsys):
+    output, _, _ = first_run(*models)
+    root = f"gs://{beam_gcs.new_bucket()}/run"
+    beam_gcs.upload_file(f"{root}/summary.json", output / "summary.json")
+    beam_gcs.fail_next(10, 403)  # permission denied, however many requests the check makes
+    try:
+        assert report.main([root]) == 2
+    finally:
+        beam_gcs.fail_next(0)
+    err = capsys.readouterr().err
+    assert "403" in err and "has no output" not in err and err.count("\n") == 1
+
+
+def test_report_messages_escape_control_characters(tmp_path, capsys):
+    assert report.main([str(tmp_path / "out\x1b]0;pwned\x07")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "out\\x1b]0;pwned\\x07 has no output" in err
 
 
 def test_report_loads_in_chromium_with_every_thumbnail(models, tmp_path):

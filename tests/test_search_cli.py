@@ -1,6 +1,8 @@
 """`python -m search` (./run.sh index / search): output formats and exit codes, in process."""
 
 import json
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +23,10 @@ def indexed(job_output, tmp_path_factory):
 
 
 def run(capsys, *argv):
-    rc = main(list(argv))
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse's own errors (one line, exit 2)
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -72,14 +77,20 @@ def test_key_query_with_k(indexed, capsys):
         (["--key", "missing-key"], "key 'missing-key' is not in the index"),
         (["--key", "a", "--tag", "dog"], "give one of --image, --key or --tag"),
         ([], "give one of --image, --key or --tag"),
-        (["--tag", "dog", "--k", "0"], "--k must be at least 1"),
+        (["--tag", "dog", "--k", "0"], "argument --k: must be an integer between 1 and 10000"),
+        (["--tag", "dog", "--k", "1000000000"], "argument --k: must be an integer between 1 and"),
+        (["--tag", "dog", "--k", "1e20"], "argument --k: must be an integer between 1 and 10000"),
+        (["--tag", "dog", "--k", "ten"], "argument --k: must be an integer between 1 and 10000"),
+        (["--key", "a", "--nprobes", "-1"], "argument --nprobes: must be an integer between 1"),
+        (["--key", "a", "--nprobes", "0"], "argument --nprobes: must be an integer between 1"),
+        (["--key", "a", "--refine_factor", "0"], "argument --refine_factor: must be an integer"),
     ],
 )
 def test_bad_queries_exit_2_with_one_line(indexed, capsys, argv, message):
     output, _ = indexed
     rc, out, err = run(capsys, "search", output, *argv)
     lines = err.strip().splitlines()
-    assert rc == 2 and out == "" and len(lines) == 1
+    assert rc == 2 and out == "" and len(lines) == 1, err
     assert lines[0].startswith(f"run.sh search: error: {message}")
 
 
@@ -148,3 +159,62 @@ def test_the_search_command_never_imports_beam(indexed, tmp_path, query):
     assert not [m for m in loaded if m.split(".")[0] in ("apache_beam", "transforms", "pipeline")]
     if "--image" in argv:  # the query image is embedded by the job's model, without Beam
         assert "tensorflow" in loaded and photos[0] in done.stdout
+
+
+def test_index_arguments_are_checked(tmp_path, capsys):
+    for argv, message in [
+        (["--ann_min_rows", "-3"], "argument --ann_min_rows: must be an integer >= 0"),
+        (["--log_every_secs", "nan"], "argument --log_every_secs: must be a number >= 0"),
+    ]:
+        rc, _, err = run(capsys, "index", str(tmp_path), *argv)
+        assert (
+            rc == 2 and err.startswith(f"run.sh index: error: {message}") and err.count("\n") == 1
+        )
+
+
+def test_keys_with_control_characters_are_escaped_in_the_table_and_exact_in_json(
+    job_output, tmp_path, capsys
+):
+    output, _ = job_output
+    hostile = "evil\x1b[2J\x1b]0;pwned\x07\r\nfake row"
+    tagged = so.retag(output, str(tmp_path / "out"), key_prefix=hostile)
+    assert main(["index", tagged]) == 0
+    capsys.readouterr()
+    rc, out, _ = run(capsys, "search", tagged, "--tag", "crane", "--k", "2")
+    assert rc == 0 and "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert "evil\\x1b[2J\\x1b]0;pwned\\x07\\r\\nfake row" in out
+    assert len(out.strip().splitlines()) == 3  # header and two rows: no line a key made up
+    rc, out, _ = run(capsys, "search", tagged, "--tag", "crane", "--k", "2", "--json")
+    assert rc == 0 and all(h["key"].startswith(hostile) for h in json.loads(out))
+
+
+def test_a_reader_that_stops_early_ends_the_search_quietly(indexed):
+    output, _ = indexed
+    done = subprocess.run(
+        f"{sys.executable} -m search search {output} --tag crane --k 8 | head -1; "
+        'echo "status ${PIPESTATUS[0]}"',
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.splitlines()[0].split() == ["#", "score", "key", "tags"]
+    assert done.stdout.splitlines()[-1] == "status 0"
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+@pytest.mark.parametrize("part", ["data", "_versions"])
+def test_a_damaged_index_file_exits_2_with_one_line_naming_the_index(
+    indexed, tmp_path, capsys, part
+):
+    """A truncated data file, or truncated manifests (`_versions`), of images.lance."""
+    output, _ = indexed
+    damaged = tmp_path / "index"
+    shutil.copytree(pathlib.Path(output) / "index", damaged)
+    for data in (damaged / "images.lance" / part).glob("*.*"):
+        data.write_bytes(data.read_bytes()[:100])
+    rc, out, err = run(capsys, "search", str(damaged), "--tag", "golden retriever")
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"run.sh search: error: the index {damaged} is damaged (")
+    assert "Traceback" not in err

@@ -4,14 +4,19 @@ emulator into a local index; the IVF-PQ path is trained and kept up to date on a
 
 import json
 import logging
+import os
 import pathlib
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
+from core.claim import claim
 from search import SearchError, ann, query
 from search.index import build_index, default_index_dir, open_index, read_meta
 from tests import search_outputs as so
+from tests.mounts import read_only
 
 
 def test_index_holds_every_result_row_with_its_embedding(job_output, tmp_path, caplog):
@@ -97,7 +102,7 @@ def test_gcs_output_is_indexed_locally_and_searched(
     local = pathlib.Path(so.retag(output, str(tmp_path / "tagged")))
     bucket = gcs_emulator.new_bucket()
     gcs_output = f"gs://{bucket}/tags/run1"
-    for f in local.glob("results-*.parquet"):
+    for f in [*local.glob("results-*.parquet"), local / "summary.json"]:
         gcs_emulator.upload(f"{gcs_output}/{f.name}", f.read_bytes())
     report = build_index(gcs_output)
     expected_dir = tmp_path / "cache" / "index" / "gs" / bucket / "tags" / "run1"
@@ -162,3 +167,115 @@ def test_a_run_without_results_rows_makes_an_empty_index_that_later_runs_fill(tm
     index = open_index(index_dir)
     assert "wnids_idx" in {i.name for i in index.images.list_indices()}
     assert len(query.by_tag(index, [so.GOLDEN[0]], k=20)) == 10
+
+
+# ------------------------------------------------------------------------------- index safety
+
+
+def test_a_second_writer_is_refused_naming_the_holder(job_output, tmp_path):
+    output, _ = job_output
+    index_dir = str(tmp_path / "ix")
+    with claim(index_dir, "./run.sh index") as held:
+        with pytest.raises(SearchError, match=f"{index_dir} is claimed by ./run.sh index") as e:
+            build_index(output, index_dir)
+    assert f"pid {os.getpid()}, started {held.holder['started']})" in str(e.value)
+    assert not (tmp_path / "ix" / "images.lance").exists()
+    assert build_index(output, index_dir)["rows"] == so.NUM_PHOTOS  # released: the next one runs
+
+
+def test_a_missing_index_json_next_to_the_tables_is_never_a_silent_rebuild(job_output, tmp_path):
+    output, _ = job_output
+    index_dir = tmp_path / "ix"
+    build_index(output, str(index_dir))
+    (index_dir / "index.json").unlink()
+    other = so.retag(output, str(tmp_path / "other"), key_prefix="x/")
+    with pytest.raises(SearchError, match=f"{index_dir} holds images.lance, terms.lance but no"):
+        build_index(other, str(index_dir))
+    with pytest.raises(SearchError, match="index.json: the index is damaged; move"):
+        open_index(str(index_dir))
+    import lancedb
+
+    assert lancedb.connect(str(index_dir)).open_table("images").count_rows() == so.NUM_PHOTOS
+
+
+@pytest.mark.parametrize(
+    "damage", [b'{"settings": {"embed_model_sha256": "', b"[]", b'{"settings": {}, "runs": []}']
+)
+def test_a_damaged_index_json_is_an_error_naming_it(job_output, tmp_path, damage):
+    output, _ = job_output
+    index_dir = tmp_path / "ix"
+    build_index(output, str(index_dir))
+    (index_dir / "index.json").write_bytes(damage)
+    for attempt in (
+        lambda: open_index(str(index_dir)),
+        lambda: build_index(output, str(index_dir)),
+    ):
+        with pytest.raises(SearchError, match=f"{index_dir / 'index.json'} is damaged"):
+            attempt()
+
+
+def test_a_failed_index_json_write_leaves_the_previous_one(job_output, tmp_path, monkeypatch):
+    output, _ = job_output
+    index_dir = tmp_path / "ix"
+    build_index(output, str(index_dir))
+    before = (index_dir / "index.json").read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build_index(so.retag(output, str(tmp_path / "b"), key_prefix="b/"), str(index_dir))
+    assert (index_dir / "index.json").read_bytes() == before
+    assert [p.name for p in index_dir.iterdir() if p.name.startswith(".index.json")] == []
+
+
+def test_an_incomplete_output_is_refused(job_output, tmp_path):
+    output, _ = job_output
+    killed = so.retag(output, str(tmp_path / "killed"))
+    os.remove(os.path.join(killed, "summary.json"))
+    with pytest.raises(SearchError, match=f"{killed} holds an incomplete run"):
+        build_index(killed, str(tmp_path / "ix"))
+
+
+def test_an_overwritten_output_replaces_its_rows_and_its_own_index_asks_for_it(
+    job_output, tmp_path
+):
+    output, _ = job_output
+    first = so.retag(output, str(tmp_path / "run"))
+    everything = str(tmp_path / "everything")
+    build_index(first)  # its own index, OUTPUT/index
+    build_index(first, everything)
+    build_index(so.retag(output, str(tmp_path / "other"), key_prefix="o/"), everything)
+    # --overwrite: a new run with half the images, changed vectors, commits into the same OUTPUT.
+    table = so.results(first).slice(0, so.NUM_PHOTOS // 2)
+    vectors = np.stack(table.column("embedding").to_pylist())[::-1].astype(np.float32)
+    table = table.set_column(
+        table.schema.get_field_index("embedding"),
+        "embedding",
+        pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.ravel()), type=table.schema.field("embedding").type
+        ),
+    )
+    so.write_output(first, table, so.footer(first))
+    with pytest.raises(SearchError, match=f"{first}/index is out of date: {first} was replaced"):
+        open_index(first)
+    for index_dir in (None, everything):
+        report = build_index(first, index_dir)
+        index = open_index(index_dir or first)
+        rows = index.images.to_arrow()
+        mine = rows.filter(pc.equal(rows.column("run"), first)).sort_by("key")
+        assert mine.column("key").to_pylist() == table.column("key").to_pylist()
+        np.testing.assert_array_equal(np.stack(mine.column("vector").to_pylist()), vectors)
+        assert report["rows"] == len(table) + (so.NUM_PHOTOS if index_dir else 0)
+    assert [r["output"] for r in read_meta(everything)["runs"]][-1] == first
+
+
+def test_an_index_dir_that_is_a_file_or_read_only_is_one_clear_error(job_output, tmp_path):
+    output, _ = job_output
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SearchError, match=f"--index_dir {tmp_path / 'file'}: .* is a file"):
+        build_index(output, str(tmp_path / "file"))
+    with read_only(tmp_path / "ro") as readonly:
+        with pytest.raises(SearchError, match=f"cannot write to {readonly}: Read-only file system"):
+            build_index(output, str(readonly))

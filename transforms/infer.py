@@ -4,7 +4,9 @@ Beam's `RunInference` loads the model once per worker process (through `Shared`,
 with `--model_copies`), batches with `BatchElements` at a fixed size and reports the inference batch
 latency distribution. Our handler turns one batch of `Decoded` images into ONE `pyarrow.RecordBatch`
 of result rows (top-k tags, embeddings) built from flat NumPy arrays: no per-image Python dicts on
-the hot path. A batch the model cannot run becomes one `Failure` per image, never a crashed job.
+the hot path. A batch the model cannot run becomes one `Failure` per image, never a crashed job;
+an image whose outputs are not finite (NaN, infinity) becomes a `Failure` `NonFiniteOutput`, never
+a result row.
 """
 
 import logging
@@ -227,6 +229,29 @@ class _Progress:
                 )
 
 
+class NonFiniteOutput(ArithmeticError):
+    """The model's outputs for an image are NaN or infinite (a failure row, never a result)."""
+
+    def __init__(self):
+        super().__init__(
+            "the model's embedding or tag scores for this image are not finite (NaN or infinity)"
+        )
+
+
+def finite_rows(outputs) -> np.ndarray:
+    """bool [B]: the images whose embedding and scores (all the model returned) are finite."""
+    ok = np.isfinite(outputs.embeddings).all(axis=1)
+    for scores in (outputs.top_scores, outputs.scores):
+        if scores is not None:
+            ok &= np.isfinite(scores).all(axis=1)
+    return ok
+
+
+def select_rows(outputs, rows: np.ndarray):
+    """The model outputs (`model.bit.Outputs`) of the images `rows` selects."""
+    return type(outputs)(*(None if a is None else a[rows] for a in outputs))
+
+
 def postprocess(
     batch: Sequence[Decoded],
     outputs,
@@ -318,20 +343,33 @@ class BitModelHandler(ModelHandler[Decoded, pa.RecordBatch | Failure, Any]):
         try:
             images = np.stack([d.pixels for d in batch])
             outputs = model(images)
-            rows = postprocess(
-                batch,
-                outputs,
-                self._config,
-                self._labels,
-                self._hierarchy,
-                self._basis,
-            )
+            finite = finite_rows(outputs)
+            kept = [d for d, ok in zip(batch, finite) if ok]
+            rows = None
+            if kept:
+                rows = postprocess(
+                    kept,
+                    outputs if len(kept) == len(batch) else select_rows(outputs, finite),
+                    self._config,
+                    self._labels,
+                    self._hierarchy,
+                    self._basis,
+                )
         except Exception as exc:  # noqa: BLE001
             # One failure row per image: the job goes on and the user learns why.
             _LOG.warning("inference failed for a batch of %d images: %s", len(batch), exc)
             return [Failure(d.key, d.source, STAGE_INFERENCE, error_text(exc)) for d in batch]
         self._progress.add(len(batch))
-        return [rows]
+        failed = [
+            Failure(d.key, d.source, STAGE_INFERENCE, error_text(NonFiniteOutput()))
+            for d, ok in zip(batch, finite)
+            if not ok
+        ]
+        if failed:
+            _LOG.warning(
+                "%d images of a batch of %d gave non-finite outputs", len(failed), len(batch)
+            )
+        return ([rows] if rows is not None else []) + failed
 
     def get_num_bytes(self, batch: Sequence[Decoded]) -> int:
         return sum(d.pixels.nbytes for d in batch)

@@ -17,7 +17,15 @@ setuptools.setup(
     version="0.1.0",
     description="Tag and embed millions of images with BiT in an Apache Beam batch job",
     python_requires=">=3.11",
-    packages=["pipeline", "transforms", "model", "model.data", "model.kernels", "search"],
+    packages=[
+        "pipeline",
+        "transforms",
+        "model",
+        "model.data",
+        "model.kernels",
+        "search",
+        "search.pgvector",
+    ],
     package_data={
         "model.data": ["*.txt", "*.tsv.gz", "WORDNET_LICENSE"],
         "model.kernels": ["*.cc"],

@@ -67,7 +67,10 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self):
+    """`settings`: more `-c name=value` for the server (e.g. shared_buffers for a benchmark)."""
+
+    def __init__(self, settings: dict | None = None):
+        self.settings = dict(settings or {})
         self.root = tempfile.mkdtemp(prefix="bit-tagger-pg-")
         self.process: subprocess.Popen | None = None
         self.port = 0
@@ -116,6 +119,8 @@ class Server:
         command = [os.path.join(self.bin, "postgres"), "-D", self.data, "-p", str(self.port)]
         command += ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="]
         command += ["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=20"]
+        for name, value in self.settings.items():
+            command += ["-c", f"{name}={value}"]
         setpriv = shutil.which("setpriv")
         if setpriv:  # the server dies with this process, even a killed one
             command = [setpriv, "--pdeathsig", "SIGQUIT", "--"] + command
@@ -156,9 +161,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def running():
+def running(settings: dict | None = None):
     """A started `Server`, stopped and removed on the way out (also after a failure)."""
-    server = Server()
+    server = Server(settings)
     try:
         yield server.start()
     finally:

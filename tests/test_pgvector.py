@@ -152,6 +152,20 @@ def test_load_keeps_every_value_of_a_job_output(nights, server, conn):
         assert got["run"] == first
 
 
+def test_categories_are_merged_with_tags_as_the_local_index_does(nights):
+    """The loader's vectorised merge gives what `./run.sh index` stores, on real categories."""
+    from search.index import _categories
+    from search.pgvector.load import merged_categories
+
+    for path in sorted(p.path for p in os.scandir(nights[0]) if p.name.startswith("results-")):
+        for batch in pq.ParquetFile(path).iter_batches(3):
+            expected = _categories(batch)
+            offsets, wnids, scores = merged_categories(batch)
+            np.testing.assert_array_equal(offsets, expected.offsets.to_numpy())
+            assert wnids == expected.values.field("wnid").to_pylist()
+            np.testing.assert_array_equal(scores, expected.values.field("score").to_numpy())
+
+
 def test_reloading_an_output_changes_nothing(nights, server, conn):
     first, _ = nights
     load_output(first, server.dsn, "reload")
@@ -405,7 +419,7 @@ def test_tag_search_by_category_score_through_gin(clusters, conn):
 
 @pytest.mark.parametrize("plan", ["auto", "exact", "index"])
 @pytest.mark.parametrize("wnid", [DOG, GOLDEN])
-def test_tag_filtered_nearest_returns_k_rows(clusters, conn, plan, wnid):
+def test_tag_filtered_nearest_returns_k_rows(clusters, conn, plan, wnid, caplog):
     keys, _, full, reduced, scores = clusters
     mask = ~np.isnan(scores[wnid])
     for cluster in (0, 1, 5):  # queries near the tagged rows, and far from them
@@ -423,6 +437,7 @@ def test_tag_filtered_nearest_returns_k_rows(clusters, conn, plan, wnid):
                 assert all(mask[keys.index(h.key)] for h in hits)
                 if plan == "index":  # approximate; the others are exact
                     assert recall(hits, keys, vectors, q, K, mask) >= 0.8
+                    assert "exact plan" not in caplog.text  # the iterative scan found k rows
                 else:
                     expect_exact(hits, keys, vectors, q, K, mask)
 

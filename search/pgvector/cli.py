@@ -8,6 +8,7 @@ password of the connection string is never printed); 1 anything unexpected (a tr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -41,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
         "--batch_rows",
         type=int,
         default=load.BATCH_ROWS,
-        help=f"rows per COPY and commit (default {load.BATCH_ROWS})",
+        help=f"rows a transaction: staged by one COPY, upserted, committed (default "
+        f"{load.BATCH_ROWS})",
     )
     lo.add_argument(
         "--index_memory",
@@ -51,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     )
     lo.add_argument(
         "--log_every_secs", type=float, default=10.0, help="progress line interval (0: none)"
+    )
+    lo.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of a sentence"
     )
     return ap
 
@@ -64,14 +69,17 @@ def run_load(args) -> int:
         index_memory=args.index_memory,
         log_every_secs=args.log_every_secs,
     )
-    built = ", ".join(f"{name} {s:.1f} s" for name, s in report["index_seconds"].items())
-    print(
-        f"loaded {report['rows_read']} rows of {report['output']} into {report['table']} at "
-        f"{report['server']} in {report['load_seconds']:.1f} s "
-        f"({report['rows_per_second']:.0f} rows/s): {report['inserted']} new, "
-        f"{report['updated']} changed, {report['unchanged']} unchanged; the table holds "
-        f"{report['rows']} rows" + (f"; indexes built: {built}" if built else "")
-    )
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        built = ", ".join(f"{name} {s:.1f} s" for name, s in report["index_seconds"].items())
+        print(
+            f"loaded {report['rows_read']} rows of {report['output']} into {report['table']} at "
+            f"{report['server']} in {report['load_seconds']:.1f} s "
+            f"({report['rows_per_second']:.0f} rows/s): {report['inserted']} new, "
+            f"{report['updated']} changed, {report['unchanged']} unchanged; the table holds "
+            f"{report['rows']} rows" + (f"; indexes built: {built}" if built else "")
+        )
     if report["iterative_scan"] in (None, "off"):
         print(
             "note: hnsw.iterative_scan is off on this server: SQL that filters an HNSW search "

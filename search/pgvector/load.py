@@ -50,7 +50,8 @@ from search.pgvector import copy, db
 
 _LOG = logging.getLogger(__name__)
 
-BATCH_ROWS = 1024
+BATCH_ROWS = 10_000  # rows a transaction (one COPY into the staging table, one upsert, a commit)
+READ_ROWS = 1024  # rows read and encoded at a time: the client's memory
 INDEX_MEMORY = (
     "1GB"  # maintenance_work_mem while building HNSW indexes (a limit, not a reservation)
 )
@@ -152,6 +153,41 @@ def _matrix(column: pa.Array, vector: db.VectorColumn, keys: list, path: str) ->
     return matrix
 
 
+def _items(column: pa.ListArray) -> tuple[np.ndarray, pa.StructArray]:
+    """(row number of each item, the items) of a list column, slicing accounted for."""
+    offsets = column.offsets.to_numpy()
+    items = column.values.slice(offsets[0], offsets[-1] - offsets[0])
+    return np.repeat(np.arange(len(column)), np.diff(offsets)), items
+
+
+def merged_categories(batch: pa.RecordBatch) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(offsets [rows + 1], wnids, scores) of each row's categories merged with its tags: one
+    entry per wnid with its best score, best first, ties in order of first appearance
+    (categories, then tags) -- what `./run.sh index` stores (`search.index._categories`), here
+    vectorised: the per-row Python of that one would dominate a load's time."""
+    columns = [batch.column(c) for c in ("categories", "tags") if c in batch.schema.names]
+    rows, wnids, scores = [], [], []
+    for column in columns:
+        row, items = _items(column)
+        rows.append(row)
+        wnids.append(items.field("wnid"))
+        scores.append(items.field("score").to_numpy(zero_copy_only=False).astype(np.float32))
+    rows, scores = np.concatenate(rows), np.concatenate(scores)
+    order = np.arange(len(rows))  # position: a row's categories come before its tags
+    encoded = pa.concat_arrays(wnids).dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    # The best item of each (row, wnid), and where that wnid first appeared in the row.
+    by_group = np.lexsort((order, -scores, codes, rows))
+    starts = np.ones(len(by_group), bool)
+    starts[1:] = np.diff(rows[by_group]) != 0
+    starts[1:] |= np.diff(codes[by_group]) != 0
+    best = by_group[starts]
+    first_seen = np.minimum.reduceat(order[by_group], np.flatnonzero(starts)) if len(best) else best
+    kept = best[np.lexsort((first_seen, -scores[best], rows[best]))]
+    offsets = np.searchsorted(rows[kept], np.arange(batch.num_rows + 1))
+    return offsets, encoded.dictionary.take(pa.array(codes[kept])).to_pylist(), scores[kept]
+
+
 def encode(batch: pa.RecordBatch, vectors: list[db.VectorColumn], path: str) -> bytes:
     """The binary COPY tuples of one batch of a results file, in `copy_columns` order."""
     keys = batch.column("key").to_pylist()
@@ -161,10 +197,7 @@ def encode(batch: pa.RecordBatch, vectors: list[db.VectorColumn], path: str) -> 
         None if row is None else json.dumps(row, separators=(",", ":"), allow_nan=False)
         for row in batch.column("tags").to_pylist()
     ]
-    categories = local_index._categories(batch)  # merged with the tags, as ./run.sh index does
-    offsets = categories.offsets.to_numpy()
-    wnids = categories.values.field("wnid").to_pylist()
-    scores = categories.values.field("score").to_numpy(zero_copy_only=False)
+    offsets, wnids, scores = merged_categories(batch)
     fields = [
         [copy.field(k.encode()) for k in keys],
         [_text(s) for s in batch.column("source").to_pylist()],
@@ -181,7 +214,8 @@ def encode(batch: pa.RecordBatch, vectors: list[db.VectorColumn], path: str) -> 
 
 
 def _unique(batch: pa.RecordBatch, seen: set, path: str) -> pa.RecordBatch:
-    """The batch without keys already seen in this load (the job writes each key once)."""
+    """The batch without keys already staged in this transaction (the job writes each key once;
+    one INSERT ... ON CONFLICT DO UPDATE may not meet a key twice)."""
     keys = batch.column("key").to_pylist()
     first = [k not in seen and not seen.add(k) for k in keys]
     if not all(first):
@@ -277,6 +311,16 @@ def _lock(conn: psycopg.Connection, table: str) -> None:
     conn.commit()
 
 
+def _unlock(conn: psycopg.Connection) -> None:
+    """Release the lock now (closing would too, but a backend exits a moment after its client)."""
+    try:
+        conn.rollback()
+        conn.execute("SELECT pg_advisory_unlock_all()")
+        conn.commit()
+    except psycopg.Error:
+        pass  # the connection is gone: so is the lock
+
+
 # ----------------------------------------------------------------------------------- load
 
 
@@ -332,6 +376,7 @@ def load_output(
     except psycopg.Error as e:
         raise db.server_error(e, dsn, doing) from None
     finally:
+        _unlock(conn)
         conn.close()
     return {
         "output": output,
@@ -350,7 +395,20 @@ def load_output(
     }
 
 
+def _batches(files: list[str], vectors: list[db.VectorColumn], read_rows: int):
+    """(path, record batch) of every results file in turn, `read_rows` rows at a time."""
+    names = ["key", "source", "width", "height", "tags"] + [v.name for v in vectors]
+    for path in files:
+        with storage.open_file(path, "rb") as f:
+            results = pq.ParquetFile(f)
+            read = names + (["categories"] if "categories" in results.schema_arrow.names else [])
+            for batch in results.iter_batches(read_rows, columns=read):
+                yield path, batch
+
+
 def _load_rows(conn, table, files, vectors, output, batch_rows, log_every_secs) -> dict:
+    """Upsert every row, `batch_rows` rows a transaction: one COPY into the staging table fed
+    batch by batch (client memory: one read batch), one INSERT ... ON CONFLICT, one commit."""
     columns = copy_columns(vectors)
     names = [name for name, _ in columns]
     staging = f"pg_temp.{db.bare_name(table)}_staging"
@@ -363,38 +421,34 @@ def _load_rows(conn, table, files, vectors, output, batch_rows, log_every_secs) 
     copy_sql = f"COPY {staging} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
     upsert = _upsert_sql(table, names, staging)
     counts = dict(rows_read=0, inserted=0, updated=0, unchanged=0)
-    seen: set = set()
+    batches = _batches(files, vectors, min(READ_ROWS, batch_rows))
     start = last_log = time.monotonic()
-    for number, path in enumerate(files, 1):
-        with storage.open_file(path, "rb") as f:
-            results = pq.ParquetFile(f)
-            read = ["key", "source", "width", "height", "tags"] + [v.name for v in vectors]
-            if "categories" in results.schema_arrow.names:
-                read.append("categories")
-            for batch in results.iter_batches(batch_rows, columns=read):
-                counts["rows_read"] += batch.num_rows
-                batch = _unique(batch, seen, path)
-                if not batch.num_rows:
-                    continue
-                data = encode(batch, vectors, path)
-                with conn.cursor() as cur:
-                    with cur.copy(copy_sql) as out:
-                        out.write(copy.SIGNATURE + data + copy.TRAILER)
-                    inserted, updated = cur.execute(upsert, {"run": output}).fetchone()
-                conn.commit()
-                counts["inserted"] += inserted
-                counts["updated"] += updated
-                counts["unchanged"] += batch.num_rows - inserted - updated
-                now = time.monotonic()
-                if log_every_secs and now - last_log >= log_every_secs:
-                    last_log = now
-                    _LOG.info(
-                        "loading: file %d/%d, %d rows read (%.0f rows/s)",
-                        number,
-                        len(files),
-                        counts["rows_read"],
-                        counts["rows_read"] / (now - start),
-                    )
+    done = False
+    while not done:
+        staged, seen = 0, set()
+        with conn.cursor() as cur:
+            with cur.copy(copy_sql) as out:
+                out.write(copy.SIGNATURE)
+                for path, batch in batches:
+                    counts["rows_read"] += batch.num_rows
+                    batch = _unique(batch, seen, path)
+                    out.write(encode(batch, vectors, path))
+                    staged += batch.num_rows
+                    if staged >= batch_rows:
+                        break
+                else:
+                    done = True
+                out.write(copy.TRAILER)
+            inserted, updated = cur.execute(upsert, {"run": output}).fetchone()
+        conn.commit()
+        counts["inserted"] += inserted
+        counts["updated"] += updated
+        counts["unchanged"] += staged - inserted - updated
+        now = time.monotonic()
+        if log_every_secs and now - last_log >= log_every_secs:
+            last_log = now
+            rate = counts["rows_read"] / (now - start)
+            _LOG.info("loading: %d rows read (%.0f rows/s)", counts["rows_read"], rate)
     return counts
 
 

@@ -90,17 +90,22 @@ def _prepare(conn: psycopg.Connection) -> None:
 @contextmanager
 def _settings(conn: psycopg.Connection, values: dict):
     """`values` set for the statements inside, local to the transaction (the caller opens one),
-    the old values put back after (for a caller whose own transaction goes on)."""
-    old = {
-        name: conn.execute("SELECT current_setting(%s, true)", [name]).fetchone()[0]
-        for name in values
-    }
-    for name, value in values.items():
-        conn.execute("SELECT set_config(%s, %s, true)", [name, str(value)])
+    the old values put back after (for a caller whose own transaction goes on). Two round trips
+    before, one after."""
+    names = list(values)
+
+    def set_all(settings: list) -> None:
+        if not settings:
+            return
+        calls = ", ".join(["set_config(%s, %s, true)"] * len(settings))
+        conn.execute(f"SELECT {calls}", [p for pair in settings for p in pair])
+
+    old = conn.execute(
+        "SELECT " + ", ".join(["current_setting(%s, true)"] * len(names)), names
+    ).fetchone()
+    set_all([(name, str(value)) for name, value in values.items()])
     yield
-    for name, value in old.items():
-        if value is not None:
-            conn.execute("SELECT set_config(%s, %s, true)", [name, value])
+    set_all([(name, value) for name, value in zip(names, old) if value is not None])
 
 
 def _column(conn, table: str, column: str | None) -> db.VectorColumn:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from search_recall import make_vectors
@@ -108,23 +108,29 @@ def write_output(path: str, full: np.ndarray, reduced: np.ndarray, member: dict,
 
 
 def load(output: str, dsn: str, table: str) -> tuple[dict, float, float]:
-    """(report, wall seconds, peak RSS MiB) of `python -m search.pgvector load` in a child."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(report, wall seconds, peak RSS MiB) of `python -m search.pgvector load` in a child. The
+    peak is sampled every 20 ms (a child's ru_maxrss would count this parent's pages at fork)."""
     started = time.perf_counter()
-    done = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, "-m", "search.pgvector", "load", output, "--into", dsn]
         + ["--table", table, "--json", "--log_every_secs", "0"],
         cwd=common.REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
     )
+    peak, watched = 0, psutil.Process(child.pid)
+    while child.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.02)
+    stdout, stderr = child.communicate()
     wall = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"pg_load: the load failed: {done.stderr.strip()}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of the children is their largest, not a sum: a smaller child does not lower it.
-    return json.loads(done.stdout), wall, max(peak, before) / 1024
+    if child.returncode:
+        sys.exit(f"pg_load: the load failed: {stderr.strip()}")
+    return json.loads(stdout), wall, peak / 2**20
 
 
 # --------------------------------------------------------------------------------- queries

@@ -17,10 +17,16 @@ distance (relaxed order may return rows slightly out of order), and when the sca
 fewer rows than the filter matches, answer again with the exact plan and log a warning. Settings
 are changed for the query's own transaction only (`set_config(..., true)`), then put back.
 
-Plans (`plan=`): `auto` lets PostgreSQL choose between the HNSW scan and, for a tag, the GIN index
-+ exact sort, with the safety net above; `index` forces the HNSW scan; `exact` never uses the
-vector index (a sequential or GIN bitmap scan, then an exact sort): always the true answer, at a
-cost that grows with the rows the filter matches.
+Plans (`plan=`):
+- `index`: the HNSW scan, always (sequential scans, bitmap scans and sorts turned off for the
+  query: vectors stored out of line (TOAST) make a sequential scan look far cheaper to
+  the planner than it is, and at 20,000 rows it chose one that took 50 times as long);
+- `exact`: no vector index: a sequential scan, or for a tag a bitmap scan of the GIN index, then
+  an exact sort; always the true answer, at a cost that grows with the rows the filter matches;
+- `auto` (default): `index` without a tag; with a tag, `exact` when the tag's rows m (the
+  planner's estimate) satisfy m^2 <= candidates x table rows, i.e. when sorting them costs less
+  than the ~candidates x rows / m index tuples an iterative scan reads to find as many (measured
+  per row, `bench/pg_load.py`: the two cost about the same), else `index`.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ _LOG = logging.getLogger(__name__)
 
 EF_SEARCH = 40  # pgvector's default
 MAX_EF_SEARCH = 1000  # pgvector's limit
-MAX_SCAN_TUPLES = 20_000  # pgvector's default limit of an iterative scan
+MAX_SCAN_TUPLES = 20_000  # pgvector's default limit of an iterative scan, raised for rare tags
+SCAN_TUPLES_CAP = 1_000_000  # ... up to this (then the exact plan answers, see `_nearest`)
 MIN_CANDIDATES = 100  # `binary` / `halfvec` columns: rows taken before the exact re-sort
 PLANS = ("auto", "index", "exact")
 WNID = re.compile(r"^n\d{8}$")
@@ -172,15 +179,24 @@ def _nearest(conn, vector, k, table, column, tag, candidates, ef_search, plan) -
     where = f"{col.name} IS NOT NULL"
     if tag is not None:
         where += " AND categories @> ARRAY[%(tag)s]::text[]"
+    total, matches = (1.0, 1.0) if tag is None else _row_estimates(conn, table, tag)
+    if plan == "auto":  # exact when sorting the tag's rows costs less than finding them in HNSW
+        plan = "exact" if tag is not None and matches**2 <= limit * total else "index"
     if plan == "exact":
         return _exact(conn, table, col, where, params)
+    # The iterative scan reads about limit / (share of rows matching) index tuples.
+    expected_scan = 4 * limit * total / max(matches, 1)
     settings = {
         "hnsw.iterative_scan": "relaxed_order",
         "hnsw.ef_search": min(max(ef_search or EF_SEARCH, limit), MAX_EF_SEARCH),
-        "hnsw.max_scan_tuples": max(MAX_SCAN_TUPLES, 2 * limit),
+        "hnsw.max_scan_tuples": int(min(max(MAX_SCAN_TUPLES, expected_scan), SCAN_TUPLES_CAP)),
+        # The HNSW scan, not the planner's guess: vectors stored out of line (TOAST) make a
+        # sequential scan look far cheaper to it than it is, and a sort on the key index
+        # (seqscan and bitmap scans off) is the next cheapest-looking plan.
+        "enable_seqscan": "off",
+        "enable_bitmapscan": "off",
+        "enable_sort": "off",
     }
-    if plan == "index":  # only the HNSW scan (benchmarks; `auto` lets the planner choose)
-        settings.update(enable_bitmapscan="off", enable_seqscan="off")
     sql = f"""
         WITH candidates AS MATERIALIZED (
           SELECT key, source, {col.name} FROM {table} WHERE {where}
@@ -203,6 +219,18 @@ def _nearest(conn, vector, k, table, column, tag, candidates, ef_search, plan) -
             )
             return _exact(conn, table, col, where, params)
     return [Hit(key, source, float(d)) for key, source, d in rows]
+
+
+def _row_estimates(conn, table: str, tag: str) -> tuple[float, float]:
+    """(rows in the table, rows holding `tag`) as the planner estimates them (no scan)."""
+    plan = conn.execute(
+        f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {table} WHERE categories @> ARRAY[%s]::text[]",
+        [tag],
+    ).fetchone()[0]
+    total = conn.execute(
+        "SELECT greatest(reltuples, 1) FROM pg_class WHERE oid = to_regclass(%s)", [table]
+    ).fetchone()[0]
+    return float(total), float(plan[0]["Plan"]["Plan Rows"])
 
 
 def _exact(conn, table: str, col: db.VectorColumn, where: str, params: dict) -> list[Hit]:

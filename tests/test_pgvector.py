@@ -476,7 +476,8 @@ def test_a_short_index_scan_falls_back_to_the_exact_plan(clusters, conn, monkeyp
 
 
 def test_more_rows_than_ef_search(clusters, conn):
-    """LIMIT 100 through HNSW with ef_search 40 would return 40 rows without iterative scans."""
+    """LIMIT 100 through HNSW with the default ef_search (40) returns at most 40 rows: `nearest`
+    raises it (and turns on iterative scans, which go past it)."""
     keys, _, _, reduced, _ = clusters
     _, queries_reduced = queries(1)
     hits = nearest(conn, queries_reduced[0], 100, table="clusters", ef_search=40)

@@ -147,8 +147,10 @@ def nearest(
     """The `k` rows nearest to `vector` by cosine distance (nearest first, ties by key) in
     `column` (default `embedding_reduced` when the table has it, else `embedding`), only rows
     whose categories hold the wnid `tag` when given. `candidates`: rows taken through the index
-    before the exact re-sort, on a `binary` or `halfvec` column (default max(100, 10 k));
-    `ef_search`: the HNSW search width (default 40, raised to what is asked for, at most 1000)."""
+    before the exact re-sort (default: max(40, k) on a column indexed directly, whose relaxed-order
+    iterative scan returns rows a little out of order; max(100, 10 k) on a `binary` or `halfvec`
+    one, ordered by an approximate distance); `ef_search`: the HNSW search width (default 40,
+    raised to `candidates`, at most 1000)."""
     table = db.check_table_name(table)
     if plan not in PLANS:
         raise SearchError(f"plan {plan!r}: one of {', '.join(PLANS)}")
@@ -170,11 +172,11 @@ def _nearest(conn, vector, k, table, column, tag, candidates, ef_search, plan) -
             f"the query vector has {query.shape[0]} values; {table}.{col.name} needs {col.dim} "
             "finite ones"
         )
-    limit = k  # an index ordering by the exact distance needs no more candidates than rows
-    if col.kind != "direct":  # it orders by an approximate one: re-sort more candidates
-        limit = max(MIN_CANDIDATES, 10 * k) if candidates is None else candidates
-        if limit < k:
-            raise SearchError(f"candidates ({limit}) must be at least k ({k})")
+    limit = candidates
+    if limit is None:  # what one HNSW pass finds anyway; more where it orders by an approximation
+        limit = max(EF_SEARCH, k) if col.kind == "direct" else max(MIN_CANDIDATES, 10 * k)
+    if limit < k:
+        raise SearchError(f"candidates ({limit}) must be at least k ({k})")
     params = {"q": QueryVector(query), "k": k, "limit": limit, "tag": tag}
     where = f"{col.name} IS NOT NULL"
     if tag is not None:

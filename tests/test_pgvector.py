@@ -572,6 +572,12 @@ def test_set_up_errors_are_one_line(server, tmp_path, capsys):
         assert phrase in one_line_error(capsys, ["load", output, "--into", dsn])
     err = one_line_error(capsys, ["load", output, "--into", server.dsn, "--table", "Images"])
     assert "--table 'Images'" in err
+    err = one_line_error(capsys, ["load", output, "--into", server.dsn, "--table", "nope.images"])
+    assert 'schema "nope" does not exist' in err and "creating table nope.images" in err
+    argv = ["load", output, "--into", server.dsn, "--table", "mem", "--index_memory", "lots"]
+    assert "--index_memory 'lots'" in one_line_error(capsys, argv)
+    with connect(server.dsn) as c:  # refused before anything was written
+        assert c.execute("SELECT to_regclass('mem')").fetchone()[0] is None
     err = one_line_error(capsys, ["load", str(tmp_path), "--into", server.dsn])
     assert "no results-*.parquet" in err
 

@@ -58,22 +58,34 @@ def jsonb(text: str | None) -> bytes:
     return NULL if text is None else field(b"\x01" + text.encode())
 
 
-def vectors(matrix: np.ndarray, type_: str) -> list[bytes]:
-    """One `vector` or `halfvec` field per row of `matrix` [rows, dim]."""
-    rows, dim = matrix.shape
-    head = struct.pack(">ihh", 4 + dim * (4 if type_ == "vector" else 2), dim, 0)
-    data = np.ascontiguousarray(matrix, dtype=_VALUE_TYPES[type_])
-    size = data.itemsize * dim
-    buffer = data.tobytes()
-    return [head + buffer[i * size : (i + 1) * size] for i in range(rows)]
-
-
 def vector_value(vector: np.ndarray, type_: str = "vector") -> bytes:
     """One vector in pgvector's binary format (a query parameter), without the field length."""
-    return vectors(np.asarray(vector).reshape(1, -1), type_)[0][4:]
+    values = np.asarray(vector).reshape(-1)
+    return struct.pack(">hh", len(values), 0) + values.astype(_VALUE_TYPES[type_]).tobytes()
 
 
-def tuples(columns: list[list[bytes]]) -> bytes:
-    """The tuples of a batch: `columns` holds each column's encoded fields, rows aligned."""
-    count = struct.pack(">h", len(columns))
-    return b"".join(count + b"".join(row) for row in zip(*columns))
+def tuples(columns: list[list[bytes]], vectors: list[tuple[np.ndarray, str]]) -> bytearray:
+    """The tuples of a batch: per row its field count, the row's encoded field of each of
+    `columns`, then a field per (matrix [rows, dim], `vector` or `halfvec`) of `vectors`. The
+    vector values are written once, byte-swapped straight into the buffer (no per-row copies:
+    at 24 KB a row they are nearly all of the data)."""
+    rows = len(columns[0]) if columns else len(vectors[0][0])
+    count = struct.pack(">h", len(columns) + len(vectors))
+    scalars = [count + b"".join(row) for row in zip(*columns)] if columns else [count] * rows
+    layout = []
+    for matrix, type_ in vectors:
+        dim = matrix.shape[1]
+        width = dim * np.dtype(_VALUE_TYPES[type_]).itemsize
+        head = struct.pack(">ihh", 4 + width, dim, 0)
+        layout.append((matrix, np.dtype(_VALUE_TYPES[type_]), head, width))
+    buffer = bytearray(sum(map(len, scalars)) + rows * sum(8 + w for _, _, _, w in layout))
+    view, data = memoryview(buffer), np.frombuffer(buffer, np.uint8)
+    pos = 0
+    for i, scalar in enumerate(scalars):
+        view[pos : pos + len(scalar)] = scalar
+        pos += len(scalar)
+        for matrix, dtype, head, width in layout:
+            view[pos : pos + 8] = head
+            data[pos + 8 : pos + 8 + width].view(dtype)[:] = matrix[i]
+            pos += 8 + width
+    return buffer

@@ -76,6 +76,17 @@ def connect(dsn: str, **kwargs) -> psycopg.Connection:
         raise SearchError(f"cannot connect to PostgreSQL at {where}: {one_line(e, dsn)}") from None
 
 
+# What a server that is down, full, read-only or refusing this user raises, and what a wrong
+# --table schema or --index_memory gives: set-up errors (exit 2). Anything else is a bug.
+REFUSALS = (
+    psycopg.OperationalError,  # connection lost, shut down, disk full, out of memory
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.InvalidSchemaName,
+    psycopg.errors.InvalidParameterValue,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
+
+
 def server_error(error: psycopg.Error, dsn: str, doing: str) -> SearchError:
     """A SearchError for what the server refused or a lost connection, naming the server."""
     return SearchError(f"PostgreSQL at {describe(dsn)}, {doing}: {one_line(error, dsn)}")

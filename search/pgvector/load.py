@@ -52,9 +52,7 @@ _LOG = logging.getLogger(__name__)
 
 BATCH_ROWS = 10_000  # rows a transaction (one COPY into the staging table, one upsert, a commit)
 READ_ROWS = 1024  # rows read and encoded at a time: the client's memory
-INDEX_MEMORY = (
-    "1GB"  # maintenance_work_mem while building HNSW indexes (a limit, not a reservation)
-)
+INDEX_MEMORY = "1GB"  # maintenance_work_mem for the HNSW builds (a limit, not a reservation)
 SCALAR_COLUMNS = [
     ("key", "text"),
     ("source", "text"),
@@ -188,7 +186,7 @@ def merged_categories(batch: pa.RecordBatch) -> tuple[np.ndarray, list[str], np.
     return offsets, encoded.dictionary.take(pa.array(codes[kept])).to_pylist(), scores[kept]
 
 
-def encode(batch: pa.RecordBatch, vectors: list[db.VectorColumn], path: str) -> bytes:
+def encode(batch: pa.RecordBatch, vectors: list[db.VectorColumn], path: str) -> bytearray:
     """The binary COPY tuples of one batch of a results file, in `copy_columns` order."""
     keys = batch.column("key").to_pylist()
     if None in keys:
@@ -207,10 +205,8 @@ def encode(batch: pa.RecordBatch, vectors: list[db.VectorColumn], path: str) -> 
         [copy.text_array(wnids[a:b]) for a, b in zip(offsets[:-1], offsets[1:])],
         [copy.real_array(scores[a:b]) for a, b in zip(offsets[:-1], offsets[1:])],
     ]
-    for vector in vectors:
-        matrix = _matrix(batch.column(vector.name), vector, keys, path)
-        fields.append(copy.vectors(matrix, vector.type))
-    return copy.tuples(fields)
+    matrices = [(_matrix(batch.column(v.name), v, keys, path), v.type) for v in vectors]
+    return copy.tuples(fields, matrices)
 
 
 def _unique(batch: pa.RecordBatch, seen: set, path: str) -> pa.RecordBatch:
@@ -351,6 +347,10 @@ def load_output(
     doing = "connecting"
     try:
         version = db.require_pgvector(conn, dsn)
+        doing = f"setting maintenance_work_mem to --index_memory {index_memory!r}"
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", [index_memory])
+        conn.commit()
+        doing = f"waiting for the lock of {table}"
         _lock(conn, table)
         doing = f"creating table {table}"
         with conn.transaction():
@@ -360,7 +360,7 @@ def load_output(
         counts = _load_rows(conn, table, files, vectors, output, batch_rows, log_every_secs)
         load_seconds = time.monotonic() - started
         doing = f"building the indexes of {table}"
-        index_seconds = _build_indexes(conn, table, vectors, index_memory)
+        index_seconds = _build_indexes(conn, table, vectors)
         if counts["inserted"] or counts["updated"] or index_seconds:
             conn.execute(f"ANALYZE {table}")  # the planner's statistics for the tag filters
         rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -373,7 +373,7 @@ def load_output(
         )  # fmt: skip
         conn.commit()
         iterative = conn.execute("SELECT current_setting('hnsw.iterative_scan', true)").fetchone()
-    except psycopg.Error as e:
+    except db.REFUSALS as e:
         raise db.server_error(e, dsn, doing) from None
     finally:
         _unlock(conn)
@@ -452,11 +452,8 @@ def _load_rows(conn, table, files, vectors, output, batch_rows, log_every_secs) 
     return counts
 
 
-def _build_indexes(conn, table: str, vectors, index_memory: str) -> dict[str, float]:
+def _build_indexes(conn, table: str, vectors) -> dict[str, float]:
     todo = missing_indexes(conn, table, vectors)
-    if not todo:
-        return {}
-    conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", [index_memory])
     seconds = {}
     for name, ddl in todo.items():
         _LOG.info("building index %s", name)

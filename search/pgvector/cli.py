@@ -13,12 +13,8 @@ import logging
 import sys
 
 from search import SearchError
+from search.cli import _Parser  # usage errors: one line, exit 2, as for index and search
 from search.pgvector import load
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line and exit 2, not the usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -605,6 +605,47 @@ def test_results_it_cannot_load_are_refused_before_loading(server, tmp_path, cap
         assert c.execute("SELECT to_regclass('bad')").fetchone()[0] is None
 
 
+def rewrite(output: str, target, change) -> str:
+    """A copy of `output`'s results file as `target`, the table passed through `change`."""
+    table = pq.read_table(os.path.join(output, "results-00000-of-00001.parquet"))
+    os.makedirs(target)
+    pq.write_table(change(table), os.path.join(target, "results-00000-of-00001.parquet"))
+    return str(target)
+
+
+def test_a_non_finite_value_stops_the_load_naming_its_key(server, tmp_path, capsys):
+    output = small_output(tmp_path / "out")
+
+    def nan_embedding(table):
+        values = matrix(table, "embedding").copy()
+        values[3, 7] = np.nan
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), FULL_DIM)
+        return table.set_column(6, table.schema.field(6), vectors)
+
+    def nan_tag(table):
+        tags = table.column("tags").to_pylist()
+        tags[2][0]["score"] = float("nan")
+        return table.set_column(4, table.schema.field(4), pa.array(tags, _list(tag_type())))
+
+    for name, change, phrase in (
+        ("nan_embedding", nan_embedding, "the embedding of key 'k0003' is not finite"),
+        ("nan_tag", nan_tag, "the tags of key 'k0002' hold a score that is not finite"),
+    ):
+        bad = rewrite(output, tmp_path / name, change)
+        err = one_line_error(capsys, ["load", bad, "--into", server.dsn, "--table", name])
+        assert phrase in err
+
+
+def test_a_repeated_key_is_loaded_once(server, conn, tmp_path, capsys):
+    output = small_output(tmp_path / "out")
+    twice = rewrite(output, tmp_path / "twice", lambda t: pa.concat_tables([t, t.slice(1, 2)]))
+    assert cli.main(["load", twice, "--into", server.dsn, "--table", "twice"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded 7 rows" in out and "5 new, 0 changed, 0 unchanged" in out
+    assert "2 repeated keys skipped" in out
+    assert conn.execute("SELECT count(*) FROM twice").fetchone()[0] == 5
+
+
 def test_outputs_whose_vectors_are_not_comparable_are_refused(server, tmp_path, capsys):
     output = small_output(tmp_path / "out")
     assert cli.main(["load", output, "--into", server.dsn, "--table", "model_a"]) == 0

@@ -74,7 +74,9 @@ def run_load(args) -> int:
             f"{report['server']} in {report['load_seconds']:.1f} s "
             f"({report['rows_per_second']:.0f} rows/s): {report['inserted']} new, "
             f"{report['updated']} changed, {report['unchanged']} unchanged; the table holds "
-            f"{report['rows']} rows" + (f"; indexes built: {built}" if built else "")
+            f"{report['rows']} rows"
+            + (f"; {report['repeated']} repeated keys skipped" if report["repeated"] else "")
+            + (f"; indexes built: {built}" if built else "")
         )
     if report["iterative_scan"] in (None, "off"):
         print(

@@ -79,8 +79,14 @@ def vector_columns_of(schema: pa.Schema, path: str) -> list[db.VectorColumn]:
     for name in REQUIRED:
         if name not in schema.names:
             raise refuse(f"no {name} column (not a results file of the job?)")
-    if not pa.types.is_string(schema.field("key").type):
-        raise refuse(f"key is {schema.field('key').type}, not a string")
+    for name, is_type, what in (
+        ("key", pa.types.is_string, "a string"),
+        ("source", pa.types.is_string, "a string"),
+        ("width", pa.types.is_integer, "an integer"),
+        ("height", pa.types.is_integer, "an integer"),
+    ):
+        if not is_type(schema.field(name).type):
+            raise refuse(f"{name} is {schema.field(name).type}, not {what}")
     for name in ("tags", "categories"):
         if name not in schema.names:
             continue
@@ -134,6 +140,16 @@ def plan(output: str) -> tuple[list[str], dict, list[db.VectorColumn]]:
 
 def _text(value: str | None) -> bytes:
     return copy.NULL if value is None else copy.field(value.encode())
+
+
+def _json(tags: list | None, key: str, path: str) -> str | None:
+    try:
+        return None if tags is None else json.dumps(tags, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # jsonb has no NaN
+        raise SearchError(
+            f"{path}: the tags of key {key!r} hold a score that is not finite; rows before it "
+            "are loaded"
+        ) from None
 
 
 def _matrix(column: pa.Array, vector: db.VectorColumn, keys: list, path: str) -> np.ndarray:
@@ -191,10 +207,7 @@ def encode(batch: pa.RecordBatch, vectors: list[db.VectorColumn], path: str) -> 
     keys = batch.column("key").to_pylist()
     if None in keys:
         raise SearchError(f"{path}: a row has no key")
-    tags = [
-        None if row is None else json.dumps(row, separators=(",", ":"), allow_nan=False)
-        for row in batch.column("tags").to_pylist()
-    ]
+    tags = [_json(row, key, path) for row, key in zip(batch.column("tags").to_pylist(), keys)]
     offsets, wnids, scores = merged_categories(batch)
     fields = [
         [copy.field(k.encode()) for k in keys],
@@ -229,7 +242,7 @@ def copy_columns(vectors: list[db.VectorColumn]) -> list[tuple[str, str]]:
 
 
 def create_table(conn: psycopg.Connection, table: str, vectors: list[db.VectorColumn]) -> None:
-    """The table and its run log, if missing (indexes come after the rows: `create_indexes`)."""
+    """The table and its run log, if missing (indexes come after the rows: `_build_indexes`)."""
     columns = [f"{name} {type_}" for name, type_ in copy_columns(vectors)]
     columns[0] += " PRIMARY KEY"
     columns += ["run text NOT NULL", "loaded_at timestamptz NOT NULL DEFAULT now()"]
@@ -420,7 +433,7 @@ def _load_rows(conn, table, files, vectors, output, batch_rows, log_every_secs) 
     conn.commit()
     copy_sql = f"COPY {staging} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
     upsert = _upsert_sql(table, names, staging)
-    counts = dict(rows_read=0, inserted=0, updated=0, unchanged=0)
+    counts = dict(rows_read=0, inserted=0, updated=0, unchanged=0, repeated=0)
     batches = _batches(files, vectors, min(READ_ROWS, batch_rows))
     start = last_log = time.monotonic()
     done = False
@@ -430,8 +443,10 @@ def _load_rows(conn, table, files, vectors, output, batch_rows, log_every_secs) 
             with cur.copy(copy_sql) as out:
                 out.write(copy.SIGNATURE)
                 for path, batch in batches:
-                    counts["rows_read"] += batch.num_rows
+                    read = batch.num_rows
                     batch = _unique(batch, seen, path)
+                    counts["rows_read"] += read
+                    counts["repeated"] += read - batch.num_rows
                     out.write(encode(batch, vectors, path))
                     staged += batch.num_rows
                     if staged >= batch_rows:

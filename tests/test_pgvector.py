@@ -230,6 +230,23 @@ def test_queries_on_a_job_output_match_numpy(nights, server, conn):
     assert sorted(h.key for h in hits) == keys
 
 
+def test_a_gcs_output_is_read_through_the_storage_layer(nights, server, conn, gcs_emulator):
+    first, _ = nights
+    bucket = gcs_emulator.new_bucket()
+    gcs_output = f"gs://{bucket}/out/night1"
+    for entry in os.scandir(first):
+        if entry.name.startswith("results-"):
+            gcs_emulator.upload_file(f"{gcs_output}/{entry.name}", entry.path)
+    report = load_output(gcs_output, server.dsn, "from_gcs")
+    assert (report["output"], report["inserted"]) == (gcs_output, FIRST_NIGHT)
+    load_output(first, server.dsn, "from_disk")
+
+    def values(table):
+        return {k: {**v, "run": None, "xmin": None} for k, v in rows_of(conn, table).items()}
+
+    assert values("from_gcs") == values("from_disk")
+
+
 def test_two_loads_at_once_into_a_new_table(nights, server, conn):
     first, second = nights
     reports, errors = [], []

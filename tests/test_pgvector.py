@@ -474,9 +474,12 @@ def test_the_trap_a_filtered_hnsw_scan_without_iterative_scan_returns_fewer_rows
         sql = f"""SELECT key FROM clusters WHERE categories @> ARRAY['{GOLDEN}']
                   ORDER BY embedding_reduced <=> '{q}' LIMIT {K}"""
         silent = conn.execute(sql).fetchall()
+        unfiltered = f"SELECT key FROM clusters ORDER BY embedding_reduced <=> '{q}' LIMIT 100"
+        at_most_ef_search = conn.execute(unfiltered).fetchall()
         conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
         iterative = conn.execute(sql).fetchall()
     assert len(silent) < K  # no error, just fewer rows
+    assert len(at_most_ef_search) == 40  # hnsw.ef_search's default, not the LIMIT
     assert len(iterative) == K
 
 

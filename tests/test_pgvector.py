@@ -528,9 +528,14 @@ def test_query_arguments_are_checked(clusters, conn):
         dict(vector=q, column="nope"),
         dict(vector=q, table="Robert'); DROP TABLE clusters;--"),
         dict(vector=np.ones(FULL_DIM), column="embedding", candidates=5),
+        dict(vector=q, table="no_such_table"),
     ):
         with pytest.raises(SearchError):
             nearest(conn, **{"table": "clusters", **bad})
+    for bad in (dict(tag="dog"), dict(tag=DOG, k=0), dict(tag=DOG, table="no_such_table")):
+        with pytest.raises(SearchError):
+            by_tag(conn, **{"table": "clusters", **bad})
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 def test_float16_embeddings_are_stored_as_halfvec(server, conn, tmp_path):

@@ -253,6 +253,8 @@ def by_tag(conn: psycopg.Connection, tag: str, k: int = 10, *, table: str = "ima
     if k < 1:
         raise SearchError("k must be at least 1")
     with conn.transaction():
+        if not db.table_exists(conn, table):
+            raise SearchError(f"table {table} does not exist: load an output into it first")
         rows = conn.execute(
             f"""SELECT key, source, category_scores[array_position(categories, %(tag)s)] AS score
                 FROM {table} WHERE categories @> ARRAY[%(tag)s]::text[]

@@ -15,6 +15,8 @@
 #                                                 regenerate requirements.lock / requirements-dev.lock
 #   ./run.sh index OUTPUT [--index_dir DIR]      index a run's results (appends to DIR)
 #   ./run.sh search INDEX_OR_OUTPUT --image F | --key K | --tag T [--k 10] [--json]
+#   ./run.sh load OUTPUT --into postgresql://USER@HOST:PORT/DB [--table images]
+#                                                 upsert a run's results into PostgreSQL + pgvector
 # The first use creates .venv/ next to this script and installs the exact versions (with hashes) of
 # requirements.lock (requirements-dev.lock for tests) into it; later uses reinstall only when a lock
 # file or setup.py changed. requirements*.txt hold the human-edited ranges the locks come from.
@@ -133,6 +135,11 @@ case "${1:-}" in
     ensure_venv requirements.lock
     cd "$CALLER"
     exec "$VENV/bin/python" -m search "$@"
+    ;;
+  load)
+    ensure_venv requirements.lock
+    cd "$CALLER"
+    exec "$VENV/bin/python" -m search.pgvector "$@"
     ;;
   *)
     ensure_venv requirements.lock

@@ -18,7 +18,16 @@ setuptools.setup(
     version="0.1.0",
     description="Tag and embed millions of images with BiT in an Apache Beam batch job",
     python_requires=">=3.11",
-    packages=["pipeline", "transforms", "model", "model.data", "model.kernels", "core", "search"],
+    packages=[
+        "core",
+        "pipeline",
+        "transforms",
+        "model",
+        "model.data",
+        "model.kernels",
+        "search",
+        "search.pgvector",
+    ],
     package_data={
         "pipeline": ["templates/*.html"],
         "model.data": ["*.txt", "*.tsv.gz", "WORDNET_LICENSE"],

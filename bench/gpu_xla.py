@@ -415,32 +415,33 @@ def max_rel_err(a, b) -> float:
 
 
 class Weights:
-    """The export's weights on the device, per parameter set: the raw arrays regenerated once per
-    role (checked against the export's sha256), derived and copied once per set."""
+    """The export's weights on the device for the parameter sets `names`: each model's arrays
+    regenerated (and checked against the export's sha256), derived and copied for every set, one
+    model's raw arrays in host memory at a time."""
 
-    def __init__(self, manifest, device):
-        self.manifest, self.device = manifest, device
-        self.raw, self.sets = {}, {}
-        self.matches = True
-
-    def get(self, set_name):
+    def __init__(self, manifest, device, names):
         import jax
 
-        if set_name not in self.sets:
-            for role, m in self.manifest["models"].items():
-                if role not in self.raw:
-                    arch = Architecture(tuple(m["units"]), m["width"], m["num_classes"])
-                    self.raw[role] = checkpoint_arrays(arch, m["seed"])
-                    self.matches &= fingerprint(self.raw[role]) == m["sha256"]
+        sets = {name: manifest["parameter_sets"][name] for name in names}
+        self.arrays = {name: [None] * len(params) for name, params in sets.items()}
+        self.matches = True
+        for role, m in manifest["models"].items():
+            raw = checkpoint_arrays(
+                Architecture(tuple(m["units"]), m["width"], m["num_classes"]), m["seed"]
+            )
+            self.matches &= fingerprint(raw) == m["sha256"]
 
-            def put(p):
-                value = parameter_value(p["key"], self.raw[p["role"]][p["key"]])
-                return jax.device_put(value.astype(np_dtype(p["dtype"])), self.device)
+            def put(job, raw=raw):
+                name, i, p = job
+                value = parameter_value(p["key"], raw[p["key"]]).astype(np_dtype(p["dtype"]))
+                self.arrays[name][i] = jax.device_put(value, device)
 
-            with ThreadPoolExecutor(8) as pool:
-                params = self.manifest["parameter_sets"][set_name]
-                self.sets[set_name] = list(pool.map(put, params))
-        return self.sets[set_name]
+            jobs = [
+                (n, i, p) for n, ps in sets.items() for i, p in enumerate(ps) if p["role"] == role
+            ]
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(put, jobs))
+            del raw
 
 
 def run(args) -> int:
@@ -481,12 +482,16 @@ def run(args) -> int:
     if not report["export"]["model_code_current"]:
         print("note: model/ changed since this export; re-export to measure the current graph")
     print(f"{device.platform}: {device.device_kind}, jax {jax.__version__}", flush=True)
-    budget, weights = Budget(args.budget_s), Weights(manifest, device)
+    budget = Budget(args.budget_s)
     options = xla_backend.get_compile_options(1, 1)
     rng = np.random.default_rng(0)
     compile_s = []
     wanted = set(args.programs or [p["name"] for p in manifest["programs"]])
-    for program in order([p for p in manifest["programs"] if p["name"] in wanted]):
+    programs = order([p for p in manifest["programs"] if p["name"] in wanted])
+    t0 = time.perf_counter()
+    weights = Weights(manifest, device, dict.fromkeys(p["parameter_set"] for p in programs))
+    print(f"weights ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    for program in programs:
         name, batch = program["name"], program["batch_size"]
         row = dict(name=name, precision=program["precision"], batch_size=batch)
         prior = (1.5 * max(compile_s)) if compile_s else (60.0 if device.platform == "gpu" else 10)
@@ -506,7 +511,7 @@ def run(args) -> int:
             t0 = time.perf_counter()
             exe = client.compile_and_load(module, xla_client.DeviceList((device,)), options)
             compile_s.append(time.perf_counter() - t0)
-            params = weights.get(program["parameter_set"])
+            params = weights.arrays[program["parameter_set"]]
             names = [o["name"] for o in manifest["outputs"]]
 
             def call(host, exe=exe, params=params, names=names):

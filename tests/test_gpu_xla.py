@@ -160,7 +160,8 @@ def test_the_table_and_the_result_lines(run_report, capsys):
 
 def test_a_budget_skips_what_would_not_fit_and_a_watchdog_stops_an_overrun(export_dir, tmp_path):
     path = tmp_path / "run.json"
-    done = without_tensorflow("run", str(export_dir), "--json", str(path), "--budget_s", "3")
+    args = ["--json", str(path), "--budget_s", "60", "--rounds", "100"]  # 100 s of rounds each
+    done = without_tensorflow("run", str(export_dir), *args)
     assert done.returncode == 1  # nothing measured
     rows = json.loads(path.read_text())["results"]
     assert len(rows) == 6 and all(r["status"].startswith("skipped: needs ~") for r in rows)

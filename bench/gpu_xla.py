@@ -3,6 +3,7 @@
     python bench/gpu_xla.py export --out DIR [--small_models] [--batch_sizes 16,64,128,256]
                                    [--precisions float32,tf32,bfloat16] [--image_size 224]
     python bench/gpu_xla.py run DIR [--json FILE] [--budget_s S] [--seconds 1] [--rounds 5]
+                                    [--programs bfloat16-b64,...]
     python bench/gpu_xla.py peer [--small_models] [--batch_sizes 64,128,256] [--image_size 224]
                                  [--json FILE] [--budget_s S]
     python bench/gpu_xla.py table RUN.json [PEER.json]
@@ -22,10 +23,10 @@ precision. The embed model is exported without its classification head, which th
 never uses (XLA would drop its work but keep its 537 MB kernel as a parameter).
 
 `run` imports no TensorFlow (it needs numpy, ml-dtypes and jax; of the project only the TF-free
-`model.checkpoint` and `model.flops`): it compiles each program on jax's default backend, feeds
-the export's weights, checks its outputs on the reference images (zero-padded to the batch, as
-the job pads) and times it: images/s is the median of rounds of calls that each copy a uint8
-batch to the device and the outputs back. TFLOP/s = images/s x 2 x `model.flops` MACs.
+`model.checkpoint`, `model.flops` and `bench.common`): it compiles each program on jax's default
+backend, feeds the export's weights, checks its outputs on the reference images (zero-padded to
+the batch, as the job pads) and times it: images/s is the median of rounds of calls that each
+copy a uint8 batch to the device and the outputs back. TFLOP/s = images/s x 2 x `model.flops` MACs.
 
 `peer` times timm's `resnetv2_50x1_bit` (21,843-class head, sigmoid, top-10) +
 `resnetv2_101x3_bit` (pre-logits) in PyTorch, random init, bf16 autocast, channels_last, eager

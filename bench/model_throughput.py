@@ -5,8 +5,8 @@ with GroupNorm in TensorFlow ops (the fallback when no C++ compiler is there). A
 float32 models run inside `tf.function` on the same constant batch; after warm-up
 the rounds alternate (order flipped every round) and medians are reported, because absolute img/s
 drift on a shared machine while same-run ratios hold (docs/performance.md). BiT R50x1 costs
-4.14 GMACs/img (incl. the 21,843-class head) vs 3.48 for ResNet50V2, so equal speed per FLOP is a
-0.84x raw ratio.
+4.13 GMACs/img (incl. the 21,843-class head; `model.flops`) vs 3.48 for ResNet50V2, so equal speed
+per FLOP is a 0.84x raw ratio.
 
     .venv/bin/python -m bench.model_throughput --rounds 7
     .venv/bin/python -m bench.model_throughput --model r101x3 --batch_size 4 --rounds 3
@@ -24,11 +24,19 @@ import numpy as np
 import tensorflow as tf
 
 from bench.common import alternating, median, result_line, table
+from model.checkpoint import Architecture
+from model.flops import macs_per_image
 from model.group_norm import group_norm_implementation
 from model.resnet import ResNetV2
 from tests.bit_checkpoints import random_weights
 
-ARCHS = {"r50x1": ("R50x1", (3, 4, 6, 3), 1, 4.14), "r101x3": ("R101x3", (3, 4, 23, 3), 3, 71.4)}
+ARCHS = {  # label, units, width, GMACs an image with the 21k head (model.flops)
+    name: (label, units, width, macs_per_image(Architecture(units, width, 21843)) / 1e9)
+    for name, label, units, width in (
+        ("r50x1", "R50x1", (3, 4, 6, 3), 1),
+        ("r101x3", "R101x3", (3, 4, 23, 3), 3),
+    )
+}
 KERAS = "Keras ResNet50V2"
 
 

@@ -11,7 +11,7 @@ BiT R50x1 images/s): the two come from different subprocesses, so that ratio is 
 Total runtime on the 2-core dev machine: about 15-25 minutes, mostly pipeline_overhead and memory,
 and much longer when other work loads the machine (everything here is measured in same-run ratios,
 but the machine must not be loaded during a run for the wall-clock ones to mean much).
-GPU: bench/gpu.py is separate (needs a GPU).
+GPU: bench/gpu_xla.py and bench/gpu_session.sh are separate (docs/gpu.md).
 """
 
 from __future__ import annotations

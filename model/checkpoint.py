@@ -33,6 +33,29 @@ _UNIT_KEY = re.compile(r"^resnet/block(\d+)/unit(\d+)/")
 _KNOWN_UNITS = {(2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)}  # R26, R50, R101, R152
 
 
+WS_EPS = 1e-10  # weight standardization's epsilon, inside the square root (BiT's value)
+
+
+def standardize_kernel(kernel):
+    """Weight standardization of an HWIO kernel: per output channel, population stats over H,W,I."""
+    w = np.asarray(kernel, dtype=np.float64)
+    mean = w.mean(axis=(0, 1, 2), keepdims=True)
+    var = w.var(axis=(0, 1, 2), keepdims=True)
+    return ((w - mean) / np.sqrt(var + WS_EPS)).astype(np.float32)
+
+
+def parameter_value(key, array):
+    """The float32 model parameter that checkpoint array `key` becomes: convolution kernels weight
+    standardised (once, at load), the head kernel reshaped [1, 1, C, K] -> [C, K], the rest as
+    stored. `model.resnet.ResNetV2.load_weights` then casts it to the variable's dtype."""
+    value = np.asarray(array, dtype=np.float32)
+    if key == HEAD_KERNEL:
+        return value.reshape(value.shape[-2], value.shape[-1])
+    if key.endswith("standardized_conv2d/kernel"):
+        return standardize_kernel(value)
+    return value
+
+
 class CheckpointError(ValueError):
     """The checkpoint cannot be fetched or is not a valid BiT checkpoint (names the file/key)."""
 

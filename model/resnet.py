@@ -17,19 +17,16 @@ Layout, operations and forward pass: docs/checkpoint-format.md.
 import numpy as np
 import tensorflow as tf
 
-from model.checkpoint import HEAD_KERNEL, Architecture, validate
+from model.checkpoint import (  # noqa: F401 (WS_EPS, standardize_kernel re-exported)
+    WS_EPS,
+    Architecture,
+    parameter_value,
+    standardize_kernel,
+    validate,
+)
 from model.group_norm import group_norm_relu
 
-WS_EPS = 1e-10
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
-
-
-def standardize_kernel(kernel):
-    """Weight standardization of an HWIO kernel: per output channel, population stats over H,W,I."""
-    w = np.asarray(kernel, dtype=np.float64)
-    mean = w.mean(axis=(0, 1, 2), keepdims=True)
-    var = w.var(axis=(0, 1, 2), keepdims=True)
-    return ((w - mean) / np.sqrt(var + WS_EPS)).astype(np.float32)
 
 
 def _pad(x, before, after):
@@ -269,9 +266,4 @@ class ResNetV2(tf.Module):
                 f"{sorted(set(variables) ^ set(weights))[:5]}"
             )
         for key, variable in variables.items():
-            value = np.asarray(weights[key], dtype=np.float32)
-            if key == HEAD_KERNEL:
-                value = value.reshape(value.shape[-2], value.shape[-1])
-            elif key.endswith("standardized_conv2d/kernel"):
-                value = standardize_kernel(value)
-            variable.assign(tf.cast(value, variable.dtype))
+            variable.assign(tf.cast(parameter_value(key, weights[key]), variable.dtype))

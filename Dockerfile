@@ -1,4 +1,4 @@
-# GPU SDK container for the Dataflow workers of the BiT tagging job (see README.md, "Running on Dataflow").
+# GPU SDK container for the Dataflow workers of the BiT tagging job (see docs/dataflow.md).
 #
 #   docker build -t REGION-docker.pkg.dev/PROJECT/bit-tagger/bit-tagger-gpu:latest .
 #   docker build --build-arg BAKE_WEIGHTS=1 -t ... .    # also bake weights/*.npz into the image

@@ -5,8 +5,8 @@ with GroupNorm in TensorFlow ops (the fallback when no C++ compiler is there). A
 float32 models run inside `tf.function` on the same constant batch; after warm-up
 the rounds alternate (order flipped every round) and medians are reported, because absolute img/s
 drift on a shared machine while same-run ratios hold (docs/performance.md). BiT R50x1 costs
-4.13 GMACs/img (incl. the 21,843-class head; `model.flops`) vs 3.48 for ResNet50V2, so equal speed
-per FLOP is a 0.84x raw ratio.
+~19% more MACs an image than ResNet50V2 (`ARCHS` below; docs/benchmarks.md), so equal speed per
+FLOP is a 0.84x raw ratio.
 
     .venv/bin/python -m bench.model_throughput --rounds 7
     .venv/bin/python -m bench.model_throughput --model r101x3 --batch_size 4 --rounds 3

@@ -13,7 +13,7 @@
    `SampleThumbnails` (key hash, Top-48 combiner, 48 thumbnails, samples.parquet) against the same
    images through a Map that only hashes the key, in-process runner, median of 3; the difference
    is what the sample adds to a run.
---screenshot PATH: a PNG of the page in headless Chromium (tests/browser.py), for the README.
+--screenshot PATH: a PNG of the page in headless Chromium (tests/browser.py), for docs/running.md.
 """
 
 from __future__ import annotations

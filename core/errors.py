@@ -12,6 +12,7 @@ A usage error is any `UsageError`: the layers above raise their own subclasses
 (`transforms.outputs.OutputExistsError`, `transforms.infer.ModelError`, `model.pca.PcaBasisError`,
 `search.SearchError`), so this module needs to know none of them. `exit_code` applies the policy;
 `ArgumentParser` reports argparse's own errors the same way (one line, exit 2, no usage block).
+Which error gives which code, command by command: docs/outputs.md, "Exit codes".
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""The output schema of the job (ARCHITECTURE.md, "Outputs"): the Arrow schemas of
+"""The output schema of the job (described in docs/output-schema.md): the Arrow schemas of
 `results-*.parquet` and `failures-*.parquet`, defined once for the writer (`transforms.write`), the
 search index (`search.index`) and the tests.
 
@@ -66,11 +66,8 @@ def results_schema(
     categories: bool = False,
     reduced_dim: Optional[int] = None,
 ) -> pa.Schema:
-    """Schema of `results-*.parquet` (ARCHITECTURE.md, "Outputs").
-
-    Columns: key, source, width, height, tags, categories (with `categories`), embedding,
-    embedding_reduced (`fixed_size_list<float32>[reduced_dim]`, with a PCA basis), scores (with
-    `write_all_scores`).
+    """Schema of `results-*.parquet` (docs/output-schema.md). The optional columns follow the
+    arguments: `categories`, `embedding_reduced` (`reduced_dim`), `scores` (`write_all_scores`).
 
     `metadata` (models, sha256, image size, preprocessing, label set; str -> str) becomes the
     schema metadata, which pyarrow writes into the Parquet footer's key-value metadata.

@@ -78,7 +78,7 @@ _GPU_FAMILIES = {
 
 
 def default_container_image(project: str, region: str) -> str:
-    """Where the README's "Running on Dataflow" pushes the GPU image (Artifact Registry)."""
+    """Where docs/dataflow.md ("Running on Dataflow") pushes the GPU image (Artifact Registry)."""
     return f"{region}-docker.pkg.dev/{project}/{IMAGE_REPOSITORY}/{IMAGE_NAME}:latest"
 
 
@@ -212,7 +212,7 @@ def dataflow_args(argv: Sequence[str]) -> List[str]:
     if _given(rest, "--runner") and _values(rest, "--runner")[-1:] != ["DataflowRunner"]:
         raise UsageError(
             "pipeline.dataflow always uses --runner DataflowRunner; for other runners "
-            "run `python -m pipeline --runner ...` (see README)"
+            "run `python -m pipeline --runner ...` (see docs/dataflow.md)"
         )
     name = args.bucket[len("gs://") :] if args.bucket.startswith("gs://") else args.bucket
     name = name.strip("/")

@@ -237,8 +237,8 @@ def _run_graph(
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Console entry point; returns the exit code (`core.errors`: 0 ok, 2 usage/set-up error,
-    3 too many failures; anything else raises: traceback, exit 1)."""
+    """Console entry point; returns the exit code (`core.errors.exit_code`; docs/outputs.md,
+    "Exit codes")."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return exit_code(lambda: _run_with_console(argv), PROG)
 

@@ -9,9 +9,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from core import args
 from core.errors import UsageError
-from transforms.entries import DEFAULT_MAX_INPUT_BYTES
+from transforms.entries import DEFAULT_MAX_INPUT_BYTES, IMAGE_EXTS
 from transforms.infer import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL
 from transforms.names import key_text
+from transforms.read import TAR_EXTS, TFRECORD_EXTS
 
 # Ranges of the numeric flags (a value outside is a usage error, exit 2, before anything runs).
 MAX_TOP_K = 21843  # the ImageNet-21k classes
@@ -27,7 +28,7 @@ _positive = args.integer(1)
 
 
 class JobOptions(PipelineOptions):
-    """The tagging job's own flags (see README "Options").
+    """The tagging job's own flags (docs/options.md is generated from them: `./run.sh docs`).
 
     No flag is argparse-`required`: Beam parses every registered options class for every pipeline
     in the process, so `pipeline.main.run` checks `--input` and `--output` itself."""
@@ -44,14 +45,17 @@ class JobOptions(PipelineOptions):
             help="Comma-separated globs or folders of inputs, local or gs:// "
             "(e.g. 'gs://bucket/shards/*.tfrecord,~/photos/'). A folder means "
             "its files, recursively, whose extension --input_format reads; "
-            "other files there (.txt, .json sidecars) are skipped and counted.",
+            "other files there (.txt, .json sidecars) are skipped and counted. A glob "
+            "matching nothing is an error (exit 2), not an empty run.",
         )
         inputs.add_argument(
             "--input_format",
             default="auto",
             choices=["auto", "tfrecord", "webdataset", "images"],
-            help="Input format; 'auto' decides by file extension (.tfrecord/.tfrec, "
-            ".tar, image extensions).",
+            help="Input format; 'auto' decides per file by its extension: "
+            f"{' '.join(TFRECORD_EXTS)} or -NNNNN-of-NNNNN shards are tfrecord, "
+            f"{' '.join(TAR_EXTS)} webdataset, {' '.join(IMAGE_EXTS)} images; "
+            "compressed shards (.gz .bz2 .xz .zst ...) are decompressed.",
         )
         inputs.add_argument(
             "--key_feature",
@@ -71,20 +75,29 @@ class JobOptions(PipelineOptions):
             default=None,
             help="Comma-separated globs of earlier results-*.parquet files (local or "
             "gs://): images whose key is there are skipped before decoding "
-            "(incremental nightly runs). Earlier failures are retried.",
+            "(incremental nightly runs). Earlier failures are retried: matched "
+            "failures-*.parquet and samples.parquet files of this job are left out with a "
+            "warning; any other file that is not a results file is an error (exit 2). "
+            "Workers look keys up in one sorted file of 16-byte digests, by 4 KiB blocks: "
+            "their memory does not grow with the known keys.",
         )
 
         outputs.add_argument(
             "--output",
             default=None,
             help="Output directory (local or gs://) for results-*.parquet, "
-            "failures-*.parquet and summary.json.",
+            "failures-*.parquet and summary.json. Claimed by the run (a second run into "
+            "it exits 2 naming the first) and written through a staging folder, "
+            "summary.json last.",
         )
         outputs.add_argument(
             "--overwrite",
             action="store_true",
             default=False,
-            help="Allow writing into an output directory that already has results.",
+            help="Replace an earlier run's results-*, failures-*, summary.json, "
+            "samples.parquet and report.html in --output when this run commits. Without "
+            "it the job refuses to start on an output holding a run; a run that fails "
+            "leaves the earlier one as it was.",
         )
         outputs.add_argument(
             "--num_shards",
@@ -108,7 +121,7 @@ class JobOptions(PipelineOptions):
             "--embedding_dtype",
             default="float32",
             choices=["float32", "float16"],
-            help="Storage type of the embedding column.",
+            help="Storage type of the embedding column (float16 halves it).",
         )
         outputs.add_argument(
             "--normalize_embeddings",
@@ -121,7 +134,8 @@ class JobOptions(PipelineOptions):
             action="store_true",
             default=False,
             help="Also write all 21,843 sigmoid scores per image (float16 column "
-            "'scores', ~44 KB a row).",
+            "'scores', ~44 KB a row). Without it the model picks the top-k on the device "
+            "and only k scores an image come back.",
         )
         outputs.add_argument(
             "--no_categories",
@@ -135,19 +149,22 @@ class JobOptions(PipelineOptions):
             type=_non_negative,
             default=0,
             help="Drop categories shallower than this (depth: longest hypernym path "
-            "from 'entity' = 0; e.g. 5 drops entity ... living_thing).",
+            "from 'entity' = 0): 4 drops entity, physical_entity, abstraction, object and "
+            "whole; 5 also artifact, living_thing and food.",
         )
         outputs.add_argument(
             "--pca_basis",
             default=None,
-            help="PCA basis file from './run.sh fit_pca' (local or gs://): also write "
-            "'embedding_reduced' (centred, projected, L2-normalised).",
+            help="PCA basis file from './run.sh fit_pca' (local or gs://; on Dataflow it "
+            "must be on gs://): also write 'embedding_reduced' (centred, projected, "
+            "L2-normalised). A missing or corrupt basis, or one whose input dimension is "
+            "not the embed model's, is an error (exit 2) before any image is read.",
         )
         outputs.add_argument(
             "--max_failure_rate",
             type=_fraction,
             default=1.0,
-            help="Exit non-zero when failures / inputs exceeds this (for alerting). "
+            help="Exit with code 3 when failures / inputs exceeds this (for alerting). "
             "The outputs are written either way.",
         )
 
@@ -175,7 +192,9 @@ class JobOptions(PipelineOptions):
             type=args.integer(0, MAX_THREADS),
             default=0,
             help="Decode each batch in this many threads, one batch ahead of "
-            "inference (overlaps decoding with the model); 0 decodes inline.",
+            "inference (overlaps decoding with the model); 0 decodes inline. On 2 cores "
+            "it measured no gain (decoding is ~5%% of the job's CPU); try 2-4 on bigger "
+            "machines and GPUs.",
         )
 
         models.add_argument(
@@ -194,32 +213,36 @@ class JobOptions(PipelineOptions):
             "--model_cache_dir",
             default=None,
             help="Local cache for downloaded checkpoints (default ~/.cache/bit_tagger "
-            "or $BIT_CACHE_DIR).",
+            "or $BIT_CACHE_DIR); written atomically, size- and sha256-checked.",
         )
         models.add_argument(
             "--batch_size",
             type=args.integer(1, MAX_BATCH_SIZE),
             default=16,
-            help="Images per model call (fixed; the last batch is padded).",
+            help="Images per model call (fixed; the last batch is padded), so the model "
+            "is traced once.",
         )
         models.add_argument(
             "--precision",
             default="float32",
             choices=["float32", "bfloat16", "float16"],
-            help="Compute precision; bfloat16/float16 are for GPUs.",
+            help="Compute precision; bfloat16/float16 are for GPUs (bfloat16 also runs "
+            "on CPUs with AVX512_BF16).",
         )
         models.add_argument(
             "--xla",
             action="store_true",
             default=False,
-            help="Compile the model with XLA (jit_compile); helps on GPUs.",
+            help="Compile the model with XLA (jit_compile); helps on GPUs, measured "
+            "slower on a 2-vCPU CPU.",
         )
         models.add_argument(
             "--model_copies",
             type=args.integer(1, MAX_MODEL_COPIES),
             default=None,
             help="Exact number of model copies per machine, shared across its "
-            "processes (default: one per worker process).",
+            "processes (default: one per worker process). Each copy is loaded separately "
+            "(e.g. 2 on one GPU overlap one copy's host work with the other's compute).",
         )
         models.add_argument(
             "--log_every_secs",

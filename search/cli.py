@@ -1,11 +1,8 @@
 """Command line of `./run.sh index` and `./run.sh search` (`python -m search index|search ...`).
 
-Exit codes (`core.errors`): 0 done (a query with no match prints nothing and says so on stderr; a
-reader that stops reading, `| head`, ends it quietly); 2 usage or input error, as one line on stderr
-(a value out of range, unknown tag or key, missing, damaged or out-of-date index, another `index`
-writing the same index, an incomplete OUTPUT, undecodable image, a model or output that does not
-match the index); 1 anything unexpected (with a traceback). Keys, sources and tags printed as a
-table have their control characters escaped (`core.text.printable`); `--json` prints them exactly.
+Exit codes: `core.errors.exit_code` (which error gives which code: docs/outputs.md, "Exit codes").
+Keys, sources and tags printed as a table have their control characters escaped
+(`core.text.printable`); `--json` prints them exactly.
 """
 
 from __future__ import annotations

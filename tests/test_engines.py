@@ -1,4 +1,4 @@
-"""The README's "Feeding a search index" recipes for the engines that install from PyPI: DuckDB,
+"""The recipes of docs/engines.md for the engines that install from PyPI: DuckDB,
 LanceDB and embedding-reader (autofaiss's reader) read a real job output, bit-exactly.
 
 One job run (tiny random models, generated images, a PCA basis) feeds every test here."""

@@ -16,6 +16,7 @@ HELP_COMMANDS = {
     "./run.sh report": ["pipeline.report"],
     "./run.sh index": ["search", "index"],
     "./run.sh search": ["search", "search"],
+    "./run.sh load": ["search.pgvector", "load"],
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*")
 

@@ -317,7 +317,7 @@ def test_row_groups_are_merged(tmp_path, labels):
 
 
 def test_readers_pyarrow_pandas_duckdb(tmp_path, labels):
-    """The snippets the README shows: pyarrow, pandas and DuckDB all read the output."""
+    """The snippets docs/output-schema.md shows: pyarrow, pandas and DuckDB all read the output."""
     out = str(tmp_path)
     schema = results_schema(D, metadata=META)
     batches = [

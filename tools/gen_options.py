@@ -2,7 +2,8 @@
 every command (`python -m tools.gen_options`, `./run.sh docs`; `--check` only compares).
 
 The page is a pure function of the parsers (declaration order, no dates, no machine-dependent
-defaults), so regenerating it after any flag change gives a reviewable diff, and
+defaults) and of the table of environment variables below, so regenerating it after any flag
+change gives a reviewable diff, and
 tests/test_gen_options.py fails when the page and `--help` drift apart.
 """
 
@@ -20,9 +21,40 @@ INTRO = """\
 
 Every flag of every command, generated from the parsers themselves by `./run.sh docs`
 (`python -m tools.gen_options`); `tests/test_gen_options.py` fails when this page and `--help`
-differ. Exit codes of every command: `0` done, `2` a usage or set-up error (one line,
-`PROG: error: MESSAGE`), `3` more failures than `--max_failure_rate` (the job), `1` anything else.
+differ. A bad flag or value is one line on stderr and exit 2; the exit codes of every command are
+in [outputs.md](outputs.md#7-exit-codes). What the job reads and how to run it:
+[running.md](running.md); the environment variables: [at the end](#environment-variables).
 """
+# Settings that are not flags, (variable, default, what): a table below the generated ones.
+ENVIRONMENT = (
+    (
+        "BIT_CACHE_DIR",
+        "`~/.cache/bit_tagger`",
+        "the checkpoint cache (as `--model_cache_dir`), and where the index of a `gs://` OUTPUT "
+        "lives (`index/gs/BUCKET/PATH`)",
+    ),
+    (
+        "BIT_TAGGER_KERNEL_DIR",
+        "`~/.cache/bit_tagger/kernels`",
+        "where the fused CPU GroupNorm kernel is built and cached",
+    ),
+    (
+        "BIT_TAGGER_FUSED_KERNELS",
+        "on",
+        "`0`: GroupNorm in TensorFlow ops on the CPU instead of the fused kernel",
+    ),
+    ("CXX", "`g++`", "the C++ compiler that builds that kernel"),
+    (
+        "BIT_TAGGER_VENV",
+        "`.venv/` next to `run.sh`",
+        "where `run.sh` keeps its virtual environment",
+    ),
+    (
+        "STORAGE_EMULATOR_HOST",
+        "unset",
+        "a Cloud Storage emulator for every `gs://` path (what the tests use)",
+    ),
+)
 
 
 def commands() -> list[tuple[str, argparse.ArgumentParser, tuple[str, ...]]]:
@@ -30,8 +62,9 @@ def commands() -> list[tuple[str, argparse.ArgumentParser, tuple[str, ...]]]:
     every command, in the order of the page."""
     from pipeline import dataflow, fit_pca, main, report
     from search import cli
+    from search.pgvector import cli as pgvector_cli
 
-    search_commands = cli.parser()._subparsers._group_actions[0].choices
+    search_commands = _subcommands(cli.parser())
     return [
         ("./run.sh --input ... --output ...", main.parser(), main.REQUIRED_FLAGS),
         ("./run.sh dataflow", dataflow._parser(), ()),
@@ -39,7 +72,12 @@ def commands() -> list[tuple[str, argparse.ArgumentParser, tuple[str, ...]]]:
         ("./run.sh report", report._parser(), ()),
         ("./run.sh index", search_commands["index"], ()),
         ("./run.sh search", search_commands["search"], ()),
+        ("./run.sh load", _subcommands(pgvector_cli.parser())["load"], ()),
     ]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return parser._subparsers._group_actions[0].choices
 
 
 def documented(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -119,6 +157,8 @@ def render() -> str:
             out += _table(parser, actions, required) + [""]
         if parser.epilog:
             out += [_cell(parser.epilog), ""]
+    out += ["## Environment variables", "", "| variable | default | what |", "| --- | --- | --- |"]
+    out += [f"| `{name}` | {default} | {_cell(what)} |" for name, default, what in ENVIRONMENT]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -1,5 +1,5 @@
-"""Parquet output of the job (ARCHITECTURE.md, "Outputs"): Arrow batches, Beam writers; the schemas
-are `core.schema`'s.
+"""Parquet output of the job (docs/output-schema.md): Arrow batches, Beam writers; the schemas are
+`core.schema`'s.
 
 Rows are built column-wise from flat NumPy arrays (no per-row Python objects), so building a batch
 costs far less than writing it. Files are written by `ParquetSink`, a Beam `FileBasedSink` (as

@@ -3,7 +3,7 @@
 One op today, `BitGroupNormRelu` (group_norm_relu.cc): relu(GroupNorm(x)) for float32 NHWC on the
 CPU in one op, each sample read from memory once (statistics, then the apply while it is still in
 cache). TensorFlow has no such op: as stock ops GroupNorm is a reduction pass plus an apply pass,
-and it cost R50x1 ~13% of its CPU time (see README, Benchmarks).
+and it cost R50x1 ~13% of its CPU time (docs/benchmarks.md).
 
 Built on first use with the machine's C++ compiler (`$CXX`, else `g++`, else `c++`) against the
 installed TensorFlow's own headers and flags (`tf.sysconfig`), ~15 s, then cached as

@@ -1,8 +1,7 @@
 """Command line of `./run.sh load OUTPUT --into DSN` (`python -m search.pgvector load ...`).
 
-Exit codes: 0 loaded; 2 a usage or set-up error, one line on stderr (no results files, a results
-file it cannot load, a table that cannot take them, a server it cannot reach or that refuses; the
-password of the connection string is never printed); 1 anything unexpected (a traceback).
+Exit codes: `core.errors.exit_code` (which error gives which code: docs/outputs.md, "Exit codes");
+the password of the connection string is never printed.
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ def by_vector(
         where=_wnid_filter(wnids),
         nprobes=nprobes,
         refine_factor=refine_factor,
+        vectors=index.vectors,
     )
     rows, sims = ann.exact_rerank(vector, candidates, limit)
     hits = []

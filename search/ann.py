@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from search import SearchError
+
 ANN_MIN_ROWS = 1_000
 DEFAULT_NPROBES = 32
 DEFAULT_REFINE_FACTOR = 10
@@ -219,12 +221,29 @@ class VectorIndex:
 
         faiss = _faiss()
         path = _join(index_dir, INDEX_FILE)
-        if "://" not in index_dir:
-            flags = 0 if writable else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
-            return cls(faiss.read_index(path, flags), settings)
-        with storage.open_file(path, "rb") as f:
-            data = np.frombuffer(f.read(), np.uint8)
-        return cls(faiss.deserialize_index(data), settings)
+        try:
+            if "://" not in index_dir:
+                flags = 0 if writable else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+                index = faiss.read_index(path, flags)
+            else:
+                with storage.open_file(path, "rb") as f:
+                    index = faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
+        except (RuntimeError, OSError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedIndexError(path, reason) from None
+        if index.d != settings.get("dim", index.d):
+            raise DamagedIndexError(path, f"{index.d}-d, index.json says {settings['dim']}-d")
+        return cls(index, settings)
+
+
+class DamagedIndexError(SearchError):
+    """`vectors.faiss` is missing or cannot be read; `./run.sh index` trains it again."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(
+            f"the vector index {path} is missing or damaged ({reason}): run ./run.sh index again "
+            "with one of the index's outputs and --index_dir, which rebuilds it from the table"
+        )
 
 
 def _join(index_dir: str, name: str) -> str:

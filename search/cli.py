@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         "--ann_min_rows",
         type=int,
         default=ann.ANN_MIN_ROWS,
-        help="build the IVF-PQ vector index from this many images on (below, "
+        help="build the vector index from this many images on (below, "
         f"queries scan every vector exactly; default {ann.ANN_MIN_ROWS})",
     )
     ix.add_argument(

@@ -511,14 +511,20 @@ def _update_indexes(
     vector_index = meta.get("vector_index")
     if not meta:
         _remove_stale_vector_index(index_dir)
+    vectors = None
     trained = ann.retrain_due(rows, vector_index, ann_min_rows)
+    if not trained and vector_index and vector_index.get("type") == ann.INDEX_TYPE:
+        try:
+            vectors = ann.VectorIndex.load(index_dir, vector_index, writable=True)
+        except ann.DamagedIndexError as e:
+            _LOG.warning("%s; training it again", e)
+            trained = True
     if trained:
         _LOG.info("training the vector index on %d vectors of %d-d", rows, dim)
         vectors = ann.train(table, dim, log=_LOG.info)
         vectors.save(index_dir)
         vector_index = vectors.settings
-    elif vector_index and vector_index.get("type") == ann.INDEX_TYPE:
-        vectors = ann.VectorIndex.load(index_dir, vector_index, writable=True)
+    elif vectors is not None:
         caught_up = ann.catch_up(vectors, table)
         if caught_up:
             vectors.save(index_dir)

@@ -204,6 +204,21 @@ def test_an_interrupted_append_is_searched_and_the_next_build_catches_up(tmp_pat
     assert len(set(ids.column("id").to_pylist())) == 660
 
 
+def test_a_damaged_vector_index_is_a_clear_error_and_the_next_build_trains_it_again(tmp_path):
+    vectors = so.clustered(600, 32)
+    output = so.synthetic_output(str(tmp_path / "a"), vectors)
+    index_dir = tmp_path / "ix"
+    build_index(output, str(index_dir), ann_min_rows=500)
+    path = index_dir / ann.INDEX_FILE
+    for damage in (lambda: path.write_bytes(path.read_bytes()[:1000]), path.unlink):
+        damage()
+        with pytest.raises(SearchError, match="vectors.faiss is missing or damaged .*index again"):
+            query.by_vector(open_index(str(index_dir)), vectors[0])
+        report = build_index(output, str(index_dir), ann_min_rows=500)  # nothing new to add
+        assert report["rows_added"] == 0 and report["vector_index_trained"]
+        assert query.by_vector(open_index(str(index_dir)), vectors[9])[0].key == "s9"
+
+
 def test_an_index_from_before_row_ids_is_searched_but_not_appended_to(tmp_path):
     """What `./run.sh index` wrote before `vectors.faiss`: no `id` column, LanceDB's IVF-PQ."""
     import lancedb

@@ -147,6 +147,7 @@ class VectorIndex:
 
     def __init__(self, index, settings: dict):
         self.index, self.settings = index, settings
+        self._next_id: int | None = None
 
     @property
     def ivf(self):
@@ -158,19 +159,24 @@ class VectorIndex:
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
-            self.index.add_with_ids(normalise(vectors), np.asarray(ids, np.int64))
+            ids = np.asarray(ids, np.int64)
+            self.index.add_with_ids(normalise(vectors), ids)
+            self._next_id = max(self.next_id(), int(ids.max()) + 1)
 
     def next_id(self) -> int:
         """1 + the largest id in the index (0 when empty): rows with ids from there on are not
-        in it yet."""
-        faiss, invlists = _faiss(), self.ivf.invlists
-        top = -1
-        for lst in range(invlists.nlist):
-            size = invlists.list_size(lst)
-            if size:
-                ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
-                top = max(top, int(ids.max()))
-        return top + 1
+        in it yet. Read from the index itself once (not from index.json, which a build killed
+        at the wrong time leaves behind)."""
+        if self._next_id is None:
+            faiss, invlists = _faiss(), self.ivf.invlists
+            top = -1
+            for lst in range(invlists.nlist):
+                size = invlists.list_size(lst)
+                if size:
+                    ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
+                    top = max(top, int(ids.max()))
+            self._next_id = top + 1
+        return self._next_id
 
     def search(
         self, vector: np.ndarray, k: int, nprobes: int, allowed: np.ndarray | None = None
@@ -264,12 +270,12 @@ def _take(table, offsets: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _column_vectors(rows) -> np.ndarray:
+def _column_vectors(rows, dtype=np.float32) -> np.ndarray:
     column = rows.column(VECTOR_COLUMN)
     if hasattr(column, "combine_chunks"):
         column = column.combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(len(rows), -1)
+    return values.astype(dtype, copy=False).reshape(len(rows), -1)
 
 
 def scan(table, where: str | None = None):
@@ -429,6 +435,6 @@ def exact_rerank(query: np.ndarray, candidates, k: int):
     """(rows sorted best first, their exact cosines), at most `k`, from a `nearest` result."""
     if candidates.num_rows == 0:
         return candidates, np.zeros(0)
-    sims = cosine(query, _column_vectors(candidates))
+    sims = cosine(query, _column_vectors(candidates, np.float64))
     order = np.argsort(-sims, kind="stable")[:k]
     return candidates.take(order), sims[order]

@@ -36,10 +36,12 @@ ratio = the largest build / reference ratio (target <= 3), with recall@10 (>= 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 
 import common
 import numpy as np
@@ -48,15 +50,8 @@ import pyarrow.parquet as pq
 
 from search import ann, query
 from search.index import build_index, open_index
-from transforms.write import (
-    CODEC,
-    ROW_GROUP_BYTES,
-    _list,
-    category_type,
-    dictionary_columns,
-    results_schema,
-    tag_type,
-)
+from tests.search_outputs import CATEGORY_TYPE, _list, results_schema, tag_type
+from transforms.write import CODEC, ROW_GROUP_BYTES, dictionary_columns
 
 CLUSTERS = 1000
 TAGS_PER_ROW = 10
@@ -180,6 +175,8 @@ def write_output(
             else:
                 columns["embedding"] = _fixed(block, schema, "embedding")
             w.write_table(pa.table([columns[f.name] for f in schema], schema=schema))
+    with open(os.path.join(directory, "summary.json"), "w") as f:  # the run's commit marker
+        json.dump({"run_id": uuid.uuid4().hex, "results": rows}, f)
     return directory
 
 
@@ -219,7 +216,7 @@ def _categories(tags: pa.Array) -> pa.Array:
                 }
             )
         rows.append(cats)
-    return pa.array(rows, _list(category_type()))
+    return pa.array(rows, _list(CATEGORY_TYPE))
 
 
 def measure(index, queries, truth, k, nprobes, refine):

@@ -201,45 +201,66 @@ class VectorIndex:
         ids = ids[0]
         return ids[ids >= 0]
 
-    def save(self, index_dir: str) -> None:
-        """Write `INDEX_FILE`, atomically for a local directory (a reader sees the old file or the
-        new one, never a part)."""
-        from model import storage
+    def ids(self) -> np.ndarray:
+        """Every id in the index (its inverted lists' ids, unordered)."""
+        faiss, invlists = _faiss(), self.ivf.invlists
+        parts = [
+            faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
+            for lst in range(invlists.nlist)
+            if invlists.list_size(lst)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-        path = _join(index_dir, INDEX_FILE)
-        data = _faiss().serialize_index(self.index).tobytes()
-        if "://" in index_dir:
-            with storage.open_file(path, "wb") as f:
-                f.write(data)
-            return
+    def remove(self, ids: np.ndarray) -> int:
+        """Take `ids` out of the index; how many were in it."""
+        if not len(ids):
+            return 0
+        return int(self.index.remove_ids(_faiss().IDSelectorBatch(np.asarray(ids, np.int64))))
+
+    def to_bytes(self) -> bytes:
+        return _faiss().serialize_index(self.index).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, settings: dict, where: str) -> VectorIndex:
+        """The index serialised in `data` (read from `where`, named in errors)."""
+        try:
+            index = _faiss().deserialize_index(np.frombuffer(data, np.uint8))
+        except RuntimeError as e:
+            raise DamagedIndexError(where, _reason(e)) from None
+        return cls._checked(index, settings, where)
+
+    def save(self, path: str) -> None:
+        """Write the index to the local file `path` atomically: a reader sees the old file or the
+        new one, never a part."""
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(self.to_bytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, index_dir: str, settings: dict, writable: bool = False) -> VectorIndex:
-        """The index of `index_dir`; memory-mapped (read-only) for queries on a local directory,
-        so a query reads only the lists it probes; `writable` reads it whole, to add to it."""
-        from model import storage
-
+    def load(cls, path: str, settings: dict, writable: bool = False) -> VectorIndex:
+        """The index in the local file `path`, memory-mapped read-only (a query reads only the
+        lists it probes), or read whole when `writable`, to add to it."""
         faiss = _faiss()
-        path = _join(index_dir, INDEX_FILE)
+        flags = 0 if writable else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
         try:
-            if "://" not in index_dir:
-                flags = 0 if writable else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
-                index = faiss.read_index(path, flags)
-            else:
-                with storage.open_file(path, "rb") as f:
-                    index = faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
+            index = faiss.read_index(path, flags)
         except (RuntimeError, OSError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DamagedIndexError(path, reason) from None
+            raise DamagedIndexError(path, _reason(e)) from None
+        return cls._checked(index, settings, path)
+
+    @classmethod
+    def _checked(cls, index, settings: dict, where: str) -> VectorIndex:
         if index.d != settings.get("dim", index.d):
-            raise DamagedIndexError(path, f"{index.d}-d, index.json says {settings['dim']}-d")
+            raise DamagedIndexError(where, f"{index.d}-d, index.json says {settings['dim']}-d")
         return cls(index, settings)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class DamagedIndexError(SearchError):
@@ -250,12 +271,6 @@ class DamagedIndexError(SearchError):
             f"the vector index {path} is missing or damaged ({reason}): run ./run.sh index again "
             "with one of the index's outputs and --index_dir, which rebuilds it from the table"
         )
-
-
-def _join(index_dir: str, name: str) -> str:
-    return (
-        f"{index_dir.rstrip('/')}/{name}" if "://" in index_dir else os.path.join(index_dir, name)
-    )
 
 
 # ----------------------------------------------------------------------- from the table
@@ -362,14 +377,21 @@ def train(table, dim: int, log=None) -> VectorIndex:
     return vectors
 
 
-def catch_up(vectors: VectorIndex, table) -> int:
-    """Add the table's rows that are not in `vectors` yet (ids from `next_id()` on); their count.
-    Reads only those rows: time proportional to their number."""
+def catch_up(vectors: VectorIndex, table) -> tuple[int, int]:
+    """Make `vectors` hold exactly the table's rows: add those not in it yet (ids from
+    `next_id()` on: time proportional to their number), and, when it then holds more entries than
+    the table has rows (rows were deleted, e.g. a replaced run's), remove the ids no longer in the
+    table (one read of the `id` column). Returns (added, removed)."""
     added = 0
     for ids, batch in scan(table, f"{ID_COLUMN} >= {vectors.next_id()}"):
         vectors.add(ids, batch)
         added += len(ids)
-    return added
+    removed = 0
+    if vectors.ntotal > table.count_rows():
+        rows = table.search().select([ID_COLUMN]).limit(None).to_arrow().column(ID_COLUMN)
+        gone = np.setdiff1d(vectors.ids(), rows.to_numpy().astype(np.int64))
+        removed = vectors.remove(gone)
+    return added, removed
 
 
 # ---------------------------------------------------------------------------------- query

@@ -500,7 +500,8 @@ def _update_indexes(
     compaction).
 
     - Vector index: trained on all rows when `ann.retrain_due` (first time past `ann_min_rows`,
-      or the table has doubled since), else the new rows are added to it.
+      or the table has doubled since) or when `vectors.faiss` is damaged, else `ann.catch_up`
+      adds the new rows to it (and removes deleted ones).
     - Scalar indexes (`id`, `key`: B-tree; `wnids`: label list) are created with the first rows.
       LanceDB's `optimize` (compaction, which rewrites small fragments, and the scalar indexes'
       update) runs only when the table has doubled since the last one: on every append it would
@@ -515,22 +516,23 @@ def _update_indexes(
     trained = ann.retrain_due(rows, vector_index, ann_min_rows)
     if not trained and vector_index and vector_index.get("type") == ann.INDEX_TYPE:
         try:
-            vectors = ann.VectorIndex.load(index_dir, vector_index, writable=True)
+            vectors = load_vectors(index_dir, vector_index, writable=True)
         except ann.DamagedIndexError as e:
             _LOG.warning("%s; training it again", e)
             trained = True
     if trained:
         _LOG.info("training the vector index on %d vectors of %d-d", rows, dim)
         vectors = ann.train(table, dim, log=_LOG.info)
-        vectors.save(index_dir)
+        _save_vectors(vectors, index_dir)
         vector_index = vectors.settings
     elif vectors is not None:
-        caught_up = ann.catch_up(vectors, table)
-        if caught_up:
-            vectors.save(index_dir)
+        added_rows, removed = ann.catch_up(vectors, table)
+        if added_rows or removed:
+            _save_vectors(vectors, index_dir)
         _LOG.info(
-            "added %d rows to the vector index (trained on %d rows; trained again from %d)",
-            caught_up,
+            "vector index: %d rows added, %d removed (trained on %d rows; trained again from %d)",
+            added_rows,
+            removed,
             vector_index["trained_rows"],
             ann.RETRAIN_GROWTH * vector_index["trained_rows"],
         )
@@ -545,6 +547,29 @@ def _update_indexes(
         table.optimize()
         optimized_rows = rows
     return vector_index, trained, optimized_rows
+
+
+def load_vectors(index_dir: str, settings: dict, writable: bool = False) -> ann.VectorIndex:
+    """The index's `vectors.faiss` (memory-mapped for queries on a local directory; gs://: read
+    whole through model.storage); `ann.DamagedIndexError` when it is missing or unreadable."""
+    path = join(index_dir, ann.INDEX_FILE)
+    if not is_gcs(index_dir):
+        return ann.VectorIndex.load(path, settings, writable)
+    try:
+        with storage.open_file(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ann.DamagedIndexError(path, f"{type(e).__name__}: {e}") from None
+    return ann.VectorIndex.from_bytes(data, settings, path)
+
+
+def _save_vectors(vectors: ann.VectorIndex, index_dir: str) -> None:
+    path = join(index_dir, ann.INDEX_FILE)
+    if not is_gcs(index_dir):
+        vectors.save(path)
+        return
+    with storage.open_file(path, "wb") as f:  # one object upload: all or nothing
+        f.write(vectors.to_bytes())
 
 
 def _remove_stale_vector_index(index_dir: str) -> None:
@@ -587,7 +612,7 @@ class Index:
             settings = self.meta.get("vector_index")
             self._vectors = None
             if settings and settings.get("type") == ann.INDEX_TYPE:
-                self._vectors = ann.VectorIndex.load(self.dir, settings)
+                self._vectors = load_vectors(self.dir, settings)
         return self._vectors
 
 

@@ -147,9 +147,19 @@ def test_rows_not_in_the_index_yet_are_candidates_and_catch_up_adds_them(tmp_pat
     found = ann.nearest(table, late[7], 10, ["key"], vectors=index)
     rows, sims = ann.exact_rerank(late[7], found, 1)
     assert rows.column("key").to_pylist() == ["k1007"] and sims[0] == pytest.approx(1.0)
-    assert ann.catch_up(index, table) == 50
+    assert ann.catch_up(index, table) == (50, 0)
     assert index.ntotal == 1_050 and index.next_id() == 1_050
-    assert ann.catch_up(index, table) == 0  # nothing left: reads only ids >= next_id
+    assert ann.catch_up(index, table) == (0, 0)  # nothing left: reads only ids >= next_id
+
+
+def test_catch_up_removes_the_rows_deleted_from_the_table(tmp_path, small_ann):
+    vectors = clustered(1_000, 64)
+    table = table_of(tmp_path, vectors)
+    index = ann.train(table, 64)
+    table.delete("id >= 100 AND id < 300")  # e.g. the rows of a run that was replaced
+    assert ann.catch_up(index, table) == (0, 200)
+    assert index.ntotal == 800 and sorted(index.ids()) == [*range(100), *range(300, 1_000)]
+    assert not set(index.search(vectors[150], 50, nprobes=11)) & set(range(100, 300))
 
 
 def test_saved_index_reopens_mapped_for_queries_and_whole_for_appends(tmp_path, small_ann):
@@ -158,14 +168,25 @@ def test_saved_index_reopens_mapped_for_queries_and_whole_for_appends(tmp_path, 
     index = ann.train(table, 64)
     directory = tmp_path / "ix"
     directory.mkdir()
-    index.save(str(directory))
+    path = str(directory / ann.INDEX_FILE)
+    index.save(path)
     assert os.listdir(directory) == [ann.INDEX_FILE]  # no temporary file left behind
-    mapped = ann.VectorIndex.load(str(directory), index.settings)
+    mapped = ann.VectorIndex.load(path, index.settings)
     q = vectors[3]
     assert list(mapped.search(q, 10, 4)) == list(index.search(q, 10, 4))
-    writable = ann.VectorIndex.load(str(directory), index.settings, writable=True)
+    writable = ann.VectorIndex.load(path, index.settings, writable=True)
     writable.add(np.array([5_000]), q[None])
     assert writable.ntotal == 1_001 and writable.next_id() == 5_001
+    copy = ann.VectorIndex.from_bytes(writable.to_bytes(), index.settings, "copy")
+    assert copy.ntotal == 1_001
+    with pytest.raises(ann.DamagedIndexError, match="copy is missing or damaged"):
+        ann.VectorIndex.from_bytes(writable.to_bytes()[:500], index.settings, "copy")
+    with pytest.raises(ann.DamagedIndexError, match="32-d, index.json says 64-d"):
+        ann.VectorIndex.from_bytes(
+            ann.train(table_of(tmp_path, clustered(600, 32)), 32).to_bytes(),
+            index.settings,
+            "other",
+        )
 
 
 def test_exact_rerank_orders_by_true_cosine():

@@ -14,7 +14,6 @@ from search import SearchError, ann, query
 from search import index as search_index
 from search.index import build_index, default_index_dir, open_index, read_meta
 from tests import search_outputs as so
-from transforms.write import _list, category_type, tag_type
 
 
 def test_index_holds_every_result_row_with_its_embedding(job_output, tmp_path, caplog):
@@ -304,8 +303,8 @@ def test_categories_and_tags_merge_like_the_row_by_row_rule():
         cats = [items("c", False) for _ in range(n)]
         batch = pa.record_batch(
             {
-                "tags": pa.array(tags, _list(tag_type())),
-                "categories": pa.array(cats, _list(category_type())),
+                "tags": pa.array(tags, so._list(so.tag_type())),
+                "categories": pa.array(cats, so._list(so.CATEGORY_TYPE)),
             }
         )
         if n > 1:

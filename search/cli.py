@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
         "--refine_factor",
         type=int,
         default=ann.DEFAULT_REFINE_FACTOR,
-        help="PQ candidates re-ranked with full vectors, x k "
+        help="candidates re-ranked with the full vectors, x k "
         f"(default {ann.DEFAULT_REFINE_FACTOR})",
     )
     se.add_argument(

@@ -424,7 +424,7 @@ def nearest(
         if where:
             query = query.where(where, prefilter=True)
         return query.select(wanted).limit(limit).to_arrow()
-    candidates = limit * max(1, int(refine_factor))
+    candidates = min(limit * max(1, int(refine_factor)), max(1, vectors.ntotal))
     allowed = None
     if where:
         found = table.search().where(where).select([ID_COLUMN]).limit(None).to_arrow()

@@ -26,6 +26,7 @@ re-rank of `refine_factor` x k candidates recovers (bench/search_recall.py measu
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -60,6 +61,7 @@ def _faiss():
     spinning: on a machine shared with other processes, spinning threads made its k-means 5x
     slower."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # not "Successfully loaded faiss."
     import faiss
 
     return faiss

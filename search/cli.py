@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
         "--ann_min_rows",
         type=integer(0),
         default=ann.ANN_MIN_ROWS,
-        help="build the IVF-PQ vector index from this many images on (below, "
+        help="build the vector index from this many images on (below, "
         f"queries scan every vector exactly; default {ann.ANN_MIN_ROWS})",
     )
     ix.add_argument(
@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
         "--refine_factor",
         type=integer(1, MAX_REFINE_FACTOR),
         default=ann.DEFAULT_REFINE_FACTOR,
-        help="PQ candidates re-ranked with full vectors, x k "
+        help="candidates re-ranked with the full vectors, x k "
         f"(default {ann.DEFAULT_REFINE_FACTOR})",
     )
     se.add_argument(

@@ -144,7 +144,9 @@ def retag(
     return write_output(output, table, meta)
 
 
-def synthetic_output(output: str, vectors: np.ndarray, prefix: str = "s") -> str:
+def synthetic_output(
+    output: str, vectors: np.ndarray, prefix: str = "s", embedding_dtype: str = "float32"
+) -> str:
     """Rows `{prefix}{i}` with `vectors` as embeddings, one GOLDEN tag each, minimal footer."""
     n, dim = vectors.shape
     metadata = {
@@ -154,9 +156,9 @@ def synthetic_output(output: str, vectors: np.ndarray, prefix: str = "s") -> str
         "precision": "float32",
         "image_size": "32",
         "resize": "squash",
-        "embedding_dtype": "float32",
+        "embedding_dtype": embedding_dtype,
     }
-    schema = results_schema(dim, metadata=metadata)
+    schema = results_schema(dim, embedding_dtype=embedding_dtype, metadata=metadata)
     tags = pa.array(
         [[{"index": 0, "wnid": GOLDEN[0], "label": GOLDEN[1], "score": 0.5}]] * n, _list(tag_type())
     )
@@ -168,7 +170,8 @@ def synthetic_output(output: str, vectors: np.ndarray, prefix: str = "s") -> str
             pa.array([32] * n, pa.int32()),
             tags,
             pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.astype(np.float32).ravel()), type=schema.field("embedding").type
+                pa.array(vectors.astype(np.dtype(embedding_dtype)).ravel()),
+                type=schema.field("embedding").type,
             ),
         ],
         schema=schema,

@@ -14,6 +14,7 @@ import pytest
 
 from core.claim import claim
 from search import SearchError, ann, query
+from search import index as search_index
 from search.index import build_index, default_index_dir, open_index, read_meta
 from tests import search_outputs as so
 from tests.mounts import read_only
@@ -118,17 +119,21 @@ def test_gcs_output_is_indexed_locally_and_searched(
         build_index(gcs_output, f"gs://{bucket}/index")
 
 
-def test_ivf_pq_index_is_trained_used_and_updated_on_append(tmp_path):
+def test_vector_index_is_trained_then_appended_to_until_the_index_doubles(tmp_path, monkeypatch):
+    monkeypatch.setattr(ann, "ANN_DIMS", 8)  # the PCA path, at test size: 32-d -> 8-d
     vectors = so.clustered(600, 32)
     index_dir = str(tmp_path / "ix")
     report = build_index(
         so.synthetic_output(str(tmp_path / "a"), vectors), index_dir, ann_min_rows=500
     )
-    assert report["vector_index"] == "ivf_pq"
-    meta = read_meta(index_dir)["vector_index"]
-    assert meta["num_partitions"] == ann.num_partitions(600) == 2
-    assert meta["num_sub_vectors"] == ann.num_sub_vectors(32) == 2
+    assert report["vector_index"] == ann.INDEX_TYPE and report["vector_index_trained"]
+    meta = read_meta(index_dir)
+    trained = meta["vector_index"]
+    assert trained["num_partitions"] == ann.num_partitions(600) == 2
+    assert trained["trained_rows"] == 600 and (trained["dim"], trained["ann_dim"]) == (32, 8)
+    assert meta["next_id"] == 600 and meta["optimized_rows"] == 600
     index = open_index(index_dir)
+    assert index.vectors.ntotal == 600
     # Exact re-ranking: each stored vector finds itself first with cosine 1, and the rest of the
     # top 10 is (nearly) the exact top 10.
     recall = []
@@ -139,16 +144,180 @@ def test_ivf_pq_index_is_trained_used_and_updated_on_append(tmp_path):
         recall.append(len({h.key for h in hits} & {f"s{j}" for j in exact}) / 10)
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert np.mean(recall) >= 0.9
-    # An append below twice the trained size goes into the existing index (no retraining).
+    # An append below twice the trained size goes into the existing vector index: no training,
+    # no compaction of the table; the new rows get the next ids.
     more = so.clustered(100, 32, seed=5)
     report = build_index(
         so.synthetic_output(str(tmp_path / "b"), more, prefix="t"), index_dir, ann_min_rows=500
     )
-    assert report["rows"] == 700 and read_meta(index_dir)["vector_index"] == meta
+    assert report["rows"] == 700 and not report["vector_index_trained"]
+    meta = read_meta(index_dir)
+    assert meta["vector_index"] == trained and meta["optimized_rows"] == 600
+    assert meta["next_id"] == 700
     index = open_index(index_dir)
-    assert index.images.index_stats("vector_idx").num_unindexed_rows == 0
-    # (k=10: 100 PQ candidates re-ranked; 2 PQ codes per 32-d vector are too coarse for k=1.)
+    assert index.vectors.ntotal == 700 and index.vectors.next_id() == 700
+    ids = index.images.search().where("key = 't7'").select(["id"]).to_arrow()
+    assert ids.column("id").to_pylist() == [607]
     assert query.by_vector(index, more[7], k=10)[0].key == "t7"
+    # Past twice the trained size: trained again on all rows, and the table compacted.
+    report = build_index(
+        so.synthetic_output(str(tmp_path / "c"), so.clustered(500, 32, seed=6), prefix="u"),
+        index_dir,
+        ann_min_rows=500,
+    )
+    assert report["rows"] == 1_200 and report["vector_index_trained"]
+    meta = read_meta(index_dir)
+    assert meta["vector_index"]["trained_rows"] == 1_200 and meta["optimized_rows"] == 1_200
+    assert open_index(index_dir).vectors.ntotal == 1_200
+    assert query.by_key(open_index(index_dir), "t7", k=1)[0].score > 0.5
+
+
+def test_an_interrupted_append_is_searched_and_the_next_build_catches_up(tmp_path, monkeypatch):
+    index_dir = str(tmp_path / "ix")
+    build_index(
+        so.synthetic_output(str(tmp_path / "a"), so.clustered(600, 32)), index_dir, ann_min_rows=500
+    )
+    more = so.clustered(50, 32, seed=5)
+    second = so.synthetic_output(str(tmp_path / "b"), more, prefix="t")
+
+    def killed(vectors, index_dir):
+        raise KeyboardInterrupt
+
+    # Killed after the rows were written, before the vector index and index.json were.
+    with monkeypatch.context() as m:
+        m.setattr(search_index, "_save_vectors", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(second, index_dir, ann_min_rows=500)
+    index = open_index(index_dir)
+    assert index.images.count_rows() == 650 and index.vectors.ntotal == 600
+    assert query.by_vector(index, more[3], k=5)[0].key == "t3"  # found all the same
+    report = build_index(second, index_dir, ann_min_rows=500)  # the user runs it again
+    assert report["rows_added"] == 0 and report["rows"] == 650
+    index = open_index(index_dir)
+    assert index.vectors.ntotal == 650
+    ids = index.images.search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
+    assert len(set(ids)) == 650  # no id given twice
+    third = build_index(
+        so.synthetic_output(str(tmp_path / "c"), so.clustered(10, 32, seed=6), prefix="u"),
+        index_dir,
+        ann_min_rows=500,
+    )
+    assert third["rows_added"] == 10
+    ids = open_index(index_dir).images.search().select(["id"]).limit(None).to_arrow()
+    assert len(set(ids.column("id").to_pylist())) == 660
+
+
+def test_a_damaged_vector_index_is_a_clear_error_and_the_next_build_trains_it_again(tmp_path):
+    vectors = so.clustered(600, 32)
+    output = so.synthetic_output(str(tmp_path / "a"), vectors)
+    index_dir = tmp_path / "ix"
+    build_index(output, str(index_dir), ann_min_rows=500)
+    path = index_dir / ann.INDEX_FILE
+    for damage in (lambda: path.write_bytes(path.read_bytes()[:1000]), path.unlink):
+        damage()
+        with pytest.raises(SearchError, match="vectors.faiss is missing or damaged .*index again"):
+            query.by_vector(open_index(str(index_dir)), vectors[0])
+        report = build_index(output, str(index_dir), ann_min_rows=500)  # nothing new to add
+        assert report["rows_added"] == 0 and report["vector_index_trained"]
+        assert query.by_vector(open_index(str(index_dir)), vectors[9])[0].key == "s9"
+
+
+def test_an_index_from_before_row_ids_is_searched_but_not_appended_to(tmp_path):
+    """What `./run.sh index` wrote before `vectors.faiss`: no `id` column, LanceDB's IVF-PQ."""
+    import lancedb
+    import lancedb.index
+
+    vectors = so.clustered(600, 32)
+    output = so.synthetic_output(str(tmp_path / "a"), vectors)
+    index_dir = tmp_path / "ix"
+    build_index(output, str(index_dir), ann_min_rows=500)
+    db = lancedb.connect(str(index_dir))
+    old = db.open_table("images").to_arrow().drop_columns(["id"])
+    table = db.create_table("images", old, mode="overwrite")
+    table.create_index("wnids", config=lancedb.index.LabelList())
+    table.create_index(
+        "vector",
+        config=lancedb.index.IvfPq(distance_type="cosine", num_partitions=2, num_sub_vectors=2),
+    )
+    (index_dir / ann.INDEX_FILE).unlink()
+    meta = json.loads((index_dir / "index.json").read_text())
+    meta["vector_index"] = {"type": "ivf_pq", "num_partitions": 2, "trained_rows": 600}
+    for key in ("next_id", "optimized_rows"):
+        del meta[key]
+    (index_dir / "index.json").write_text(json.dumps(meta))
+
+    index = open_index(str(index_dir))
+    assert index.vectors is None  # LanceDB's own index answers
+    hits = query.by_vector(index, vectors[42], k=10)
+    assert hits[0].key == "s42" and hits[0].score == pytest.approx(1.0, abs=1e-6)
+    assert query.by_key(index, "s42", k=3)[0].key != "s42"
+    assert len(query.by_tag(index, [so.GOLDEN[0]], k=5)) == 5
+    more = so.synthetic_output(str(tmp_path / "b"), so.clustered(10, 32, seed=5), prefix="t")
+    with pytest.raises(SearchError, match="earlier version.*Rebuild it.*" + output):
+        build_index(more, str(index_dir))
+    assert open_index(str(index_dir)).images.count_rows() == 600
+
+
+def test_float16_embeddings_are_stored_as_float16(tmp_path):
+    vectors = so.clustered(20, 8).astype(np.float16)
+    output = so.synthetic_output(str(tmp_path / "a"), vectors, embedding_dtype="float16")
+    build_index(output, str(tmp_path / "ix"))
+    index = open_index(str(tmp_path / "ix"))
+    assert index.images.schema.field("vector").type.value_type == pa.float16()
+    hits = query.by_vector(index, vectors[4].astype(np.float32), k=3)
+    assert hits[0].key == "s4" and hits[0].score == pytest.approx(1.0, abs=1e-12)
+    # A float32 run appended to it is stored the index's way.
+    more = so.synthetic_output(str(tmp_path / "b"), so.clustered(5, 8, seed=3), prefix="t")
+    assert build_index(more, str(tmp_path / "ix"))["rows_added"] == 5
+
+
+def test_categories_and_tags_merge_like_the_row_by_row_rule():
+    """Per row: every wnid once, with its best score (categories win ties, being first), best
+    first, ties in the order the wnids first appear; a missing list counts as empty."""
+
+    def reference(tag_rows, category_rows):
+        merged = []
+        for tags, cats in zip(tag_rows, category_rows):
+            best = {}
+            for item in (cats or []) + (tags or []):
+                score = float(np.float32(item["score"]))
+                if item["wnid"] not in best or score > best[item["wnid"]][0]:
+                    best[item["wnid"]] = (score, item["label"])
+            merged.append(
+                [
+                    {"wnid": w, "label": lab, "score": s}
+                    for w, (s, lab) in sorted(best.items(), key=lambda kv: -kv[1][0])
+                ]
+            )
+        return merged
+
+    rng = np.random.default_rng(0)
+
+    def items(kind, with_index):
+        out = []
+        for _ in range(rng.integers(0, 5)):
+            w = f"n{rng.integers(0, 6)}"
+            item = {"wnid": w, "label": f"{w}-{kind}", "score": float(rng.choice([0.1, 0.5, 0.9]))}
+            out.append({"index": 0, **item} if with_index else item)
+        return None if rng.random() < 0.1 else out
+
+    for _ in range(100):
+        n = int(rng.integers(0, 7))
+        tags = [items("t", True) for _ in range(n)]
+        cats = [items("c", False) for _ in range(n)]
+        batch = pa.record_batch(
+            {
+                "tags": pa.array(tags, so._list(so.tag_type())),
+                "categories": pa.array(cats, so._list(so.CATEGORY_TYPE)),
+            }
+        )
+        if n > 1:
+            batch, tags, cats = batch.slice(1), tags[1:], cats[1:]
+        got = [
+            [{**c, "score": float(np.float32(c["score"]))} for c in row]
+            for row in search_index._categories(batch).to_pylist()
+        ]
+        assert got == reference(tags, cats)
 
 
 def test_index_json_is_plain_json(job_output, tmp_path):

@@ -12,6 +12,8 @@ from core import storage
 
 RESULTS = "results"
 FAILURES = "failures"
+# A run's commit marker, written last (docs/outputs.md): results without it are an incomplete run.
+SUMMARY_FILE = "summary.json"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -37,3 +39,13 @@ def output_files(output: str, kind: str = RESULTS) -> list[str]:
     if kind not in (RESULTS, FAILURES):
         raise ValueError(f"kind must be {RESULTS!r} or {FAILURES!r}, not {kind!r}")
     return match(f"{output.rstrip('/')}/{kind}-*.parquet")
+
+
+def incomplete_message(output: str, then: str = "") -> str:
+    """What to tell a user about an output with results but no summary.json (one line); `then`:
+    what to do once the run is redone (", then index it")."""
+    return (
+        f"{output} holds an incomplete run: results without {SUMMARY_FILE} (the run was killed "
+        f"or failed before it committed, or is still running); rerun the job into it with "
+        f"--overwrite{then}"
+    )

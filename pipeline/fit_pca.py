@@ -25,15 +25,12 @@ import pyarrow.parquet as pq
 from core import storage
 from core.args import integer
 from core.errors import ArgumentParser, UsageError, exit_code
-from core.outputs import has_glob, match, output_files
+from core.outputs import SUMMARY_FILE, has_glob, incomplete_message, match, output_files
 from core.text import printable
 from model import pca
 
 _LOG = logging.getLogger(__name__)
 COLUMN = "embedding"
-
-
-SUMMARY_FILE = "summary.json"  # the commit marker of a run (transforms/outputs.py)
 
 
 def results_files(output: str) -> list:
@@ -46,11 +43,7 @@ def check_committed(files: list) -> None:
     commit (killed, failed or still running), and a basis fitted on part of it is not one."""
     for folder in sorted({f.rsplit("/", 1)[0] for f in files}):
         if not storage.exists(f"{folder}/{SUMMARY_FILE}"):
-            raise pca.PcaBasisError(
-                f"{folder} holds an incomplete run: results without {SUMMARY_FILE} (the run was "
-                "killed or failed before it committed, or is still running); rerun the job into "
-                "it with --overwrite, then fit"
-            )
+            raise pca.PcaBasisError(incomplete_message(folder, ", then fit"))
 
 
 def check_target(to: str) -> None:

@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import (
 from core import console
 from core.claim import ClaimedError, claim
 from core.errors import JobFailed, UsageError, exit_code
+from core.outputs import incomplete_message
 from pipeline import report
 from pipeline.graph import build
 from pipeline.options import JobOptions, check_flags, job_flags
@@ -110,7 +111,7 @@ def check_skip_sources(opts: JobOptions) -> None:
             _LOG.warning(
                 "--skip_keys_from: %s; its results are skipped as known keys, its other images "
                 "are tagged again",
-                outputs.incomplete_message(folder),
+                incomplete_message(folder),
             )
 
 

@@ -32,7 +32,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from core.errors import ArgumentParser, UsageError, exit_code
-from core.outputs import FAILURES, RESULTS, output_files
+from core.outputs import FAILURES, RESULTS, incomplete_message, output_files
 from core.text import printable
 from transforms import gcs, outputs
 from transforms.sample import SAMPLES_FILE
@@ -292,7 +292,7 @@ def _report(output: str) -> None:
             raise UsageError(f"{output} has no output of a run (results, failures or summary.json)")
         if state == outputs.INCOMPLETE:
             print(
-                f"warning: {printable(outputs.incomplete_message(output))}; the report says so",
+                f"warning: {printable(incomplete_message(output))}; the report says so",
                 file=sys.stderr,
             )
         path = write_report(output)

@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 from core import claim as claims
 from core import storage
 from core.atomic import atomic_write
-from core.outputs import output_files
+from core.outputs import SUMMARY_FILE, incomplete_message, output_files
 from core.schema import category_type
 from core.schema import list_type as _list
 from search import SearchError, ann, terms
@@ -68,7 +68,6 @@ from search import SearchError, ann, terms
 _LOG = logging.getLogger(__name__)
 
 META_FILE = "index.json"
-SUMMARY_FILE = "summary.json"  # a job output's commit marker (transforms/outputs.py)
 IMAGES = "images"
 VOCABULARY = "terms"
 TOP_TAGS = 3
@@ -143,11 +142,7 @@ def run_id(output: str) -> str:
     run that did not commit: its results are not all there) or it cannot be read."""
     path = f"{output}/{SUMMARY_FILE}"
     if not _exists(path):
-        raise SearchError(
-            f"{output} holds an incomplete run: results without {SUMMARY_FILE} (the run was "
-            "killed or failed before it committed, or is still running); rerun the job into it "
-            "with --overwrite, then index it"
-        )
+        raise SearchError(incomplete_message(output, ", then index it"))
     try:
         with storage.open_file(path, "rb") as f:
             data = f.read()

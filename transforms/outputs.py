@@ -35,7 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
 from core.errors import UsageError
-from core.outputs import FAILURES, RESULTS, match
+from core.outputs import FAILURES, RESULTS, SUMMARY_FILE, match
 from transforms import counters
 
 _LOG = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover - Beam without its gcp extra
 # Errors of listing, reading or writing files: reported as `OutputError`, never as "no output".
 IO_ERRORS = (BeamIOError, OSError, _CloudError)
 
-SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 STAGING_PREFIX = ".staging-"
 # What a run writes (moved in at commit), and everything of a run in OUTPUT.
@@ -114,15 +113,6 @@ def run_state(output: str) -> str:
     if any(list_files(f"{output}/{name}") for name in RUN_PATTERNS):
         return INCOMPLETE
     return EMPTY
-
-
-def incomplete_message(output: str) -> str:
-    """What to tell a user about an incomplete run in `output` (one line)."""
-    return (
-        f"{output} holds an incomplete run: results without {SUMMARY_FILE} (the run was killed "
-        "or failed before it committed, or is still running); rerun the job into it with "
-        "--overwrite"
-    )
 
 
 def check_previous(output: str, overwrite: bool) -> list:

@@ -13,6 +13,9 @@ from typing import Mapping, Optional
 import pyarrow as pa
 
 _EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+# Where each image's bytes are in its input (ARCHITECTURE.md, "Outputs"): results written before
+# these columns existed lack them, so readers of results treat them as optional.
+SPAN_COLUMNS = ("source_offset", "source_length")
 
 
 # ---------------------------------------------------------------------------------------- schemas
@@ -68,9 +71,11 @@ def results_schema(
 ) -> pa.Schema:
     """Schema of `results-*.parquet` (ARCHITECTURE.md, "Outputs").
 
-    Columns: key, source, width, height, tags, categories (with `categories`), embedding,
-    embedding_reduced (`fixed_size_list<float32>[reduced_dim]`, with a PCA basis), scores (with
-    `write_all_scores`).
+    Columns: key, source, source_offset and source_length (int64: where the bytes of the file,
+    TFRecord record or tar member the image came from start in `source`'s file, and how many;
+    null where unknown, e.g. a compressed shard), width, height, tags, categories (with
+    `categories`), embedding, embedding_reduced (`fixed_size_list<float32>[reduced_dim]`, with a
+    PCA basis), scores (with `write_all_scores`).
 
     `metadata` (models, sha256, image size, preprocessing, label set; str -> str) becomes the
     schema metadata, which pyarrow writes into the Parquet footer's key-value metadata.
@@ -84,6 +89,8 @@ def results_schema(
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("source", pa.string()),
+        pa.field("source_offset", pa.int64()),
+        pa.field("source_length", pa.int64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("tags", list_type(tag_type())),

@@ -1,7 +1,9 @@
 """Build, append to and open the search index of job outputs (`./run.sh index OUTPUT`).
 
 An index is a directory (LanceDB, embedded, no server) holding:
-- `images.lance`: one row per image: `key`, `source`, `run` (the OUTPUT it came from), `vector`
+- `images.lance`: one row per image: `key`, `source`, `source_offset` and `source_length` (where
+  its bytes are in `source`'s file, as the results have them; null for results written before
+  those columns existed), `run` (the OUTPUT it came from), `vector`
   (`embedding`, or `embedding_reduced` when the results have it, as float32), `categories`
   (`list<struct<wnid, label, score>>`: the results' categories merged with their tags, or the tags
   alone when the results have no `categories` column, e.g. a `--no_categories` run), `wnids` (the
@@ -52,7 +54,7 @@ from core import claim as claims
 from core import storage
 from core.atomic import atomic_write
 from core.outputs import output_files
-from core.schema import category_type
+from core.schema import SPAN_COLUMNS, category_type
 from core.schema import list_type as _list
 from search import SearchError, ann, terms
 
@@ -82,6 +84,8 @@ def images_schema(dim: int) -> pa.Schema:
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("source", pa.string()),
+            pa.field("source_offset", pa.int64()),
+            pa.field("source_length", pa.int64()),
             pa.field("run", pa.string()),
             pa.field(ann.VECTOR_COLUMN, _list(pa.float32(), dim)),
             pa.field("wnids", _list(pa.string())),
@@ -365,10 +369,15 @@ def index_rows(batch: pa.RecordBatch, settings: dict, run: str) -> pa.RecordBatc
         [terms.display_name(t["label"]) for t in (row or [])[:TOP_TAGS]]
         for row in batch.column("tags").to_pylist()
     ]
+    spans = [
+        batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows, pa.int64())
+        for name in SPAN_COLUMNS
+    ]
     return pa.record_batch(
         [
             batch.column("key"),
             batch.column("source"),
+            *spans,
             pa.array([run] * batch.num_rows, pa.string()),
             _vectors(batch.column(settings["vector_column"]), settings["dim"]),
             wnids,
@@ -412,7 +421,9 @@ def _read_rows(
     for path in files:
         try:
             with storage.open_file(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(READ_BATCH_ROWS, columns=columns):
+                parquet = pq.ParquetFile(f)
+                spans = [c for c in SPAN_COLUMNS if c in parquet.schema_arrow.names]
+                for batch in parquet.iter_batches(READ_BATCH_ROWS, columns=columns + spans):
                     rows = index_rows(batch, settings, run)
                     values = rows.column("categories").values
                     synsets.update(
@@ -487,6 +498,7 @@ def _build(output, index_dir, files, ann_min_rows, log_every_secs, started) -> d
         added = table.count_rows()
     else:
         table = db.open_table(IMAGES)
+        _add_span_columns(table)
         indexed = _indexed_run(meta, output)
         if indexed is not None and indexed != run:
             # OUTPUT was replaced by a newer run since it was indexed: its rows go, the new
@@ -547,6 +559,14 @@ def _build(output, index_dir, files, ann_min_rows, log_every_secs, started) -> d
     )
     _write_meta(index_dir, meta)
     return report
+
+
+def _add_span_columns(table) -> None:
+    """An index built before `source_offset`/`source_length` existed gets them (null: its images
+    are found by a scan of their shard) before new rows come in."""
+    missing = [name for name in SPAN_COLUMNS if name not in table.schema.names]
+    if missing:
+        table.add_columns([pa.field(name, pa.int64()) for name in missing])
 
 
 def _vocabulary_synsets(db) -> list[tuple[str, str]]:

@@ -131,9 +131,9 @@ def retag(
     if key_prefix:
         keys = [key_prefix + k for k in table.column("key").to_pylist()]
         table = table.set_column(0, table.schema.field("key"), pa.array(keys, pa.string()))
-    if categories:  # contract order: key, source, width, height, tags, categories, embedding
+    if categories:  # contract order: key, source, ..., tags, categories, embedding
         table = table.add_column(
-            5,
+            table.schema.get_field_index("tags") + 1,
             pa.field("categories", _list(CATEGORY_TYPE)),
             pa.array([categories_of(t) for t in tags], _list(CATEGORY_TYPE)),
         )
@@ -164,6 +164,8 @@ def synthetic_output(output: str, vectors: np.ndarray, prefix: str = "s") -> str
         [
             pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
             pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
+            pa.nulls(n, pa.int64()),
+            pa.nulls(n, pa.int64()),
             pa.array([32] * n, pa.int32()),
             pa.array([32] * n, pa.int32()),
             tags,

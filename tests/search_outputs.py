@@ -183,3 +183,33 @@ def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(1234).normal(size=(8, dim))
     return (centres[rng.integers(0, 8, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def run_mixed_job(root: pathlib.Path, models) -> tuple[str, dict[str, bytes]]:
+    """(OUTPUT, key -> the image's encoded bytes) of one local run of the job over every kind of
+    input a thumbnail is read from: 4 image files, a TFRecord shard of 3 records and a WebDataset
+    tar of 3 samples plus one whose image member is a link (to the first sample's image)."""
+    from pipeline.main import run
+
+    inputs = root / "inputs"
+    inputs.mkdir()
+    images = [corpus.make_jpeg(72 + 12 * i, 56 + 6 * i, seed=300 + i) for i in range(10)]
+    originals = {}
+    for i in range(4):
+        path = inputs / f"p{i}.jpg"
+        path.write_bytes(images[i])
+        originals[str(path)] = images[i]
+    records = [(f"tf/r{i}", images[4 + i]) for i in range(3)]
+    corpus.write_tfrecord(str(inputs / "shard.tfrecord"), records)
+    samples = [(f"wds/s{i}.jpg", images[7 + i]) for i in range(3)]
+    corpus.write_tar(
+        str(inputs / "shard.tar"), [*samples, ("wds/link.jpg", ("hard", "wds/s0.jpg"))]
+    )
+    originals.update(records)
+    originals.update({name[:-4]: data for name, data in samples})
+    originals["wds/link"] = images[7]
+    output = root / "out"
+    args = job_args(str(inputs), output, models, "--no_categories", image_size=32)
+    summary = run(args, save_main_session=False)
+    assert summary["results"] == len(originals), summary
+    return str(output), originals

@@ -25,7 +25,7 @@ Choices (docs/bad-input.md has the whole table of what bad input gets):
   match is a read failure `NotRegularFileError` (local files are opened non-blocking).
 - Every input (file, TFRecord record, tar image member) is measured before it is read: one over
   `max_input_bytes` (--max_input_bytes) is a read failure `InputTooLargeError`, its bytes skipped.
-- Names that are not UTF-8 (local files, tar members) get a lossless UTF-8 key: `transforms.names`.
+- Names that are not UTF-8 (local files, tar members) get a lossless UTF-8 key: `core.names`.
 - A corrupt or truncated TFRecord / tar: records read before it are kept, then ONE failure names the
   shard and byte offset (of the uncompressed stream), keyed `<shard uri>:<index of lost record>`.
   TFRecord framing (length, its CRC, data, its CRC) is checked per record.
@@ -51,6 +51,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+from core.names import escaped_name_taken, from_element, key_text, to_element
 from core.tfrecord import (
     KEY_FEATURES,
     check_data,
@@ -76,7 +77,6 @@ from transforms.entries import (
     too_large,
 )
 from transforms.gcs import GcsDoFn
-from transforms.names import escaped_name_taken, from_element, key_text, to_element
 from transforms.records import FAILURES, STAGE_READ, Failure, ImageRecord, error_text
 from transforms.webdataset import iter_tar, split_member  # noqa: F401 (split_member re-exported)
 
@@ -126,7 +126,7 @@ def iter_entries(
     """Every item of one file, in order; a shard-level problem ends it with one `fatal` Entry.
 
     `uri`: the file's URI or local path (a str, with surrogates for a name that is not UTF-8, or a
-    PCollection element of `transforms.names.to_element`); keys, sources and messages name it by
+    PCollection element of `core.names.to_element`); keys, sources and messages name it by
     its key text. `max_bytes`: the size limit of one input (file, record, image member)."""
     uri = from_element(uri)
     name = key_text(uri)
@@ -495,7 +495,7 @@ class _MatchFiles(GcsDoFn):
 
     Folder files with extensions no reader accepts are counted (`read_skipped_files`), and so are
     FIFOs, devices and sockets (`read_skipped_special`), and logged. URIs go out as
-    `transforms.names.to_element` makes them (bytes for a local name that is not UTF-8)."""
+    `core.names.to_element` makes them (bytes for a local name that is not UTF-8)."""
 
     def __init__(self, input_format: str = "auto"):
         self._format = input_format

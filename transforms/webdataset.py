@@ -41,6 +41,7 @@ import tarfile
 import zlib
 from typing import Callable, Iterator, NamedTuple, Optional
 
+from core.names import key_text
 from transforms import counters
 from transforms.entries import (
     DEFAULT_MAX_INPUT_BYTES,
@@ -55,7 +56,6 @@ from transforms.entries import (
     seekable,
     too_large,
 )
-from transforms.names import key_text
 from transforms.records import error_text
 
 # webdataset's own split: KEY is the dirname plus the basename up to its first dot.

@@ -155,12 +155,12 @@ class Originals:
             if problem is None and length == at.length:
                 if tfr.check_data(data, length, footer) is None:
                     return self._example_image(data, at, item)
-        if (
-            len(data) == at.length
-            and len(head) == _TAR_BLOCK
-            and _tar_header_matches(head, item, at.length)
-        ):
-            return data
+        if len(data) == at.length and len(head) == _TAR_BLOCK:
+            name = _tar_member_at(head, at.length)
+            if name == item:
+                return data
+            if name is not None:  # the member's data is another's: a link, or a long name
+                return None
         self._warn_once(
             ("moved", path),
             "%s: the recorded offsets no longer match its contents (it was replaced or "
@@ -336,15 +336,16 @@ def _read_range(path: str, start: int, end: int) -> bytes:
         os.close(fd)
 
 
-def _tar_header_matches(block: bytes, item: str, length: int) -> bool:
-    """Whether `block` is the ustar header of a regular file member named `item` of `length`
-    bytes (a member with a long name has a PAX/GNU record before it: its header's name is cut,
-    and it is found by a scan)."""
+def _tar_member_at(block: bytes, length: int) -> Optional[str]:
+    """The name (as a key text) of the regular file member of `length` bytes whose ustar header
+    `block` is, or None when it is not one. The name differs from the sample's member for a link
+    (the data is its target's) and for a long name (its PAX/GNU record before the header holds
+    the whole name): those are found by a scan."""
     try:
         info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
     except tarfile.HeaderError:
-        return False
-    return info.isreg() and info.size == length and key_text(info.name) == item
+        return None
+    return key_text(info.name) if info.isreg() and info.size == length else None
 
 
 def _link_target(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tarfile.TarInfo:

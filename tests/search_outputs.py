@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -213,3 +214,27 @@ def run_mixed_job(root: pathlib.Path, models) -> tuple[str, dict[str, bytes]]:
     summary = run(args, save_main_session=False)
     assert summary["results"] == len(originals), summary
     return str(output), originals
+
+
+@contextlib.contextmanager
+def live(app, host: str = "127.0.0.1"):
+    """`app` served by uvicorn in a thread on a free port of `host`: yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from search.server import listen, url_of
+
+    sock = listen(host, 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import warnings
 
@@ -426,22 +425,11 @@ def test_the_model_loads_on_the_first_photo_and_stays(serve_output):
 
 @pytest.fixture(scope="module")
 def live_server(service):
-    """The app under uvicorn on a free port of 127.0.0.1, in a thread."""
-    import threading
-
-    import uvicorn
-
-    sock = listen("127.0.0.1", 0)
+    """The app under uvicorn on a free port of 127.0.0.1 (uploads up to 1 MB): (host, port)."""
     app = create_app(service, allowed_hosts=["127.0.0.1"], max_upload_bytes=1 << 20)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield sock.getsockname()[:2]
-    server.should_exit = True
-    thread.join(timeout=10)
+    with so.live(app) as url:
+        host, port = re.match(r"http://([\d.]+):(\d+)/", url).groups()
+        yield host, int(port)
 
 
 def test_serve_prints_its_url_answers_and_stops_on_ctrl_c(serve_output):

@@ -518,10 +518,14 @@ def _build(output, index_dir, files, ann_min_rows, log_every_secs, started) -> d
     ):
         _LOG.info("training the vector index on %d vectors of %d-d", rows, settings["dim"])
         vector_index = ann.create_vector_index(table, rows, settings["dim"])
-    if rows and "wnids_idx" not in {i.name for i in table.list_indices()}:
+    indices = {i.name for i in table.list_indices()} if rows else {"wnids_idx", "key_idx"}
+    if "wnids_idx" not in indices or "key_idx" not in indices:
         import lancedb.index
 
-        table.create_index("wnids", config=lancedb.index.LabelList())
+        if "wnids_idx" not in indices:
+            table.create_index("wnids", config=lancedb.index.LabelList())
+        # a B-tree over the keys: `--key` and the server's lookups read one page, not the column
+        table.create_scalar_index("key", index_type="BTREE")
     elif added:
         table.optimize()  # new rows into the vector and label indexes; small files compacted
     if run_id(output) != run:

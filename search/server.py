@@ -51,7 +51,7 @@ STATIC = HERE / "static"
 TEMPLATES = HERE / "templates"
 MAX_UPLOAD_BYTES = 20 << 20  # the photo; the multipart body may add `_MULTIPART_SLACK`
 _MULTIPART_SLACK = 64 << 10
-PAGE_K = 48  # results the page asks for (a grid)
+PAGE_K = 36  # results the page asks for (a grid of 6 x 6)
 CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'none'",
@@ -285,7 +285,7 @@ def listen(host: str, port: int) -> socket.socket:
     """A listening socket; SearchError (exit 2, one line) when the address cannot be used."""
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock = socket.socket(info[0], socket.SOCK_STREAM, info[2])  # TCP: asyncio sets NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
         sock.listen(128)

@@ -88,6 +88,9 @@ class Vocabulary:
         self.rows = rows
         self.terms = [r[0] for r in rows]
         self.synsets_of = collections.Counter(self.terms)
+        self.synsets: dict[str, list] = {}  # term -> [(wnid, label)], as `resolve_tag` reads them
+        for term, wnid, label in rows:
+            self.synsets.setdefault(term, []).append((wnid, label))
         self.images: dict[str, int] = {}
         self.names = {wnid: terms.display_name(label) or wnid for _, wnid, label in rows}
         self._lemmas = sorted({t for t in self.terms if not terms.WNID.match(t)})
@@ -247,6 +250,9 @@ class Service:
     def resolve(self, tag: str) -> list[tuple[str, str]]:
         """(wnid, label) of each synset `tag` names (as `search --tag`); NotFound with the closest
         lemmas when it names none."""
+        known = self.vocabulary.synsets.get(terms.normalise(tag))
+        if known:  # the index's vocabulary, in memory: what resolve_tag would read from it
+            return list(dict.fromkeys(known))
         try:
             return query.resolve_tag(self.index, tag)
         except SearchError as e:

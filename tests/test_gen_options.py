@@ -16,6 +16,7 @@ HELP_COMMANDS = {
     "./run.sh report": ["pipeline.report"],
     "./run.sh index": ["search", "index"],
     "./run.sh search": ["search", "search"],
+    "./run.sh serve": ["search", "serve"],
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*")
 

@@ -39,6 +39,7 @@ def commands() -> list[tuple[str, argparse.ArgumentParser, tuple[str, ...]]]:
         ("./run.sh report", report._parser(), ()),
         ("./run.sh index", search_commands["index"], ()),
         ("./run.sh search", search_commands["search"], ()),
+        ("./run.sh serve", search_commands["serve"], ()),
     ]
 
 

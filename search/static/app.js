@@ -5,7 +5,7 @@
 "use strict";
 
 (function () {
-  const K = Number(document.body.dataset.k) || 48;
+  const K = Number(document.body.dataset.k) || 36;
   const $ = (id) => document.getElementById(id);
   const tagInput = $("tag");
   const keyInput = $("key");
@@ -29,6 +29,11 @@
     if (className) node.className = className;
     if (text !== undefined && text !== null) node.textContent = String(text);
     return node;
+  }
+
+  // WordNet lemmas join words with underscores: shown with spaces.
+  function words(text) {
+    return String(text).replace(/_/g, " ");
   }
 
   function setState(state) {
@@ -171,7 +176,7 @@
     body.append(ellipsed("key", hit.key));
     if (hit.source && hit.source !== hit.key) body.append(ellipsed("source", hit.source));
     const tags = el("div", "tags");
-    (hit.tags || []).forEach((tag) => tags.append(el("span", "tag", tag)));
+    (hit.tags || []).forEach((tag) => tags.append(el("span", "tag", words(tag))));
     body.append(tags);
     link.append(body);
     link.addEventListener("click", (event) => {
@@ -186,7 +191,7 @@
 
   function renderFilters(categories) {
     activeBox.replaceChildren(...filters.map((f) => {
-      const chip = el("button", "chip active", f.label);
+      const chip = el("button", "chip active", words(f.label));
       chip.type = "button";
       chip.title = "Remove the filter " + f.wnid;
       chip.append(el("span", "x", "×"));
@@ -197,7 +202,7 @@
       return chip;
     }));
     facetsBox.replaceChildren(...categories.map((c) => {
-      const chip = el("button", "chip", c.label);
+      const chip = el("button", "chip", words(c.label));
       chip.type = "button";
       chip.title = c.wnid + ": in " + c.count + " of these results";
       chip.append(el("span", "count", c.count));

@@ -116,6 +116,18 @@ def _int_param(request: Request, name: str, default: int) -> int:
         raise BadRequest(f"{name} must be an integer from 1 to {MAX_K}, not {value!r}") from None
 
 
+def _bad_request_is_400(endpoint):
+    """An endpoint whose `BadRequest` (a parameter it checks itself) answers 400 with JSON."""
+
+    async def checked(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except BadRequest as e:
+            return _error(400, str(e))
+
+    return checked
+
+
 async def _answer(call, *args) -> JSONResponse:
     """The service's answer as JSON, its errors as JSON with their status."""
     try:
@@ -158,12 +170,10 @@ def create_app(service: Service, *, allowed_hosts=None, max_upload_bytes=MAX_UPL
         )
         return HTMLResponse(html, headers={"cache-control": "no-cache"})
 
+    @_bad_request_is_400
     async def search(request: Request) -> Response:
         params = request.query_params
-        try:
-            k = _int_param(request, "k", 10)
-        except BadRequest as e:
-            return _error(400, str(e))
+        k = _int_param(request, "k", 10)
         within = params.getlist("filter")
         tag, key = params.get("tag"), params.get("key")
         if (tag is None) == (key is None):
@@ -172,12 +182,10 @@ def create_app(service: Service, *, allowed_hosts=None, max_upload_bytes=MAX_UPL
             return await _answer(service.by_tag, tag, k, within)
         return await _answer(service.by_key, key, k, within)
 
+    @_bad_request_is_400
     async def search_photo(request: Request) -> Response:
         params = request.query_params
-        try:
-            k = _int_param(request, "k", 10)
-        except BadRequest as e:
-            return _error(400, str(e))
+        k = _int_param(request, "k", 10)
         limit = max_upload_bytes + _MULTIPART_SLACK
         length = request.headers.get("content-length", "")
         too_large = _error(413, f"the photo is over the {_size(max_upload_bytes)} limit")

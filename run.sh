@@ -15,6 +15,8 @@
 #                                                 regenerate requirements.lock / requirements-dev.lock
 #   ./run.sh index OUTPUT [--index_dir DIR]      index a run's results (appends to DIR)
 #   ./run.sh search INDEX_OR_OUTPUT --image F | --key K | --tag T [--k 10] [--json]
+#   ./run.sh serve INDEX_OR_OUTPUT [--host 127.0.0.1] [--port 8000]
+#                                                 a search page + JSON API (docs/serve.md)
 #   ./run.sh load OUTPUT --into postgresql://USER@HOST:PORT/DB [--table images]
 #                                                 upsert a run's results into PostgreSQL + pgvector
 # The first use creates .venv/ next to this script and installs the exact versions (with hashes) of
@@ -131,7 +133,7 @@ case "${1:-}" in
     ensure_venv requirements.lock
     exec "$VENV/bin/python" -m tools.gen_options "$@"
     ;;
-  index|search)
+  index|search|serve)
     ensure_venv requirements.lock
     cd "$CALLER"
     exec "$VENV/bin/python" -m search "$@"

@@ -90,11 +90,25 @@ def decode_image(
     Raises `DecodeError` with a short, user-readable message for every kind of bad input.
     """
     check_resize(resize)
+    return _guarded(data, lambda opened: _decode(data, image_size, max_pixels, resize, opened))
+
+
+def decode_thumbnail(
+    data: bytes, max_side: int = 256, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode `data` to RGB uint8 [h, w, 3], upright (EXIF), aspect ratio kept, its longer side
+    at most `max_side` (never enlarged): a thumbnail (`./run.sh serve`). The same formats, pixel
+    limit, JPEG draft decoding and `DecodeError`s as `decode_image`."""
+    return _guarded(data, lambda opened: _thumbnail(data, max_side, max_pixels, opened))
+
+
+def _guarded(data: bytes, decode):
+    """`decode(opened)`, every error of a bad image turned into a `DecodeError` in our words."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     opened = []  # the image, once its header is read: its format names the failure
     try:
-        return _decode(data, image_size, max_pixels, resize, opened)
+        return decode(opened)
     except DecodeError:
         raise
     except Image.DecompressionBombError:  # raised by a plugin mid-decode (e.g. GIF frame growth)
@@ -121,19 +135,29 @@ def _what(opened: list, data: bytes) -> str:
     return f"{fmt}, {len(data)} bytes" if fmt else f"{len(data)} bytes"
 
 
-def _decode(data: bytes, size: int, max_pixels: int | None, resize: str, opened: list):
+_SWAPS_SIDES = (
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSVERSE,
+    Image.Transpose.ROTATE_90,
+)
+
+
+def _open_checked(data: bytes, max_pixels: int | None, opened: list) -> ImageFile.ImageFile:
+    """The image with its header read and its pixel count checked."""
     im = _open(data)
     opened.append(im)
     width, height = im.size
     if max_pixels and width * height > max_pixels:
         raise DecodeError(f"image is {width}x{height}, over the {max_pixels}-pixel limit")
+    return im
+
+
+def _decode(data: bytes, size: int, max_pixels: int | None, resize: str, opened: list):
+    im = _open_checked(data, max_pixels, opened)
+    width, height = im.size
     transpose = _orientation(im)
-    if transpose in (
-        Image.Transpose.TRANSPOSE,
-        Image.Transpose.ROTATE_270,
-        Image.Transpose.TRANSVERSE,
-        Image.Transpose.ROTATE_90,
-    ):
+    if transpose in _SWAPS_SIDES:
         width, height = height, width
     box = _draft(im, size)
     im = _to_rgb_or_l(im)
@@ -145,6 +169,23 @@ def _decode(data: bytes, size: int, max_pixels: int | None, resize: str, opened:
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im), width, height
+
+
+def _thumbnail(data: bytes, max_side: int, max_pixels: int | None, opened: list) -> np.ndarray:
+    im = _open_checked(data, max_pixels, opened)
+    transpose = _orientation(im)
+    box = _draft(im, max_side) or (0, 0, im.size[0], im.size[1])
+    im = _to_rgb_or_l(im)
+    width, height = box[2] - box[0], box[3] - box[1]
+    scale = min(1.0, max_side / max(width, height, 1))
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if im.size != target or box != (0, 0, *im.size):
+        im = im.resize(target, Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    if transpose is not None:
+        im = im.transpose(transpose)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
 
 
 def _open(data: bytes) -> ImageFile.ImageFile:

@@ -13,6 +13,9 @@ from typing import Mapping, Optional
 import pyarrow as pa
 
 _EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+# Where each image's bytes are in its input (ARCHITECTURE.md, "Outputs"): results written before
+# these columns existed lack them, so readers of results treat them as optional.
+SPAN_COLUMNS = ("source_offset", "source_length")
 
 
 # ---------------------------------------------------------------------------------------- schemas
@@ -68,6 +71,8 @@ def results_schema(
 ) -> pa.Schema:
     """Schema of `results-*.parquet` (docs/output-schema.md). The optional columns follow the
     arguments: `categories`, `embedding_reduced` (`reduced_dim`), `scores` (`write_all_scores`).
+    `source_offset`/`source_length` say where the image's bytes are in `source`'s file (the
+    TFRecord record's data, the tar member's data, or the whole file; null in compressed shards).
 
     `metadata` (models, sha256, image size, preprocessing, label set; str -> str) becomes the
     schema metadata, which pyarrow writes into the Parquet footer's key-value metadata.
@@ -81,6 +86,8 @@ def results_schema(
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("source", pa.string()),
+        pa.field("source_offset", pa.int64()),
+        pa.field("source_length", pa.int64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("tags", list_type(tag_type())),

@@ -9,9 +9,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from core import args
 from core.errors import UsageError
+from core.names import key_text
 from transforms.entries import DEFAULT_MAX_INPUT_BYTES, IMAGE_EXTS
 from transforms.infer import DEFAULT_EMBED_MODEL, DEFAULT_TAGS_MODEL
-from transforms.names import key_text
 from transforms.read import TAR_EXTS, TFRECORD_EXTS
 
 # Ranges of the numeric flags (a value outside is a usage error, exit 2, before anything runs).
@@ -268,7 +268,7 @@ def job_flags(options: PipelineOptions) -> dict:
     JobOptions._add_argparse_args(parser)
     values = options.get_all_options()
     # A path that is not UTF-8 (surrogates from argv) as its escaped key text, so summary.json
-    # and the report hold valid text (transforms/names.py).
+    # and the report hold valid text (core/names.py).
     flags = {
         a.dest: key_text(v) if isinstance(v := values.get(a.dest), str) else v
         for a in parser._actions

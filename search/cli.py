@@ -1,4 +1,4 @@
-"""Command line of `./run.sh index` and `./run.sh search` (`python -m search index|search ...`).
+"""Command line of `./run.sh index`, `search` and `serve` (`python -m search index|search|serve`).
 
 Exit codes: `core.errors.exit_code` (which error gives which code: docs/outputs.md, "Exit codes").
 Keys, sources and tags printed as a table have their control characters escaped
@@ -111,7 +111,43 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="checkpoint cache (default $BIT_CACHE_DIR or ~/.cache/bit_tagger)",
     )
+    sv = sub.add_parser(
+        "serve",
+        help="serve a search page and a JSON API over an index",
+        description="A search page and a JSON API over one index (docs/serve.md): tags, keys and "
+        "photos, with thumbnails. One process; the embed model loads on the first photo query.",
+    )
+    sv.add_argument(
+        "index",
+        metavar="INDEX_OR_OUTPUT",
+        help="an index directory, or a job OUTPUT whose default index to use",
+    )
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; another address is "
+        "reachable by others, with no login)",
+    )
+    sv.add_argument(
+        "--port", type=integer(0, 65535), default=8000, help="port (default 8000; 0: any free one)"
+    )
+    for name in ("embed_model", "tags_model", "model_cache_dir"):
+        action = next(a for a in se._actions if a.dest == name)
+        sv.add_argument(f"--{name}", default=None, help=action.help.replace("--image", "photos"))
     return ap
+
+
+def run_serve(args) -> int:
+    from search.server import serve
+
+    return serve(
+        args.index,
+        args.host,
+        args.port,
+        embed_model=args.embed_model,
+        tags_model=args.tags_model,
+        model_cache_dir=args.model_cache_dir,
+    )
 
 
 def run_index(args) -> int:
@@ -208,7 +244,7 @@ def main(argv=None) -> int:
     for noisy in ("tensorflow", "absl", "model", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
-    run = run_index if args.command == "index" else run_search
+    run = {"index": run_index, "search": run_search, "serve": run_serve}[args.command]
     return exit_code(lambda: run(args), f"run.sh {args.command}")
 
 

@@ -2,12 +2,14 @@
 
 An index is a directory (LanceDB, embedded, no server) holding:
 - `images.lance`: one row per image: `id` (its number in the index, the vector index's entry),
-  `key`, `source`, `run` (the OUTPUT it came from), `vector` (`embedding`, or `embedding_reduced`
-  when the results have it; float16 when the first run's embeddings were, else float32),
-  `categories` (`list<struct<wnid, label, score>>`: the results' categories merged with their
-  tags, or the tags alone when the results have no `categories` column, e.g. a `--no_categories`
-  run), `wnids` (the wnids of `categories`, for tag filters) and `tags` (top-3 tag names, for
-  display); with scalar indexes on `id`, `key` (B-trees) and `wnids` (label list);
+  `key`, `source`, `source_offset` and `source_length` (where its bytes are in `source`'s file, as
+  the results have them; null where they do not), `run` (the OUTPUT it came from), `vector`
+  (`embedding`, or `embedding_reduced` when the results have it; float16 when the first run's
+  embeddings were, else float32), `categories` (`list<struct<wnid, label, score>>`: the results'
+  categories merged with their tags, or the tags alone when the results have no `categories`
+  column, e.g. a `--no_categories` run), `wnids` (the wnids of `categories`, for tag filters) and
+  `tags` (top-3 tag names, for display); with scalar indexes on `id`, `key` (B-trees) and `wnids`
+  (label list);
 - `vectors.faiss`: the vector index of `search/ann.py`, once the index has `--ann_min_rows` images;
 - `terms.lance`: the tag vocabulary (term -> wnid, label) of `search/terms.py`;
 - `index.json`: the settings every run in it must share (embed model sha256, PCA basis sha256,
@@ -61,7 +63,7 @@ from core import claim as claims
 from core import storage
 from core.atomic import atomic_write
 from core.outputs import SUMMARY_FILE, incomplete_message, output_files
-from core.schema import category_type
+from core.schema import SPAN_COLUMNS, category_type
 from core.schema import list_type as _list
 from search import SearchError, ann, terms
 
@@ -91,6 +93,8 @@ def images_schema(dim: int, vector_type: pa.DataType = pa.float32()) -> pa.Schem
             pa.field(ann.ID_COLUMN, pa.int64(), nullable=False),
             pa.field("key", pa.string(), nullable=False),
             pa.field("source", pa.string()),
+            pa.field("source_offset", pa.int64()),
+            pa.field("source_length", pa.int64()),
             pa.field("run", pa.string()),
             pa.field(ann.VECTOR_COLUMN, _list(vector_type, dim)),
             pa.field("wnids", _list(pa.string())),
@@ -403,11 +407,16 @@ def index_rows(
         [terms.display_name(t["label"]) for t in (row or [])[:TOP_TAGS]]
         for row in batch.column("tags").to_pylist()
     ]
+    spans = [
+        batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows, pa.int64())
+        for name in SPAN_COLUMNS
+    ]
     return pa.record_batch(
         [
             pa.array(np.arange(first_id, first_id + batch.num_rows, dtype=np.int64)),
             batch.column("key"),
             batch.column("source"),
+            *spans,
             pa.array([run] * batch.num_rows, pa.string()),
             _vectors(batch.column(settings["vector_column"]), settings["dim"], value_type),
             wnids,
@@ -470,7 +479,8 @@ def _read_rows(
     for path in files:
         try:
             with _parquet_file(path) as reader:
-                for batch in reader.iter_batches(READ_BATCH_ROWS, columns=columns):
+                spans = [c for c in SPAN_COLUMNS if c in reader.schema_arrow.names]
+                for batch in reader.iter_batches(READ_BATCH_ROWS, columns=columns + spans):
                     rows = index_rows(batch, settings, run, next_id, value_type)
                     next_id += rows.num_rows
                     values = rows.column("categories").values
@@ -619,15 +629,16 @@ def _build(output, index_dir, files, ann_min_rows, log_every_secs, started) -> d
 
 
 def _check_appendable(table, meta: dict, index_dir: str) -> None:
-    """SearchError for an index written before rows had an `id` (and LanceDB's IVF-PQ was the
-    vector index): it can be searched, but not appended to."""
-    if ann.ID_COLUMN in table.schema.names:
+    """SearchError for an index written before rows had an `id` and source offsets (and LanceDB's
+    IVF-PQ was the vector index): it can be searched, but not appended to."""
+    names = table.schema.names
+    if ann.ID_COLUMN in names and all(c in names for c in SPAN_COLUMNS):
         return
     runs = list(dict.fromkeys(r["output"] for r in meta.get("runs", [])))
     raise SearchError(
-        f"the index {index_dir} was built by an earlier version of ./run.sh index (no row ids, "
-        "LanceDB's own vector index): it can still be searched, but not appended to. Rebuild it "
-        f"into a new --index_dir by indexing its runs again: {' '.join(runs)}"
+        f"the index {index_dir} was built by an earlier version of ./run.sh index (no row ids or "
+        "source offsets, LanceDB's own vector index): it can still be searched, but not appended "
+        f"to. Rebuild it into a new --index_dir by indexing its runs again: {' '.join(runs)}"
     )
 
 

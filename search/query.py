@@ -2,7 +2,10 @@
 
 - `by_vector` (used by `--image` and `--key`): approximate candidates from the index, re-ranked by
   exact cosine (`search/ann.py`), optionally only among images carrying some synsets.
-- `by_tag`: the images whose `categories` contain one of the synsets, by that category's score.
+- `by_tag`: the images whose `categories` contain one of the synsets, by that category's score
+  (vectorised: only the top k rows become Python objects).
+- `within` (both): only images whose categories contain every one of those wnids (the search
+  page's category filters).
 - `embed_image`: a query image embedded as the job embedded the indexed ones: the embed model,
   precision, image size and resize recorded in the results' footer, then the PCA basis when the
   index holds `embedding_reduced`. A model whose sha256 is not the index's is refused.
@@ -14,6 +17,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from core import storage
 from search import SearchError, ann, terms
@@ -21,29 +26,39 @@ from search.index import Index
 
 _LOG = logging.getLogger(__name__)
 
-DISPLAY_COLUMNS = ["key", "source", "tags"]
+ROW_ID = "_rowid"  # LanceDB's row id: which row of the opened table a hit is
+DISPLAY_COLUMNS = ["key", "source", "tags", ROW_ID]
 
 
 @dataclass
 class Hit:
     """One result: `score` is the cosine similarity (image/key queries) or the category score
-    (tag-only queries); `wnid` is the matching synset of a tag query."""
+    (tag-only queries); `wnid` is the matching synset of a tag query. `row_id` says which row of
+    the opened index it is (`Index.images`; not part of `as_dict`, the `--json` answer)."""
 
     key: str
     source: str
     score: float
     tags: list[str] = field(default_factory=list)
     wnid: str | None = None
+    row_id: int | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         out = asdict(self)
+        del out["row_id"]
         if out["wnid"] is None:
             del out["wnid"]
         return out
 
 
-def _wnid_filter(wnids) -> str | None:
-    return None if wnids is None else f"array_has_any(wnids, {terms.sql_list(wnids)})"
+def _wnid_filter(wnids, within=None) -> str | None:
+    """SQL over the `wnids` column: any of `wnids`, and all of `within`."""
+    parts = []
+    if wnids is not None:
+        parts.append(f"array_has_any(wnids, {terms.sql_list(wnids)})")
+    if within:
+        parts.append(f"array_has_all(wnids, {terms.sql_list(within)})")
+    return " AND ".join(parts) or None
 
 
 def by_vector(
@@ -54,8 +69,10 @@ def by_vector(
     exclude_key: str | None = None,
     nprobes: int = ann.DEFAULT_NPROBES,
     refine_factor: int = ann.DEFAULT_REFINE_FACTOR,
+    within: list[str] | None = None,
 ) -> list[Hit]:
-    """The `k` images nearest to `vector` (exact cosine), within `wnids` when given."""
+    """The `k` images nearest to `vector` (exact cosine), among those with one of `wnids` and
+    all of `within` when given."""
     vector = np.asarray(vector, np.float32).reshape(-1)
     if vector.shape[0] != index.settings["dim"]:
         raise SearchError(
@@ -68,7 +85,7 @@ def by_vector(
         vector,
         limit,
         columns,
-        where=_wnid_filter(wnids),
+        where=_wnid_filter(wnids, within),
         nprobes=nprobes,
         refine_factor=refine_factor,
         vectors=index.vectors,
@@ -80,7 +97,9 @@ def by_vector(
         if row["key"] == exclude_key:
             continue
         match = _best_category(row["categories"], wnids)[0] if wnids else None
-        hits.append(Hit(row["key"], row["source"], float(sim), row["tags"] or [], match))
+        hits.append(
+            Hit(row["key"], row["source"], float(sim), row["tags"] or [], match, row[ROW_ID])
+        )
     return hits[:k]
 
 
@@ -133,21 +152,50 @@ def _best_category(categories, wnids) -> tuple[str | None, float]:
     return best
 
 
-def by_tag(index: Index, wnids: list[str], k: int = 10) -> list[Hit]:
-    """The `k` images whose categories contain one of `wnids`, by that category's score."""
+def by_tag(
+    index: Index, wnids: list[str], k: int = 10, within: list[str] | None = None
+) -> list[Hit]:
+    """The `k` images whose categories contain one of `wnids` (and all of `within`), by that
+    category's score (the first of equal best ones), ties by key."""
     found = (
         index.images.search()
-        .where(_wnid_filter(wnids))
-        .select(DISPLAY_COLUMNS + ["categories"])
+        .where(_wnid_filter(wnids, within))
+        .select(["key", "categories", ROW_ID])
         .limit(None)
         .to_arrow()
     )
-    hits = []
-    for row in found.to_pylist():
-        wnid, score = _best_category(row["categories"], set(wnids))
-        hits.append(Hit(row["key"], row["source"], score, row["tags"] or [], wnid))
-    hits.sort(key=lambda h: (-h.score, h.key))
-    return hits[:k]
+    if found.num_rows == 0:
+        return []
+    categories = found.column("categories").combine_chunks()
+    values = categories.flatten()
+    matching = pc.is_in(values.field("wnid"), value_set=pa.array(list(wnids), pa.string()))
+    at = np.flatnonzero(matching.to_numpy(zero_copy_only=False))
+    rows = pc.list_parent_indices(categories).to_numpy()[at]
+    scores = values.field("score").to_numpy(zero_copy_only=False)[at]
+    # Per row, its best matching category: sorted by row, score descending, position.
+    order = np.lexsort((at, -scores, rows))
+    rows, first = np.unique(rows[order], return_index=True)
+    best = order[first]
+    ranked = pa.table({"score": scores[best], "key": found.column("key").take(pa.array(rows))})
+    top = pc.select_k_unstable(
+        ranked, k, sort_keys=[("score", "descending"), ("key", "ascending")]
+    ).to_numpy()
+    chosen = rows[top]
+    wnid_of = values.field("wnid").take(pa.array(at[best[top]])).to_pylist()
+    row_ids = found.column(ROW_ID).take(pa.array(chosen)).to_pylist()
+    shown = _rows_by_id(index, row_ids, ["key", "source", "tags"])
+    return [
+        Hit(shown[rid]["key"], shown[rid]["source"], float(score), shown[rid]["tags"] or [], w, rid)
+        for rid, score, w in zip(row_ids, scores[best[top]], wnid_of)
+    ]
+
+
+def _rows_by_id(index: Index, row_ids: list[int], columns: list[str]) -> dict[int, dict]:
+    """Row id -> {column: value} of rows of the opened index."""
+    if not row_ids:
+        return {}
+    table = index.images.take_row_ids(row_ids).select([*columns, ROW_ID]).to_arrow()
+    return {row[ROW_ID]: row for row in table.to_pylist()}
 
 
 # ------------------------------------------------------------------------- query images

@@ -1,13 +1,17 @@
-"""Headless Chromium for page tests, driven through the DevTools protocol (no browser download).
+"""Headless Chromium for page tests (no browser download: Debian's `chromium`).
 
 `chromium_or_skip()` finds Debian's `chromium`, installing it with apt-get when it is missing and we
 are root; otherwise the test is skipped with a message saying so, except in CI (`CI` set), where a
 missing browser fails the test instead of hiding the page checks. `inspect_page(path, png)` loads a
-local page with the network off, and returns its console errors, the result of a JavaScript
-expression and a screenshot.
+local page (the report) through the DevTools protocol with the network off, and returns its console
+errors, the result of a JavaScript expression and a screenshot. `playwright_browser()` launches the
+same browser under Playwright (`executable_path`), for pages that are clicked and typed into (the
+search server's); `watch(page)` collects what must never happen on a page: console errors (CSP
+violations included), uncaught exceptions, failed requests and HTTP errors.
 """
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -65,6 +69,45 @@ def chromium_or_skip() -> str:
     if os.environ.get("CI"):
         pytest.fail(why)
     pytest.skip(why)
+
+
+@contextlib.contextmanager
+def playwright_browser():
+    """Debian's chromium, headless, under Playwright (its own browsers are never downloaded)."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable,
+            args=[f for f in CHROMIUM_FLAGS if f not in ("--headless", "--window-size=1280,1600")],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def watch(page) -> list:
+    """A list that fills with every console error, page exception, failed request and HTTP error
+    response of `page` (a Content-Security-Policy violation is a console error)."""
+    problems = []
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(f"console: {m.text} ({m.location.get('url')})")
+            if m.type == "error"
+            else None
+        ),
+    )
+    page.on("pageerror", lambda e: problems.append(f"exception: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"failed: {r.url} {r.failure}"))
+    page.on(
+        "response",
+        lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None,
+    )
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    return problems
 
 
 class _DevTools:

@@ -44,3 +44,17 @@ def job_output(models, tmp_path_factory):
     from tests.search_outputs import run_job
 
     return run_job(tmp_path_factory.mktemp("search-job"), models)
+
+
+@pytest.fixture(scope="session")
+def serve_output(models, tmp_path_factory):
+    """A job run over image files, a TFRecord and a tar (tests/search_outputs.py), retagged with
+    the hand-made tags and categories and indexed: (OUTPUT, key -> original image bytes)."""
+    from search.index import build_index
+    from tests.search_outputs import retag, run_mixed_job
+
+    root = tmp_path_factory.mktemp("serve")
+    output, originals = run_mixed_job(root, models)
+    tagged = retag(output, str(root / "tagged"))
+    build_index(tagged, log_every_secs=0)
+    return tagged, originals

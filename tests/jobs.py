@@ -14,7 +14,7 @@ MULTI_PROCESS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_pr
 # The results' columns, in order, of a run with categories (the default) and a --pca_basis;
 # --write_all_scores adds "scores" at the end.
 PCA_RESULT_COLUMNS = (
-    *("key", "source", "width", "height", "tags", "categories"),
+    *("key", "source", "source_offset", "source_length", "width", "height", "tags", "categories"),
     *("embedding", "embedding_reduced"),
 )
 

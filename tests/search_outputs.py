@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -131,9 +132,9 @@ def retag(
     if key_prefix:
         keys = [key_prefix + k for k in table.column("key").to_pylist()]
         table = table.set_column(0, table.schema.field("key"), pa.array(keys, pa.string()))
-    if categories:  # contract order: key, source, width, height, tags, categories, embedding
+    if categories:  # contract order: key, source, ..., tags, categories, embedding
         table = table.add_column(
-            5,
+            table.schema.get_field_index("tags") + 1,
             pa.field("categories", _list(CATEGORY_TYPE)),
             pa.array([categories_of(t) for t in tags], _list(CATEGORY_TYPE)),
         )
@@ -166,6 +167,8 @@ def synthetic_output(
         [
             pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
             pa.array([f"{prefix}{i}" for i in range(n)], pa.string()),
+            pa.nulls(n, pa.int64()),
+            pa.nulls(n, pa.int64()),
             pa.array([32] * n, pa.int32()),
             pa.array([32] * n, pa.int32()),
             tags,
@@ -184,3 +187,57 @@ def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(1234).normal(size=(8, dim))
     return (centres[rng.integers(0, 8, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def run_mixed_job(root: pathlib.Path, models) -> tuple[str, dict[str, bytes]]:
+    """(OUTPUT, key -> the image's encoded bytes) of one local run of the job over every kind of
+    input a thumbnail is read from: 4 image files, a TFRecord shard of 3 records and a WebDataset
+    tar of 3 samples plus one whose image member is a link (to the first sample's image)."""
+    from pipeline.main import run
+
+    inputs = root / "inputs"
+    inputs.mkdir()
+    images = [corpus.make_jpeg(72 + 12 * i, 56 + 6 * i, seed=300 + i) for i in range(10)]
+    originals = {}
+    for i in range(4):
+        path = inputs / f"p{i}.jpg"
+        path.write_bytes(images[i])
+        originals[str(path)] = images[i]
+    records = [(f"tf/r{i}", images[4 + i]) for i in range(3)]
+    corpus.write_tfrecord(str(inputs / "shard.tfrecord"), records)
+    samples = [(f"wds/s{i}.jpg", images[7 + i]) for i in range(3)]
+    corpus.write_tar(
+        str(inputs / "shard.tar"), [*samples, ("wds/link.jpg", ("hard", "wds/s0.jpg"))]
+    )
+    originals.update(records)
+    originals.update({name[:-4]: data for name, data in samples})
+    originals["wds/link"] = images[7]
+    output = root / "out"
+    args = job_args(str(inputs), output, models, "--no_categories", image_size=32)
+    summary = run(args, save_main_session=False)
+    assert summary["results"] == len(originals), summary
+    return str(output), originals
+
+
+@contextlib.contextmanager
+def live(app, host: str = "127.0.0.1"):
+    """`app` served by uvicorn in a thread on a free port of `host`: yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from search.server import listen, url_of
+
+    sock = listen(host, 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from core.decode import DecodeError, decode_image
+from core.decode import DecodeError, decode_image, decode_thumbnail
 from tests import corpus
 from transforms.decode import DecodeAndResize
 from transforms.records import FAILURES, STAGE_DECODE, Decoded, Failure, ImageRecord
@@ -273,3 +273,22 @@ def test_damaged_heic_is_a_decode_failure():
         with pytest.raises(DecodeError) as info:
             decode_image(data[:cut])
         assert "HEIF" in str(info.value) or "bytes" in str(info.value)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_thumbnails_keep_the_aspect_ratio_upright_and_never_grow(orientation):
+    data = corpus.exif_jpeg(orientation)
+    _, width, height = decode_image(data)
+    thumb = decode_thumbnail(data, max_side=40)
+    assert thumb.dtype == np.uint8 and max(thumb.shape[:2]) == 40
+    assert (thumb.shape[1] > thumb.shape[0]) == (width > height)
+    assert decode_thumbnail(data, max_side=1000).shape[:2] == (height, width)
+
+
+def test_thumbnails_of_big_photos_are_drafted_and_checked_like_decoding():
+    thumb = decode_thumbnail(corpus.make_jpeg(2000, 1000, seed=3), max_side=256)
+    assert thumb.shape == (128, 256, 3)
+    with pytest.raises(DecodeError, match="pixel limit"):
+        decode_thumbnail(corpus.bomb_png())
+    with pytest.raises(DecodeError, match="not an image"):
+        decode_thumbnail(b"<html></html>")

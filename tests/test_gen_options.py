@@ -17,6 +17,7 @@ HELP_COMMANDS = {
     "./run.sh index": ["search", "index"],
     "./run.sh search": ["search", "search"],
     "./run.sh load": ["search.pgvector", "load"],
+    "./run.sh serve": ["search", "serve"],
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*")
 

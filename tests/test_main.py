@@ -93,8 +93,14 @@ def test_schema_tags_and_footer_follow_the_design(images, models, tmp_path):
     run(job_args(images / "files" / "*", tmp_path, models, "--top_k", "7"), save_main_session=False)
     table = read_rows(tmp_path)
     schema = table.schema
-    assert schema.names == ["key", "source", "width", "height", "tags", "categories", "embedding"]
+    assert schema.names == [
+        *("key", "source", "source_offset", "source_length", "width", "height"),
+        *("tags", "categories", "embedding"),
+    ]
     assert not schema.field("key").nullable
+    assert schema.field("source_offset").type == pa.int64() == schema.field("source_length").type
+    for row in table.select(["source", "source_offset", "source_length"]).to_pylist():
+        assert row["source_offset"] == 0 and row["source_length"] == os.path.getsize(row["source"])
     assert schema.field("width").type == pa.int32() and schema.field("height").type == pa.int32()
     assert schema.field("tags").type == pa.list_(
         pa.struct(

@@ -1,4 +1,4 @@
-"""Names that are not UTF-8 as keys (transforms/names.py): unchanged when valid, else escaped,
+"""Names that are not UTF-8 as keys (core/names.py): unchanged when valid, else escaped,
 losslessly and stably, and always writable as UTF-8."""
 
 import os
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transforms.names import (
+from core.names import (
     escaped_name_taken,
     from_element,
     is_text,

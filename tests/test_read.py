@@ -1,5 +1,6 @@
 """ReadImages: formats, keys, corrupt shards, dedupe, glob errors (ARCHITECTURE.md, "Inputs")."""
 
+import gzip
 import hashlib
 import os
 import struct
@@ -78,6 +79,32 @@ def test_masked_crc_matches_tensorflow_framing(tmp_path):
     corpus.write_tfrecord(our_path, payloads)
     assert [r.numpy() for r in tf.data.TFRecordDataset(our_path)] == payloads
     assert masked_crc32c(b"") == 0xA282EAD8
+
+
+def test_records_and_files_record_where_their_bytes_are(tmp_path):
+    """A TFRecord record's offset/length are its data (the serialized Example, framed by the
+    length header and the data CRC); an image file's are 0 and its size; a TFRecord shard the
+    file system decompresses (.gz) has none."""
+    images = [corpus.make_jpeg(32 + 8 * i, 24, seed=i) for i in range(3)]
+    path = str(tmp_path / "a.tfrecord")
+    starts = corpus.write_tfrecord(path, [(f"k{i}", image) for i, image in enumerate(images)])
+    entries = _entries(path)
+    with open(path, "rb") as f:
+        shard = f.read()
+    for start, entry, image in zip(starts, entries, images):
+        assert entry.offset == start + 12
+        example = shard[entry.offset : entry.offset + entry.length]
+        assert corpus.tfrecord_frame(example) == shard[start : entry.offset + entry.length + 4]
+        assert image in example and entry.data == image
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(images[0])
+    [entry] = _entries(str(photo))
+    assert (entry.offset, entry.length) == (0, len(images[0]))
+    gz = tmp_path / "a.tfrecord.gz"
+    gz.write_bytes(gzip.compress(shard))
+    assert [(e.key, e.offset, e.length) for e in _entries(str(gz))] == [
+        (f"k{i}", None, None) for i in range(3)
+    ]
 
 
 def test_tfrecord_key_fallbacks(tmp_path):

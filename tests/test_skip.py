@@ -199,6 +199,15 @@ def test_classify_tells_results_from_the_jobs_other_outputs(tmp_path):
     assert classify(str(tmp_path / "s.parquet")).kind == "samples"
 
 
+def test_results_written_before_the_span_columns_are_results(tmp_path):
+    """Outputs of earlier versions have no source_offset / source_length: still known keys."""
+    write_results(tmp_path / "new.parquet", ["a"])
+    table = pq.read_table(tmp_path / "new.parquet")
+    old = table.drop_columns(["source_offset", "source_length"])
+    write_parquet(old.replace_schema_metadata(table.schema.metadata), tmp_path / "old.parquet")
+    assert classify(str(tmp_path / "old.parquet")).kind == "results"
+
+
 def _truncated(path):
     write_results(path, [f"k{i}" for i in range(100)])
     corpus.truncate_file(str(path), os.path.getsize(path) // 2)

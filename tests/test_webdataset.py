@@ -333,3 +333,48 @@ def test_a_link_to_a_member_cut_off_by_the_damage_is_a_failure(tmp_path):
     entries = _read(path)
     assert entries[0].key == "a" and "the target is not a file of this shard" in entries[0].error
     assert entries[-1].fatal and entries[-1].key == f"{path}:1"
+
+
+# ------------------------------------------------------------------------------------ offsets
+
+
+def _bytes_at(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def test_each_sample_records_where_its_image_bytes_are(tmp_path):
+    """`offset`/`length` of an image member's data, for a link its target's: one seek reads the
+    image back; PAX long names (extended headers before the member's own) included."""
+    path = str(tmp_path / "spans.tar")
+    long_name = "d" * 120 + "/k3.jpg"
+    corpus.write_tar(
+        path,
+        [
+            ("k0.jpg", IMAGES[0]),
+            ("k0.json", b"{}"),
+            ("k1.jpg", IMAGES[1]),
+            ("k2.jpg", ("symbolic", "k1.jpg")),
+            (long_name, IMAGES[2]),
+        ],
+        format=tarfile.PAX_FORMAT,
+    )
+    entries = {e.key: e for e in _read(path)}
+    assert set(entries) == {"k0", "k1", "k2", long_name[:-4]}
+    for entry in entries.values():
+        assert entry.length == len(entry.data)
+        assert _bytes_at(path, entry.offset, entry.length) == entry.data
+    assert entries["k2"].offset == entries["k1"].offset
+
+
+def test_a_compressed_shard_records_no_offsets(tmp_path):
+    """Offsets into a decompressed stream cannot be seeked to: None, for .tgz and .tar.gz."""
+    tar = tmp_path / "s.tar"
+    _write_shard(tar)
+    for suffix in (".tar.gz", ".tgz"):
+        path = tmp_path / f"s{suffix}"
+        path.write_bytes(gzip.compress(tar.read_bytes()))
+        entries = _read(path)
+        assert len(entries) == SAMPLES and all(e.data for e in entries), suffix
+        assert {(e.offset, e.length) for e in entries} == {(None, None)}, suffix

@@ -73,6 +73,7 @@ def commands() -> list[tuple[str, argparse.ArgumentParser, tuple[str, ...]]]:
         ("./run.sh index", search_commands["index"], ()),
         ("./run.sh search", search_commands["search"], ()),
         ("./run.sh load", _subcommands(pgvector_cli.parser())["load"], ()),
+        ("./run.sh serve", search_commands["serve"], ()),
     ]
 
 

@@ -47,7 +47,15 @@ def decode_record(
             STAGE_DECODE,
             error_text(DecodeError(f"cannot decode image ({type_name(exc)})")),
         )
-    return Decoded(record.key, record.source, width, height, pixels)
+    return Decoded(
+        record.key,
+        record.source,
+        width,
+        height,
+        pixels,
+        record.source_offset,
+        record.source_length,
+    )
 
 
 class DecodeAndResize(beam.DoFn):

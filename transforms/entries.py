@@ -55,6 +55,8 @@ class Entry(NamedTuple):
     data: Optional[bytes] = None
     error: Optional[str] = None  # "Type: message" when this item is a failure
     fatal: bool = False  # the shard ends here (corrupt / truncated / unreadable)
+    offset: Optional[int] = None  # where the item's bytes start in the file (None: unknown)
+    length: Optional[int] = None  # and how many (`ImageRecord.source_offset`, `source_length`)
 
 
 def fatal(name: str, index: int, exc: BaseException, key: str = None, source: str = None) -> Entry:

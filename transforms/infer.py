@@ -284,6 +284,8 @@ def postprocess(
     return results_batch(
         keys=[d.key for d in batch],
         sources=[d.source for d in batch],
+        source_offsets=[d.source_offset for d in batch],
+        source_lengths=[d.source_length for d in batch],
         widths=np.fromiter((d.width for d in batch), np.int32, len(batch)),
         heights=np.fromiter((d.height for d in batch), np.int32, len(batch)),
         top_indices=indices,

@@ -25,7 +25,7 @@ Choices (docs/bad-input.md has the whole table of what bad input gets):
   match is a read failure `NotRegularFileError` (local files are opened non-blocking).
 - Every input (file, TFRecord record, tar image member) is measured before it is read: one over
   `max_input_bytes` (--max_input_bytes) is a read failure `InputTooLargeError`, its bytes skipped.
-- Names that are not UTF-8 (local files, tar members) get a lossless UTF-8 key: `transforms.names`.
+- Names that are not UTF-8 (local files, tar members) get a lossless UTF-8 key: `core.names`.
 - A corrupt or truncated TFRecord / tar: records read before it are kept, then ONE failure names the
   shard and byte offset (of the uncompressed stream), keyed `<shard uri>:<index of lost record>`.
   TFRecord framing (length, its CRC, data, its CRC) is checked per record.
@@ -51,6 +51,15 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+from core.names import escaped_name_taken, from_element, key_text, to_element
+from core.tfrecord import (
+    KEY_FEATURES,
+    check_data,
+    check_header,
+    crc32c_extend,
+    mask,
+    masked_crc32c,  # noqa: F401 (re-exported)
+)
 from transforms import counters, progress
 from transforms.entries import (
     DEFAULT_MAX_INPUT_BYTES,
@@ -68,17 +77,14 @@ from transforms.entries import (
     too_large,
 )
 from transforms.gcs import GcsDoFn
-from transforms.names import escaped_name_taken, from_element, key_text, to_element
 from transforms.records import FAILURES, STAGE_READ, Failure, ImageRecord, error_text
 from transforms.webdataset import iter_tar, split_member  # noqa: F401 (split_member re-exported)
 
 INPUT_FORMATS = ("auto", "tfrecord", "webdataset", "images")
 TFRECORD_EXTS = (".tfrecord", ".tfrec", ".tfrecords")
 TAR_EXTS = (".tar", ".tgz")
-KEY_FEATURES = ("image/key", "image/source_id", "image/filename")
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # data-00003-of-01024
 _COMPRESSION_EXTS = (".gz", ".bz2", ".deflate", ".zst", ".xz", ".lzma")
-_MAX_TFRECORD_LENGTH = 1 << 31
 _LOG = logging.getLogger(__name__)
 
 
@@ -120,7 +126,7 @@ def iter_entries(
     """Every item of one file, in order; a shard-level problem ends it with one `fatal` Entry.
 
     `uri`: the file's URI or local path (a str, with surrogates for a name that is not UTF-8, or a
-    PCollection element of `transforms.names.to_element`); keys, sources and messages name it by
+    PCollection element of `core.names.to_element`); keys, sources and messages name it by
     its key text. `max_bytes`: the size limit of one input (file, record, image member)."""
     uri = from_element(uri)
     name = key_text(uri)
@@ -154,12 +160,15 @@ def iter_entries(
     if fmt not in ("tfrecord", "webdataset"):
         raise ValueError(f"input_format must be one of {INPUT_FORMATS}, not {fmt!r}")
     position = [0]  # index of the item being read, for the failure of an unexpected I/O error
+    # Offsets into a stream the file system decompresses (`.gz`, ...) cannot be seeked to: such
+    # items get no `offset`/`length` (their readers scan the shard; docs/serve.md).
+    spans = CompressionTypes.detect_compression_type(uri) == CompressionTypes.UNCOMPRESSED
     try:
         with _open_shard(uri) as f:
             if fmt == "tfrecord":
-                items = _iter_tfrecord(name, f, key_feature, with_data, max_bytes)
+                items = _iter_tfrecord(name, f, key_feature, with_data, max_bytes, spans)
             else:
-                items = iter_tar(name, f, lambda: _open_shard(uri), with_data, max_bytes)
+                items = iter_tar(name, f, lambda: _open_shard(uri), with_data, max_bytes, spans)
             for entry in items:
                 position[0] = entry.index + 1
                 yield entry
@@ -184,7 +193,7 @@ def _iter_image_file(uri: str, name: str, with_data: bool, max_bytes: int) -> It
     except Exception as exc:  # noqa: BLE001
         yield fatal(name, 0, exc, key=name, source=name)
         return
-    yield Entry(name, 0, name, data)
+    yield Entry(name, 0, name, data, offset=0, length=len(data))
 
 
 def read_file(uri: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> bytes:
@@ -230,61 +239,11 @@ def _stream_size(f) -> Optional[int]:
 # ---------------------------------------------------------------------------------------- TFRecord
 
 
-def _crc32c_function():
-    """Fastest CRC-32C at hand as `extend(crc, data)`: google-crc32c (a Beam[gcp] dependency),
-    crc32c, or pure Python."""
-    try:
-        import google_crc32c
-
-        return google_crc32c.extend
-    except ImportError:
-        pass
-    try:
-        import crc32c
-
-        return lambda crc, data: crc32c.crc32c(data, crc)
-    except ImportError:
-        return _crc32c_python
-
-
-def _crc32c_table():
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE = None
-
-
-def _crc32c_python(crc: int, data: bytes) -> int:
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _crc32c_table()
-    crc ^= 0xFFFFFFFF
-    for b in data:
-        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-_crc32c_extend = _crc32c_function()
-
-
-def _mask(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C of `data`."""
-    return _mask(_crc32c_extend(0, data))
-
-
 def _iter_tfrecord(
-    name: str, f, key_feature: str, with_data: bool, max_bytes: int
+    name: str, f, key_feature: str, with_data: bool, max_bytes: int, spans: bool = True
 ) -> Iterator[Entry]:
+    """The records of a TFRecord stream; each Entry's `offset`/`length` are its record's data
+    (the serialized Example, after the 12-byte length header) when `spans`."""
     from tensorflow.core.example import example_pb2  # protobuf only; imported where needed
 
     offset, index = 0, 0
@@ -292,7 +251,7 @@ def _iter_tfrecord(
         header = read_exact(f, 12)
         if not header:
             return
-        problem, length = _check_header(header)
+        problem, length = check_header(header)
         if problem is None and length > max_bytes:  # measured, skipped, never held
             problem = _skip_record(f, length)
             if problem is None:
@@ -309,7 +268,7 @@ def _iter_tfrecord(
         elif problem is None:
             data = read_exact(f, length)
             footer = read_exact(f, 4) if len(data) == length else b""
-            problem = _check_data(data, length, footer)
+            problem = check_data(data, length, footer)
         if problem:
             yield fatal(
                 name,
@@ -317,30 +276,10 @@ def _iter_tfrecord(
                 CorruptShardError(f"corrupt TFRecord at byte {offset} of {name}: {problem}"),
             )
             return
-        yield _example_entry(example_pb2, data, name, index, key_feature, with_data)
+        entry = _example_entry(example_pb2, data, name, index, key_feature, with_data)
+        yield entry._replace(offset=offset + 12, length=length) if spans else entry
         offset += 16 + length
         index += 1
-
-
-def _check_header(header: bytes):
-    if len(header) < 12:
-        return f"truncated record header ({len(header)} of 12 bytes)", 0
-    length, length_crc = struct.unpack("<QI", header)
-    if masked_crc32c(header[:8]) != length_crc:
-        return "length CRC mismatch", 0
-    if length > _MAX_TFRECORD_LENGTH:
-        return f"record length {length} is implausible", 0
-    return None, length
-
-
-def _check_data(data: bytes, length: int, footer: bytes) -> Optional[str]:
-    if len(data) < length:
-        return f"truncated record ({len(data)} of {length} data bytes)"
-    if len(footer) < 4:
-        return "truncated record (data CRC missing)"
-    if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-        return "data CRC mismatch"
-    return None
 
 
 def _skip_record(f, length: int) -> Optional[str]:
@@ -348,7 +287,7 @@ def _skip_record(f, length: int) -> Optional[str]:
     crc = [0]
 
     def update(chunk):
-        crc[0] = _crc32c_extend(crc[0], chunk)
+        crc[0] = crc32c_extend(crc[0], chunk)
 
     read = discard(f, length, update)
     footer = read_exact(f, 4) if read == length else b""
@@ -356,7 +295,7 @@ def _skip_record(f, length: int) -> Optional[str]:
         return f"truncated record ({read} of {length} data bytes)"
     if len(footer) < 4:
         return "truncated record (data CRC missing)"
-    if _mask(crc[0]) != struct.unpack("<I", footer)[0]:
+    if mask(crc[0]) != struct.unpack("<I", footer)[0]:
         return "data CRC mismatch"
     return None
 
@@ -556,7 +495,7 @@ class _MatchFiles(GcsDoFn):
 
     Folder files with extensions no reader accepts are counted (`read_skipped_files`), and so are
     FIFOs, devices and sockets (`read_skipped_special`), and logged. URIs go out as
-    `transforms.names.to_element` makes them (bytes for a local name that is not UTF-8)."""
+    `core.names.to_element` makes them (bytes for a local name that is not UTF-8)."""
 
     def __init__(self, input_format: str = "auto"):
         self._format = input_format
@@ -655,7 +594,7 @@ class _ReadShard(GcsDoFn):
                 )
             else:
                 self._records.inc()
-                yield ImageRecord(entry.key, entry.source, entry.data)
+                yield ImageRecord(entry.key, entry.source, entry.data, entry.offset, entry.length)
         progress.add(progress.FILES_READ)  # the live total is known once every file is read
 
 

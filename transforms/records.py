@@ -3,7 +3,7 @@
 Plain NamedTuples: cheap to create, picklable, and Beam encodes them without a custom coder.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -23,6 +23,11 @@ class ImageRecord(NamedTuple):
     key: str
     source: str  # file URI, or shard URI plus record index / tar member
     data: bytes
+    # Where the bytes of the file, TFRecord record (its data) or tar member start in the file,
+    # and how many: the `source_offset` / `source_length` result columns (None: unknown, e.g. in
+    # a compressed shard, where an offset into the decompressed stream cannot be seeked to).
+    source_offset: Optional[int] = None
+    source_length: Optional[int] = None
 
 
 class Decoded(NamedTuple):
@@ -33,6 +38,8 @@ class Decoded(NamedTuple):
     width: int  # decoded size before resizing, after EXIF rotation
     height: int
     pixels: np.ndarray  # uint8 [S, S, 3] RGB
+    source_offset: Optional[int] = None  # as in ImageRecord
+    source_length: Optional[int] = None
 
 
 class Failure(NamedTuple):

@@ -50,7 +50,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from core.errors import UsageError
-from core.schema import failures_schema, results_schema
+from core.schema import SPAN_COLUMNS, failures_schema, results_schema
 from transforms import counters, digests
 from transforms.digests import (  # noqa: F401 (re-exported: the known-key set's public names)
     DIGEST_BYTES,
@@ -124,7 +124,8 @@ def classify(path: str) -> SkipSource:
         ) from exc
     names = set(schema.names)
     footer = schema.metadata or {}
-    results_columns = set(results_schema(1).names)
+    # results written before the span columns existed are results too
+    results_columns = set(results_schema(1).names) - set(SPAN_COLUMNS)
     if results_columns <= names:
         missing = [k for k in RESULTS_FOOTER if k.encode() not in footer]
         key_type = schema.field("key").type

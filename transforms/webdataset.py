@@ -24,6 +24,11 @@
   marker, or data after it (a second tar appended, garbage). tarfile alone ends quietly at most of
   these, or drops the sample before them.
 
+Offsets: each sample's Entry has the `offset` and `length` of its image member's data (of the link
+target's, for a link) in the shard, when the shard is a plain tar: in a compressed one (`.tgz`,
+`.tar.gz`) they would be offsets into the decompressed stream, which cannot be seeked to, so they
+are None there.
+
 Memory: one sample's image bytes, one header, and the shard's member names with their offsets and
 sizes (to resolve links).
 """
@@ -36,6 +41,7 @@ import tarfile
 import zlib
 from typing import Callable, Iterator, NamedTuple, Optional
 
+from core.names import key_text
 from transforms import counters
 from transforms.entries import (
     DEFAULT_MAX_INPUT_BYTES,
@@ -50,7 +56,6 @@ from transforms.entries import (
     seekable,
     too_large,
 )
-from transforms.names import key_text
 from transforms.records import error_text
 
 # webdataset's own split: KEY is the dirname plus the basename up to its first dot.
@@ -128,6 +133,7 @@ class _Sample:
         self.image: Optional[bytes] = None
         self.link: Optional[tuple[str, int]] = None  # (member name, position) of an image link
         self.error: Optional[str] = None
+        self.span: tuple[Optional[int], Optional[int]] = (None, None)  # image data (offset, size)
 
     def add(self, name: str, ext: str) -> bool:
         """Adds a member; True when it is the sample's image member."""
@@ -138,7 +144,7 @@ class _Sample:
             return True
         return False
 
-    def entry(self, shard: str, with_data: bool) -> Entry:
+    def entry(self, shard: str, with_data: bool, spans: bool = False) -> Entry:
         key = key_text(self.key)
         if self.image_member is None:
             names = ", ".join(key_text(posixpath.basename(m)) for m in self.members)
@@ -147,7 +153,9 @@ class _Sample:
         source = f"{shard}:{key_text(self.image_member)}"
         if self.error is not None:
             return Entry(key, self.index, source, error=self.error)
-        return Entry(key, self.index, source, self.image if with_data else None)
+        offset, length = self.span if spans else (None, None)
+        data = self.image if with_data else None
+        return Entry(key, self.index, source, data, offset=offset, length=length)
 
 
 def iter_tar(
@@ -156,10 +164,12 @@ def iter_tar(
     reopen: Callable[[], object],
     with_data: bool = True,
     max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    spans: bool = True,
 ) -> Iterator[Entry]:
     """Every item of the tar shard read from `f`; `shard` is its name in keys and messages, and
-    `reopen()` opens it again (from the start, same decompression) to read link targets."""
-    reader = _Reader(shard, f, with_data, max_bytes)
+    `reopen()` opens it again (from the start, same decompression) to read link targets. `spans`:
+    False when `f` is decompressed by the caller (no offsets then, see above)."""
+    reader = _Reader(shard, f, with_data, max_bytes, spans)
     yield from reader.samples()
     yield from reader.linked(reopen)
     if reader.damage is not None:
@@ -174,8 +184,9 @@ def iter_tar(
 class _Reader:
     """One pass over a shard: `samples()`, then `linked()`, then `damage` (offset, what) or None."""
 
-    def __init__(self, shard: str, f, with_data: bool, max_bytes: int):
+    def __init__(self, shard: str, f, with_data: bool, max_bytes: int, spans: bool = True):
         self.shard, self.f, self.with_data, self.max_bytes = shard, f, with_data, max_bytes
+        self.spans = spans
         self.index = 0  # the index of the sample being read (= samples yielded so far)
         self.damage: Optional[tuple[int, str]] = None
         # (name, position, offset, size, link) of every file (read whole) and link member, as
@@ -259,7 +270,7 @@ class _Reader:
                 sample = None  # its image is incomplete: the damage covers it
                 break
             self._record(member, position)
-            sample.image = data
+            sample.image, sample.span = data, (member.offset_data, member.size)
         # At damage, a sample is kept only when its image member was read whole: one without an
         # image member yet may have lost it to the damage.
         if sample is not None and (self.damage is None or sample.image_member is not None):
@@ -274,7 +285,11 @@ class _Reader:
         if sample.link is not None and sample.error is None:
             self.pending.append(sample)
         else:
-            yield sample.entry(self.shard, self.with_data)
+            yield sample.entry(self.shard, self.with_data, self._spans())
+
+    def _spans(self) -> bool:
+        """Whether offsets in this shard can be seeked to (a plain, uncompressed tar)."""
+        return self.spans and self.comptype == "tar"
 
     def _skip(self, tar, member, position: int) -> bool:
         """Reads past a member's data; False (and `damage` set) when the shard ends inside it."""
@@ -303,12 +318,13 @@ class _Reader:
                         f"link target of {key_text(sample.link[0])}", target.size, self.max_bytes
                     )
                 targets[id(sample)] = target
+                sample.span = (target.offset_data, target.size)
             except (TarLinkError, ValueError) as exc:
                 sample.error = error_text(exc)
         if self.with_data and targets:
             self._read_targets(reopen, targets)
         for sample in self.pending:
-            yield sample.entry(self.shard, self.with_data)
+            yield sample.entry(self.shard, self.with_data, self._spans())
 
     def _resolve(self, name: str, position: int) -> _Member:
         """The file member a link member resolves to, following links."""

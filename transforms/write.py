@@ -177,6 +177,8 @@ def results_batch(
     hierarchy=None,
     categories_min_depth: int = 0,
     embeddings_reduced: Optional[np.ndarray] = None,
+    source_offsets: Optional[Sequence[Optional[int]]] = None,
+    source_lengths: Optional[Sequence[Optional[int]]] = None,
 ) -> pa.RecordBatch:
     """One `results` record batch of B rows, built column-wise from NumPy arrays.
 
@@ -188,7 +190,8 @@ def results_batch(
     `hierarchy` (a `model.wordnet.Hierarchy` over the same label set) is required iff the schema
     has a `categories` column: the kept tags rolled up the WordNet hierarchy, dropping synsets
     shallower than `categories_min_depth`; embeddings_reduced [B, N] iff it has
-    `embedding_reduced`.
+    `embedding_reduced`. source_offsets / source_lengths: where each image's bytes are in its
+    source file (None items, or None for all: unknown, written as nulls).
     """
     b = len(keys)
     top_indices = np.asarray(top_indices)
@@ -198,8 +201,20 @@ def results_batch(
             f"top_indices {top_indices.shape} and top_scores {top_scores.shape} "
             f"must both be [{b}, k]"
         )
-    if len(sources) != b or len(widths) != b or len(heights) != b:
-        raise ValueError("keys, sources, widths and heights must have the same length")
+    spans = [
+        pa.nulls(b, pa.int64()) if values is None else pa.array(values, pa.int64())
+        for values in (source_offsets, source_lengths)
+    ]
+    if (
+        len(sources) != b
+        or len(widths) != b
+        or len(heights) != b
+        or any(len(a) != b for a in spans)
+    ):
+        raise ValueError(
+            "keys, sources, source offsets and lengths, widths and heights must have the same "
+            "length"
+        )
     if not _is_descending(top_scores):
         # Row-wise lexsort, the last key primary: score descending, then index ascending.
         order = np.lexsort((top_indices, -top_scores))
@@ -225,6 +240,7 @@ def results_batch(
     columns = [
         pa.array(keys, pa.string()),
         pa.array(sources, pa.string()),
+        *spans,
         pa.array(np.asarray(widths, dtype=np.int32)),
         pa.array(np.asarray(heights, dtype=np.int32)),
         tags,

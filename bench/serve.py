@@ -46,7 +46,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"tag": 20.0, "key": 20.0, "photo": 30.0, "thumbnail": 30.0, "first render": 1000.0}
 TAG_CLASSES = 2000
 TOPICS = 1000
-DATA_VERSION = 2  # of the generated index (its directory name): a new one is built when it changes
+DATA_VERSION = 4  # of the generated index (its directory name): a new one is built when it changes
 TAGS_PER_IMAGE = 10
 FILES, BIG_FILES, RECORDS = 5000, 50, 1000
 

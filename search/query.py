@@ -22,7 +22,13 @@ import pyarrow.compute as pc
 
 from core import storage
 from search import SearchError, ann, terms
-from search.index import Index
+from search.index import (
+    CATEGORY_KEYS,
+    Index,
+    category_keys,
+    split_category_keys,
+    wnid_offset,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -156,37 +162,53 @@ def by_tag(
     index: Index, wnids: list[str], k: int = 10, within: list[str] | None = None
 ) -> list[Hit]:
     """The `k` images whose categories contain one of `wnids` (and all of `within`), by that
-    category's score (the first of equal best ones), ties by key."""
+    category's score (the first of equal best ones), ties by key.
+
+    Reads the matching rows' `category_keys` (one int64 a category: the wnid's offset, its
+    score), not their `categories` structs: a third of the time. An index built before that
+    column existed has its keys computed from `categories` here, the same ranking."""
+    stored = CATEGORY_KEYS in index.images.schema.names
     found = (
         index.images.search()
         .where(_wnid_filter(wnids, within))
-        .select(["key", "categories", ROW_ID])
+        .select([CATEGORY_KEYS if stored else "categories", ROW_ID])
         .limit(None)
         .to_arrow()
     )
     if found.num_rows == 0:
         return []
-    categories = found.column("categories").combine_chunks()
-    values = categories.flatten()
-    matching = pc.is_in(values.field("wnid"), value_set=pa.array(list(wnids), pa.string()))
-    at = np.flatnonzero(matching.to_numpy(zero_copy_only=False))
-    rows = pc.list_parent_indices(categories).to_numpy()[at]
-    scores = values.field("score").to_numpy(zero_copy_only=False)[at]
+    keys = (
+        found.column(CATEGORY_KEYS).combine_chunks()
+        if stored
+        else category_keys(found.column("categories").combine_chunks())
+    )
+    offsets, scores = split_category_keys(keys.flatten().to_numpy(zero_copy_only=False))
+    at = np.flatnonzero(np.isin(offsets, [wnid_offset(w) for w in wnids]))
+    rows = pc.list_parent_indices(keys).to_numpy()[at]
     # Per row, its best matching category: sorted by row, score descending, position.
-    order = np.lexsort((at, -scores, rows))
+    order = np.lexsort((at, -scores[at], rows))
     rows, first = np.unique(rows[order], return_index=True)
-    best = order[first]
-    ranked = pa.table({"score": scores[best], "key": found.column("key").take(pa.array(rows))})
-    top = pc.select_k_unstable(
-        ranked, k, sort_keys=[("score", "descending"), ("key", "ascending")]
-    ).to_numpy()
-    chosen = rows[top]
-    wnid_of = values.field("wnid").take(pa.array(at[best[top]])).to_pylist()
-    row_ids = found.column(ROW_ID).take(pa.array(chosen)).to_pylist()
+    best = at[order[first]]
+    # The k best scores, and every row tied with the k-th: only those rows' keys are read,
+    # to break the ties by key.
+    kth = np.partition(-scores[best], min(k, len(best)) - 1)[min(k, len(best)) - 1]
+    chosen = np.flatnonzero(-scores[best] <= kth)
+    row_ids = found.column(ROW_ID).take(pa.array(rows[chosen])).to_pylist()
     shown = _rows_by_id(index, row_ids, ["key", "source", "tags"])
+    ranked = sorted(
+        zip(row_ids, scores[best[chosen]].tolist(), offsets[best[chosen]].tolist()),
+        key=lambda hit: (-hit[1], shown[hit[0]]["key"]),
+    )[:k]
     return [
-        Hit(shown[rid]["key"], shown[rid]["source"], float(score), shown[rid]["tags"] or [], w, rid)
-        for rid, score, w in zip(row_ids, scores[best[top]], wnid_of)
+        Hit(
+            shown[rid]["key"],
+            shown[rid]["source"],
+            score,
+            shown[rid]["tags"] or [],
+            f"n{offset:08d}",
+            rid,
+        )
+        for rid, score, offset in ranked
     ]
 
 

@@ -91,6 +91,8 @@ def write_output(path: str, full: np.ndarray, reduced: np.ndarray, member: dict,
             [
                 pa.array(keys[a:b]),
                 pa.array([f"gs://bucket/images/{k}.jpg" for k in keys[a:b]]),
+                pa.nulls(b - a, pa.int64()),  # source_offset, source_length: not loaded
+                pa.nulls(b - a, pa.int64()),
                 pa.array(np.full(b - a, 640, np.int32)),
                 pa.array(np.full(b - a, 480, np.int32)),
                 pa.array(tags[a:b], _list(tag_type())),

@@ -163,6 +163,8 @@ def write_output(
             columns = {
                 "key": keys,
                 "source": keys,
+                "source_offset": pa.nulls(n, pa.int64()),
+                "source_length": pa.nulls(n, pa.int64()),
                 "width": pa.array(np.full(n, 640, np.int32)),
                 "height": pa.array(np.full(n, 480, np.int32)),
                 "tags": tags,

@@ -306,6 +306,8 @@ def synthetic_output(path, full, reduced, categories, dtype="float32") -> str:
         [
             pa.array(keys),
             pa.array([f"gs://b/{k}.jpg" for k in keys]),
+            pa.nulls(n, pa.int64()),  # source_offset, source_length: not loaded
+            pa.nulls(n, pa.int64()),
             pa.array([64] * n, pa.int32()),
             pa.array([48] * n, pa.int32()),
             pa.array(tags, _list(tag_type())),
@@ -614,7 +616,9 @@ def test_results_it_cannot_load_are_refused_before_loading(server, tmp_path, cap
     table = pq.read_table(path)
     # The embedding as a variable-length list (what a non-Arrow writer makes of it).
     variable = table.set_column(
-        6, "embedding", table.column("embedding").cast(pa.list_(pa.float32()))
+        table.schema.get_field_index("embedding"),
+        "embedding",
+        table.column("embedding").cast(pa.list_(pa.float32())),
     )
     bad = tmp_path / "variable"
     bad.mkdir()
@@ -645,12 +649,14 @@ def test_a_non_finite_value_stops_the_load_naming_its_key(server, tmp_path, caps
         values = matrix(table, "embedding").copy()
         values[3, 7] = np.nan
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), FULL_DIM)
-        return table.set_column(6, table.schema.field(6), vectors)
+        at = table.schema.get_field_index("embedding")
+        return table.set_column(at, table.schema.field(at), vectors)
 
     def nan_tag(table):
         tags = table.column("tags").to_pylist()
         tags[2][0]["score"] = float("nan")
-        return table.set_column(4, table.schema.field(4), pa.array(tags, _list(tag_type())))
+        at = table.schema.get_field_index("tags")
+        return table.set_column(at, table.schema.field(at), pa.array(tags, _list(tag_type())))
 
     for name, change, phrase in (
         ("nan_embedding", nan_embedding, "the embedding of key 'k0003' is not finite"),

@@ -184,6 +184,8 @@ def test_report_reads_only_the_columns_it_shows(tmp_path, monkeypatch):
         {
             "key": [f"k{i}" for i in range(rows)],
             "source": [f"s{i}" for i in range(rows)],
+            "source_offset": pa.array([0] * rows, pa.int64()),
+            "source_length": pa.array([100] * rows, pa.int64()),
             "width": pa.array([8] * rows, pa.int32()),
             "height": pa.array([8] * rows, pa.int32()),
             "tags": [tag] * rows,

@@ -1,4 +1,4 @@
-"""core/schema.py: the results and failures schemas, as ARCHITECTURE.md's "Outputs" lists them."""
+"""core/schema.py: the results and failures schemas, as docs/output-schema.md lists them."""
 
 import pyarrow as pa
 import pytest
@@ -10,9 +10,14 @@ META = {"embed_model": "gs://bit_models/BiT-M-R101x3.npz", "image_size": "224", 
 
 def test_results_schema_matches_design():
     s = results_schema(6144)
-    assert s.names == ["key", "source", "width", "height", "tags", "embedding"]
+    assert s.names == [
+        *("key", "source", "source_offset", "source_length"),
+        *("width", "height", "tags", "embedding"),
+    ]
     assert s.field("key").type == pa.string() and not s.field("key").nullable
     assert s.field("source").type == pa.string()
+    for name in ("source_offset", "source_length"):  # null where unknown (compressed shards)
+        assert s.field(name).type == pa.int64() and s.field(name).nullable
     assert s.field("width").type == pa.int32() and s.field("height").type == pa.int32()
     tags = s.field("tags").type
     assert pa.types.is_list(tags) and not pa.types.is_large_list(tags)
@@ -55,9 +60,9 @@ def test_failures_schema():
 
 def test_lists_use_the_compliant_item_name_and_categories_their_struct():
     s = results_schema(4, categories=True, reduced_dim=2)
-    assert s.names == ["key", "source", "width", "height", "tags", "categories"] + [
-        "embedding",
-        "embedding_reduced",
+    assert s.names == [
+        *("key", "source", "source_offset", "source_length", "width", "height"),
+        *("tags", "categories", "embedding", "embedding_reduced"),
     ]
     categories = s.field("categories").type
     assert categories.value_field.name == "element"

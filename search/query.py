@@ -158,6 +158,9 @@ def _best_category(categories, wnids) -> tuple[str | None, float]:
     return best
 
 
+TAG_BATCH_ROWS = 65_536  # rows of a tag query read at once: its memory, whatever the tag matches
+
+
 def by_tag(
     index: Index, wnids: list[str], k: int = 10, within: list[str] | None = None
 ) -> list[Hit]:
@@ -166,37 +169,31 @@ def by_tag(
 
     Reads the matching rows' `category_keys` (one int64 a category: the wnid's offset, its
     score), not their `categories` structs: a third of the time. An index built before that
-    column existed has its keys computed from `categories` here, the same ranking."""
+    column existed has its keys computed from `categories` here, the same ranking. The rows come
+    `TAG_BATCH_ROWS` at a time and only the best so far (and rows tied with the k-th) are kept,
+    so a tag that every image carries costs time in proportion to the index, not memory."""
     stored = CATEGORY_KEYS in index.images.schema.names
-    found = (
+    targets = np.array([wnid_offset(w) for w in wnids], np.int64)
+    query = (
         index.images.search()
         .where(_wnid_filter(wnids, within))
         .select([CATEGORY_KEYS if stored else "categories", ROW_ID])
         .limit(None)
-        .to_arrow()
     )
-    if found.num_rows == 0:
-        return []
-    keys = (
-        found.column(CATEGORY_KEYS).combine_chunks()
-        if stored
-        else category_keys(found.column("categories").combine_chunks())
-    )
-    offsets, scores = split_category_keys(keys.flatten().to_numpy(zero_copy_only=False))
-    at = np.flatnonzero(np.isin(offsets, [wnid_offset(w) for w in wnids]))
-    rows = pc.list_parent_indices(keys).to_numpy()[at]
-    # Per row, its best matching category: sorted by row, score descending, position.
-    order = np.lexsort((at, -scores[at], rows))
-    rows, first = np.unique(rows[order], return_index=True)
-    best = at[order[first]]
-    # The k best scores, and every row tied with the k-th: only those rows' keys are read,
-    # to break the ties by key.
-    kth = np.partition(-scores[best], min(k, len(best)) - 1)[min(k, len(best)) - 1]
-    chosen = np.flatnonzero(-scores[best] <= kth)
-    row_ids = found.column(ROW_ID).take(pa.array(rows[chosen])).to_pylist()
+    # The best so far: (score, row id, matching wnid's offset) of each candidate row.
+    best = (np.empty(0, np.float32), np.empty(0, np.int64), np.empty(0, np.int64))
+    for batch in query.to_batches(TAG_BATCH_ROWS):
+        keys = batch.column(CATEGORY_KEYS) if stored else category_keys(batch.column("categories"))
+        found = _best_matches(keys, targets)
+        row_ids = batch.column(ROW_ID).to_numpy().astype(np.int64)
+        best = _top_with_ties(
+            *(np.concatenate(pair) for pair in zip(best, (found[0], row_ids[found[1]], found[2]))),
+            k,
+        )
+    row_ids = best[1].tolist()
     shown = _rows_by_id(index, row_ids, ["key", "source", "tags"])
     ranked = sorted(
-        zip(row_ids, scores[best[chosen]].tolist(), offsets[best[chosen]].tolist()),
+        zip(row_ids, best[0].tolist(), best[2].tolist()),
         key=lambda hit: (-hit[1], shown[hit[0]]["key"]),
     )[:k]
     return [
@@ -210,6 +207,28 @@ def by_tag(
         )
         for rid, score, offset in ranked
     ]
+
+
+def _best_matches(keys: pa.ListArray, targets: np.ndarray):
+    """(score, row, offset) per row of `keys` that holds one of the `targets` offsets: its best
+    matching category (the first of equal best ones)."""
+    offsets, scores = split_category_keys(keys.flatten().to_numpy(zero_copy_only=False))
+    at = np.flatnonzero(np.isin(offsets, targets))
+    rows = pc.list_parent_indices(keys).to_numpy()[at]
+    order = np.lexsort((at, -scores[at], rows))  # by row, score descending, position
+    rows, first = np.unique(rows[order], return_index=True)
+    chosen = at[order[first]]
+    return scores[chosen], rows, offsets[chosen]
+
+
+def _top_with_ties(scores: np.ndarray, row_ids: np.ndarray, offsets: np.ndarray, k: int):
+    """The candidates with the `k` best scores and every one tied with the k-th (the tie is
+    broken later, by key)."""
+    if len(scores) <= k:
+        return scores, row_ids, offsets
+    kth = np.partition(-scores, k - 1)[k - 1]
+    keep = -scores <= kth
+    return scores[keep], row_ids[keep], offsets[keep]
 
 
 def _rows_by_id(index: Index, row_ids: list[int], columns: list[str]) -> dict[int, dict]:

@@ -492,9 +492,11 @@ def test_category_keys_pack_each_categorys_wnid_offset_and_score():
         search_index.wnid_offset("n02084071x")
 
 
-def test_tag_ties_are_broken_by_key_across_all_matching_rows(tmp_path):
+@pytest.mark.parametrize("batch_rows", [65_536, 16])
+def test_tag_ties_are_broken_by_key_across_all_matching_rows(tmp_path, monkeypatch, batch_rows):
     """Every row of a synthetic output carries the same tag with the same score: the top k are
-    the k smallest keys, wherever they are stored."""
+    the k smallest keys, wherever they are stored, and whichever batch they are read in."""
+    monkeypatch.setattr(query, "TAG_BATCH_ROWS", batch_rows)
     output = so.synthetic_output(str(tmp_path / "a"), so.clustered(120, 8))
     build_index(output, str(tmp_path / "ix"))
     hits = query.by_tag(open_index(str(tmp_path / "ix")), [so.GOLDEN[0]], k=7)

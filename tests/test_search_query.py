@@ -79,6 +79,16 @@ def test_tag_returns_images_whose_categories_contain_it_by_category_score(tagged
     assert [h.key for h in query.by_tag(index, [so.DOG[0]], k=2)] == [k for _, k in expected[:2]]
 
 
+def test_a_tag_read_a_few_rows_at_a_time_gives_the_same_answer(tagged, monkeypatch):
+    """by_tag keeps only the best rows of each batch it reads (its memory is one batch)."""
+    index, table, _ = tagged
+    expected = by_score(table, "categories", so.DOG[0])
+    monkeypatch.setattr(query, "TAG_BATCH_ROWS", 3)
+    for k in (1, 2, len(expected)):
+        hits = query.by_tag(index, [so.DOG[0]], k=k)
+        assert [(pytest.approx(h.score), h.key) for h in hits] == expected[:k]
+
+
 def test_a_lemma_naming_several_synsets_matches_all_of_them(tagged):
     index, _, _ = tagged
     synsets = query.resolve_tag(index, "Crane")

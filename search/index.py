@@ -96,7 +96,6 @@ WNIDS_TYPE = pa.list_(pa.string())
 # rows of a tag took 6 ms where the `categories` structs, labels and all, took 16-22 ms.
 CATEGORY_KEYS = "category_keys"
 CATEGORY_KEYS_TYPE = pa.list_(pa.int64())
-_WNID = r"n\d{8}"  # a WordNet noun id
 
 
 def images_schema(dim: int, vector_type: pa.DataType = pa.float32()) -> pa.Schema:
@@ -119,7 +118,7 @@ def images_schema(dim: int, vector_type: pa.DataType = pa.float32()) -> pa.Schem
 
 def wnid_offset(wnid: str) -> int:
     """The WordNet noun offset of a wnid (`n02084071` -> 2084071); ValueError for another form."""
-    if not re.fullmatch(_WNID, wnid):
+    if not terms.WNID.fullmatch(wnid):
         raise ValueError(f"not a WordNet noun id (n + 8 digits): {wnid!r}")
     return int(wnid[1:])
 
@@ -128,7 +127,7 @@ def category_keys(categories: pa.ListArray) -> pa.ListArray:
     """`CATEGORY_KEYS` of `list<struct<wnid, label, score>>` rows (the index's `categories`)."""
     values = categories.flatten()
     wnids = values.field("wnid")
-    malformed = pc.invert(pc.match_substring_regex(wnids, f"^{_WNID}$"))
+    malformed = pc.invert(pc.match_substring_regex(wnids, terms.WNID.pattern))
     if pc.any(malformed).as_py():
         raise SearchError(
             "a category's wnid is not a WordNet noun id (n + 8 digits): "
@@ -567,10 +566,6 @@ def build_index(
         return _build(output, index_dir, files, ann_min_rows, log_every_secs, started)
 
 
-def _sql_text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _indexed_run(meta: dict | None, output: str) -> str | None:
     """The run id of OUTPUT as last indexed ("" for an index older than run ids), or None."""
     runs = [r for r in (meta or {}).get("runs", []) if r.get("output") == output]
@@ -615,8 +610,8 @@ def _build(output, index_dir, files, ann_min_rows, log_every_secs, started) -> d
             # OUTPUT was replaced by a newer run since it was indexed: its rows go, the new
             # run's come in (changed images get their new vectors, deleted ones disappear; the
             # vector index drops their ids as it catches up).
-            replaced = table.count_rows(f"run = {_sql_text(output)}")
-            table.delete(f"run = {_sql_text(output)}")
+            replaced = table.count_rows(f"run = {terms.sql_text(output)}")
+            table.delete(f"run = {terms.sql_text(output)}")
             _LOG.info("replacing the %d rows of the earlier run of %s", replaced, output)
         # Keys already indexed are skipped (the key index makes that a lookup per new row).
         added = table.merge_insert("key").when_not_matched_insert_all().execute(reader)

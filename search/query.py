@@ -111,10 +111,9 @@ def by_vector(
 
 def vector_of(index: Index, key: str) -> np.ndarray:
     """The indexed vector of `key`; SearchError when the key is not in the index."""
-    quoted = "'" + key.replace("'", "''") + "'"
     found = (
         index.images.search()
-        .where(f"key = {quoted}")
+        .where(f"key = {terms.sql_text(key)}")
         .select([ann.VECTOR_COLUMN])
         .limit(1)
         .to_arrow()
@@ -135,8 +134,12 @@ def resolve_tag(index: Index, term: str) -> list[tuple[str, str]]:
     normalised = terms.normalise(term)
     if not normalised:
         raise SearchError("--tag is empty")
-    quoted = "'" + normalised.replace("'", "''") + "'"
-    found = index.vocabulary.search().where(f"term = {quoted}").limit(None).to_arrow()
+    found = (
+        index.vocabulary.search()
+        .where(f"term = {terms.sql_text(normalised)}")
+        .limit(None)
+        .to_arrow()
+    )
     synsets = list(
         dict.fromkeys(zip(found.column("wnid").to_pylist(), found.column("label").to_pylist()))
     )

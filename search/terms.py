@@ -63,6 +63,11 @@ def label_set_synsets(term: str) -> list[tuple[str, str]]:
     return [(w, lab) for w, lab in zip(labels.wnids, labels.labels) if term in lemmas(lab)]
 
 
+def sql_text(value: str) -> str:
+    """`value` as a LanceDB SQL string literal, quotes doubled."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def sql_list(values: Iterable[str]) -> str:
     """`['a', 'b']` as a LanceDB SQL list literal, quotes doubled."""
-    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
+    return "[" + ", ".join(map(sql_text, values)) + "]"

@@ -32,7 +32,6 @@ Plans (`plan=`):
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 
-from search import SearchError
+from search import SearchError, terms
 from search.pgvector import copy, db
 
 _LOG = logging.getLogger(__name__)
@@ -53,7 +52,6 @@ MAX_SCAN_TUPLES = 20_000  # pgvector's default limit of an iterative scan, raise
 SCAN_TUPLES_CAP = 1_000_000  # ... up to this (then the exact plan answers, see `_nearest`)
 MIN_CANDIDATES = 100  # `binary` / `halfvec` columns: rows taken before the exact re-sort
 PLANS = ("auto", "index", "exact")
-WNID = re.compile(r"^n\d{8}$")
 
 
 @dataclass
@@ -127,7 +125,7 @@ def _column(conn, table: str, column: str | None) -> db.VectorColumn:
 
 
 def check_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not WNID.match(tag):
+    if not isinstance(tag, str) or not terms.WNID.match(tag):
         raise SearchError(f"tag {tag!r}: give a WordNet id such as n02084071 (dog)")
     return tag
 

@@ -13,8 +13,11 @@ that cannot be reached at all fails within `CONNECT_TIMEOUT_S` with `StorageUnav
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import stat
 import sys
 import threading
 import urllib.parse
@@ -50,6 +53,23 @@ def open_file(path: str, mode: str = "rb", **kwargs):
     """Open `path` (local or `gs://`); a file object usable as a context manager."""
     fs, fs_path = get_filesystem(path)
     return fs.open(fs_path, mode, **kwargs)
+
+
+class NotRegularFileError(OSError):
+    """A path is a FIFO, device, socket or folder when it is opened (it was a file when listed)."""
+
+
+@contextlib.contextmanager
+def open_regular_file(path: str, shown: str | None = None):
+    """A local file opened for reading without blocking on it, as (`io.FileIO`, size): a FIFO,
+    device or socket put where a file was listed is refused (`NotRegularFileError`, naming it as
+    `shown`), never waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with io.FileIO(fd, closefd=True) as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(f"{path if shown is None else shown} is not a regular file")
+        yield f, info.st_size
 
 
 def exists(path: str) -> bool:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import bz2
 import collections
+import contextlib
 import gzip
 import io
 import json
 import logging
 import lzma
 import os
-import stat
 import tarfile
 import threading
 import zlib
@@ -311,12 +311,8 @@ def _read_whole(path: str, max_bytes: int) -> bytes:
         if size > max_bytes:
             raise OriginalError(f"{path} is {size} bytes, over {max_bytes}")
         return fs.cat_file(name)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with io.FileIO(fd, closefd=True) as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OriginalError(f"{printable_path(path)} is not a regular file")
-        data = f.read(min(info.st_size, max_bytes) + 1)
+    with _regular_file(path) as (f, size):
+        data = f.read(min(size, max_bytes) + 1)
     if len(data) > max_bytes:
         raise OriginalError(f"{printable_path(path)} is over {max_bytes} bytes")
     return data
@@ -327,13 +323,18 @@ def _read_range(path: str, start: int, end: int) -> bytes:
     if _is_remote(path):
         fs, name = storage.get_filesystem(path)
         return fs.cat_file(name, start=start, end=end)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with _regular_file(path) as (f, _):
+        return os.pread(f.fileno(), end - start, start)
+
+
+@contextlib.contextmanager
+def _regular_file(path: str):
+    """`core.storage.open_regular_file`, its refusal an `OriginalError` naming the path."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OriginalError(f"{printable_path(path)} is not a regular file")
-        return os.pread(fd, end - start, start)
-    finally:
-        os.close(fd)
+        with storage.open_regular_file(path, printable_path(path)) as opened:
+            yield opened
+    except storage.NotRegularFileError as e:
+        raise OriginalError(str(e)) from None
 
 
 def _tar_member_at(block: bytes, length: int) -> Optional[str]:

@@ -42,10 +42,6 @@ class InputTooLargeError(ValueError):
     """A file, tar member or TFRecord record is over --max_input_bytes (its bytes are not read)."""
 
 
-class NotRegularFileError(OSError):
-    """A path is a FIFO, device, socket or folder when it is opened (it was a file when listed)."""
-
-
 class Entry(NamedTuple):
     """One item of a shard as both passes see it (data is None in the key pass)."""
 

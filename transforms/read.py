@@ -52,6 +52,7 @@ from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from core.names import escaped_name_taken, from_element, key_text, to_element
+from core.storage import open_regular_file
 from core.tfrecord import (
     KEY_FEATURES,
     check_data,
@@ -68,7 +69,6 @@ from transforms.entries import (
     DuplicateKey,
     Entry,
     MissingImageError,
-    NotRegularFileError,
     UnknownFormatError,
     discard,
     fatal,
@@ -202,12 +202,8 @@ def read_file(uri: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> bytes:
     if "://" in uri:
         with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             return _read_capped(f, _stream_size(f), max_bytes)
-    fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with io.FileIO(fd, closefd=True) as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFileError(f"{key_text(uri)} is not a regular file")
-        return _read_capped(f, info.st_size, max_bytes)
+    with open_regular_file(uri, key_text(uri)) as (f, size):
+        return _read_capped(f, size, max_bytes)
 
 
 def _read_capped(f, size: Optional[int], max_bytes: int) -> bytes:

@@ -28,6 +28,9 @@ from fsspec.implementations.local import LocalFileSystem
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0
 _DEFAULT_GCS_ENDPOINT = "https://storage.googleapis.com"
+# Suffixes of a compressed stream, as Beam's file systems detect them (`CompressionTypes`): the job
+# reads such shards decompressed, so offsets in them are offsets into the decompressed stream.
+COMPRESSED_EXTS = (".gz", ".bz2", ".deflate", ".zst", ".xz", ".lzma")
 
 _lock = threading.Lock()
 _cache: dict[tuple, fsspec.AbstractFileSystem] = {}

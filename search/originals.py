@@ -360,7 +360,7 @@ def _link_target(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tarfile.TarIn
 
 def _compressed(path: str) -> bool:
     name = path.lower()
-    return name.endswith((".tgz", *_DECOMPRESSORS, ".deflate", ".zst"))
+    return name.endswith((".tgz", *storage.COMPRESSED_EXTS))
 
 
 def _open_decompressed(path: str):

@@ -52,7 +52,7 @@ from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from core.names import escaped_name_taken, from_element, key_text, to_element
-from core.storage import open_regular_file
+from core.storage import COMPRESSED_EXTS, open_regular_file
 from core.tfrecord import (
     KEY_FEATURES,
     check_data,
@@ -84,7 +84,6 @@ INPUT_FORMATS = ("auto", "tfrecord", "webdataset", "images")
 TFRECORD_EXTS = (".tfrecord", ".tfrec", ".tfrecords")
 TAR_EXTS = (".tar", ".tgz")
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # data-00003-of-01024
-_COMPRESSION_EXTS = (".gz", ".bz2", ".deflate", ".zst", ".xz", ".lzma")
 _LOG = logging.getLogger(__name__)
 
 
@@ -103,7 +102,7 @@ def detect_format(uri: str, input_format: str = "auto") -> Optional[str]:
     if input_format != "auto":
         return input_format
     name = posixpath.basename(uri).lower()
-    for ext in _COMPRESSION_EXTS:
+    for ext in COMPRESSED_EXTS:
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
